@@ -1,0 +1,18 @@
+"""loomlm: an LLM inference and serving engine with vLLM-, OpenAI-, LoRAX- and LMQL-style faces."""
+
+from __future__ import annotations
+
+from loomlm.outputs import CompletionOutput, Logprob, RequestOutput
+from loomlm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: importing loomlm (e.g. for the protocol schemas) should not load torch model code.
+    if name == "LLM":
+        from loomlm.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,130 @@
+"""Frozen engine configuration, validated at construction (vLLM engine-arg names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how.
+
+    Attributes:
+        model: a zoo alias (e.g. "smollm2-135m-instruct"), an HF directory, or a .gguf path.
+        dtype: weight / activation dtype name; "auto" is float32 on CPU (bf16 is slower here).
+        max_model_len: context window in tokens; None takes the model's own.
+        seed: seed of the engine's default generator (requests without a seed).
+        served_model_name: the name the servers report; None uses the alias or path.
+        device: "cpu", "cuda", or "auto" (cuda when available).
+    """
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}.")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            # float32 on CPU: bfloat16 measured 0.45-0.96x slower on this machine (DESIGN.md).
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache.
+
+    Attributes:
+        block_size: tokens per KV block.
+        kv_cache_memory_bytes: memory budget for the KV block pool (bytes).
+        num_gpu_blocks_override: exact number of blocks (vLLM's name; any device); wins over the budget.
+    """
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30
+    num_gpu_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}.")
+        if self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}.")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be positive, got {self.num_gpu_blocks_override}.")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching with chunked prefill.
+
+    Attributes:
+        max_num_batched_tokens: token budget of one step (prefill chunks + decode tokens).
+        max_num_seqs: most requests in the running batch.
+        long_prefill_token_threshold: most prompt tokens one request may prefill in a step
+            (0: up to the whole budget), so a long prompt does not starve decodes.
+    """
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}.")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}) so every running request can decode each step."
+            )
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be non-negative.")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Split flat engine args (vLLM style: `LLM(model=..., block_size=...)`) into the configs.
+
+        Raises ValueError for an unknown argument.
+        """
+        parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        for key, value in kwargs.items():
+            for klass, bucket in parts.items():
+                if key in klass.__dataclass_fields__:
+                    bucket[key] = value
+                    break
+            else:
+                raise ValueError(f"unknown engine argument {key!r}.")
+        return cls(
+            model_config=ModelConfig(**parts[ModelConfig]),
+            cache_config=CacheConfig(**parts[CacheConfig]),
+            scheduler_config=SchedulerConfig(**parts[SchedulerConfig]),
+        )

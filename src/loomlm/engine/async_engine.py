@@ -1,0 +1,152 @@
+"""Asynchronous front of the engine for servers: one background step loop, per-request queues.
+
+Design (as vLLM's AsyncLLMEngine): `generate()` registers the request and
+yields its cumulative RequestOutputs from an asyncio.Queue; a single
+background task runs `LLMEngine.step()` in a worker thread (the event loop
+keeps serving HTTP meanwhile) and routes each output to its queue. New
+requests and aborts are applied by that task *between* steps, so the engine
+is never touched by two threads at once. A consumer that stops iterating
+(client disconnect -> CancelledError / aclose) aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from loomlm.config import EngineConfig
+from loomlm.engine.llm_engine import LLMEngine
+from loomlm.outputs import RequestOutput
+from loomlm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _PendingAdd:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._pending_adds: list[_PendingAdd] = []
+        self._pending_aborts: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._stopped = False
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> AsyncLLMEngine:
+        """Build from flat vLLM-style engine args (see `EngineConfig.from_kwargs`). Loads the model."""
+        return cls(LLMEngine(EngineConfig.from_kwargs(**kwargs)))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def served_model_name(self) -> str:
+        return self.engine.served_model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._queues)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative RequestOutputs for one request; the last has `finished=True`.
+
+        Raises ValueError before yielding anything when the prompt or parameters are invalid.
+        """
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        # Validate here, in the caller's task, so bad input is reported to this caller only.
+        _, token_ids = self.engine.encode_prompt(prompt)
+        self.engine.check_request(token_ids, sampling_params)
+        self._ensure_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._pending_adds.append(_PendingAdd(request_id, prompt, sampling_params, queue))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._pending_aborts.append(request_id)
+                if self._wakeup is not None:
+                    self._wakeup.set()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its generate() iterator ends without a finished output."""
+        self._pending_aborts.append(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _run_loop(self) -> None:
+        engine = self.engine
+        while not self._stopped:
+            adds, self._pending_adds = self._pending_adds, []
+            aborts, self._pending_aborts = self._pending_aborts, []
+            for add in adds:
+                try:
+                    engine.add_request(add.request_id, add.prompt, add.params)
+                except ValueError as exc:
+                    add.queue.put_nowait(exc)
+            if aborts:
+                engine.abort_request(aborts)
+            if not engine.has_unfinished_requests():
+                self._wakeup.clear()
+                if not (self._pending_adds or self._pending_aborts):
+                    await self._wakeup.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(engine.step)
+            except Exception as exc:  # a failed step fails its requests, not the server
+                logger.exception("engine step failed")
+                for rid, queue in list(self._queues.items()):
+                    queue.put_nowait(RuntimeError(f"engine step failed: {exc}"))
+                engine.abort_request(list(engine.user_requests))
+                continue
+            for output in outputs:
+                queue = self._queues.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()

@@ -1,0 +1,150 @@
+"""Turns a SchedulerOutput into one forward pass and sampled tokens.
+
+Owns the model weights, the KV block pool and the sampler. Policy (who runs,
+how many tokens) is the scheduler's; the runner only lays the scheduled tokens
+out as a flat batch (decode tokens first, then prefill spans), builds the slot
+mapping and block tables, runs the model, and samples for the requests whose
+step reaches their last token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from loomlm.config import CacheConfig, ModelConfig
+from loomlm.engine.sampling_metadata import SamplingMetadata
+from loomlm.engine.scheduler import SchedulerOutput
+from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
+from loomlm.layers.sampler import Sampler
+from loomlm.models.llama import head_dim_of
+from loomlm.models.registry import model_class_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRunnerOutput:
+    # request_id -> the token sampled for it this step (only requests that reached their last token)
+    sampled_token_ids: dict[str, int]
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config, weights,
+                 max_model_len: int) -> None:
+        """weights: iterable of (HF name, tensor). Raises ValueError when the checkpoint does not fit the config."""
+        self.device = model_config.torch_device
+        self.dtype = model_config.torch_dtype
+        self.hf_config = hf_config
+        self.vocab_size = hf_config.vocab_size
+        self.block_size = cache_config.block_size
+        start = time.perf_counter()
+        with torch.device("cpu"):
+            model = model_class_for(hf_config)(hf_config, max_position=max_model_len)
+        model.load_weights(weights)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        # Rotary tables stay float32 for accuracy; they are cast per use.
+        for module in self.model.modules():
+            if hasattr(module, "cos_cached"):
+                module.cos_cached = module.cos_cached.float()
+                module.sin_cached = module.sin_cached.float()
+        logger.info("loaded weights in %.1f s", time.perf_counter() - start)
+
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        head_dim = head_dim_of(hf_config)
+        layers = self.model.attention_layers()
+        bytes_per_block = 2 * len(layers) * self.block_size * num_kv_heads * head_dim * self.dtype.itemsize
+        self.num_blocks = cache_config.num_gpu_blocks_override or max(1, cache_config.kv_cache_memory_bytes // bytes_per_block)
+        shape = (self.num_blocks, self.block_size, num_kv_heads, head_dim)
+        # One pool for all layers: [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_cache = torch.zeros((2, len(layers), *shape), dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        logger.info("KV cache: %d blocks x %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
+                    self.kv_cache.numel() * self.dtype.itemsize / 2**20)
+        seed_gen = torch.Generator(device=self.device)
+        seed_gen.manual_seed(model_config.seed)
+        self.sampler = Sampler(seed_gen)
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
+        """Run one step. block_tables: request_id -> its blocks (covering the scheduled tokens)."""
+        items = sorted(scheduler_output.scheduled, key=lambda it: it.num_new_tokens != 1)  # decodes first
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampling_requests = []
+        num_decode = 0
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        spans: list[PrefillSpan] = []
+        for item in items:
+            req = item.request
+            start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
+            table = block_tables[req.request_id]
+            first = len(input_ids)
+            input_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if item.num_new_tokens == 1 and not spans:
+                num_decode += 1
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                spans.append(PrefillSpan(first, len(input_ids), end,
+                                         torch.tensor(table, dtype=torch.int64, device=self.device)))
+            if item.samples_token:
+                logits_rows.append(len(input_ids) - 1)
+                sampling_requests.append(req)
+
+        dev = self.device
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=num_decode,
+            decode_block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+                                             dtype=torch.int64, device=dev).view(num_decode, max_blocks),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int64, device=dev),
+            decode_max_context_len=max(decode_lens, default=0),
+            prefill_spans=spans,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        with forward_context(batch):
+            hidden = self.model(ids, batch.positions)  # [num_tokens, hidden_size]
+        if not sampling_requests:
+            return ModelRunnerOutput({})
+        logits = self.model.compute_logits(hidden[logits_rows])  # [num_rows, vocab_size] float32
+        meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, dev)
+        token_ids = self.sampler(logits, meta).tolist()
+        return ModelRunnerOutput({r.request_id: t for r, t in zip(sampling_requests, token_ids)})
+
+    @torch.inference_mode()
+    def logits_for(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one sequence, outside the engine's cache bookkeeping.
+
+        Uses blocks 0.. of the pool as scratch, so call it only when no request is running
+        (tests compare it with transformers). Returns [len(token_ids), vocab_size] float32.
+        """
+        n = len(token_ids)
+        num_blocks = (n + self.block_size - 1) // self.block_size
+        if num_blocks > self.num_blocks:
+            raise ValueError("sequence longer than the KV cache")
+        table = torch.arange(num_blocks, dtype=torch.int64, device=self.device)
+        batch = ForwardBatch(
+            positions=torch.arange(n, device=self.device),
+            slot_mapping=torch.arange(n, device=self.device),
+            num_decode_tokens=0,
+            decode_block_tables=torch.zeros((0, 0), dtype=torch.int64, device=self.device),
+            decode_context_lens=torch.zeros(0, dtype=torch.int64, device=self.device),
+            decode_max_context_len=0,
+            prefill_spans=[PrefillSpan(0, n, n, table)],
+        )
+        with forward_context(batch):
+            hidden = self.model(torch.tensor(token_ids, device=self.device), batch.positions)
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,99 @@
+"""One sequence being generated, described by counters rather than phases.
+
+`num_computed_tokens` counts the tokens whose K/V are in the cache;
+`num_tokens` counts prompt + generated tokens. A request is prefilling while
+`num_computed_tokens < num_prompt_tokens`, decoding after; a preempted request
+simply restarts from `num_computed_tokens = 0` with its generated tokens kept.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from loomlm.engine.detokenizer import IncrementalDetokenizer
+from loomlm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    """A single sequence: one completion of a user request (n > 1 fans out into n of these).
+
+    Attributes:
+        request_id: unique engine-wide id of this sequence.
+        parent_id: the user request it belongs to; `index` is its place among that request's n.
+        max_tokens: generated-token limit, already capped by the context window.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        max_tokens: int,
+        detokenizer: IncrementalDetokenizer | None,
+        parent_id: str | None = None,
+        index: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.parent_id = parent_id if parent_id is not None else request_id
+        self.index = index
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.all_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.sampling_params = sampling_params
+        self.max_tokens = max_tokens
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.detokenizer = detokenizer
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+        # A per-request generator makes seeded sampling independent of batch composition.
+        self.generator: torch.Generator | None = None
+        if sampling_params.seed is not None and not sampling_params.is_greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(sampling_params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.is_finished else None
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, computed={self.num_computed_tokens}, "
+                f"tokens={self.num_tokens})")

@@ -1,0 +1,181 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step gets a token budget (`max_num_batched_tokens`). Running requests are
+served first, in arrival order: one token for a decoding request, the next
+prompt chunk for one still prefilling. When the KV pool cannot hold a running
+request's next tokens, the most recently arrived running request is preempted:
+its blocks are freed and it goes back to the front of the waiting queue with
+`num_computed_tokens = 0`, to be recomputed later (prompt + tokens generated so
+far); nothing it generated is lost. Then waiting requests are admitted in FCFS
+order while budget, sequence slots and blocks last. Follows vLLM v1's
+scheduler (`vllm/v1/core/sched/scheduler.py`), without its phases.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from loomlm.config import SchedulerConfig
+from loomlm.engine.block_manager import BlockManager
+from loomlm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    # Tokens computed this step: positions num_computed_tokens .. num_computed_tokens + num_new_tokens - 1.
+    num_new_tokens: int
+
+    @property
+    def samples_token(self) -> bool:
+        """True when this step reaches the request's last token, so it samples the next one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    # Requests to run this step with their token counts, in scheduling order.
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Sum of num_new_tokens: the size of the flat batch.
+    total_num_scheduled_tokens: int = 0
+    # Requests preempted this step (their blocks are already freed).
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _chunk(self, request: Request, budget: int) -> int:
+        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        if self.config.long_prefill_token_threshold:
+            num_new = min(num_new, self.config.long_prefill_token_threshold)
+        return num_new
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        now = time.time()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk(request, budget)
+            target = request.num_computed_tokens + num_new
+            while not bm.can_allocate(request.request_id, target):
+                victim = self.running.pop()  # the latest arrival loses its blocks first
+                self._preempt(victim)
+                out.preempted_request_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                bm.allocate(request.request_id, target)
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: it was the last running one
+
+        # Admit waiting requests only if nobody was preempted this step (the pool is tight).
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and not out.preempted_request_ids):
+            request = self.waiting[0]
+            num_new = self._chunk(request, budget)
+            if not bm.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            bm.allocate(request.request_id, request.num_computed_tokens + num_new)
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+        out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Advance counters, append sampled tokens, finish requests that stop.
+
+        Returns the requests that got a new token this step (finished ones included).
+        """
+        updated: list[Request] = []
+        now = time.time()
+        for item in scheduler_output.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            token_id = sampled_token_ids.get(request.request_id)
+            if token_id is None:
+                continue  # a prefill chunk that has not reached the end of the prompt yet
+            request.append_output_token(token_id)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if check_stop(request, token_id):
+                self.finish(request, request.status)
+            updated.append(request)
+        return updated
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Remove the request from the queues and free its blocks."""
+        request.status = status
+        request.finished_time = time.time()
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.block_manager.free(request.request_id)
+
+    def abort(self, request: Request) -> None:
+        if not request.is_finished:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+
+
+def check_stop(request: Request, token_id: int) -> bool:
+    """Sets the request's finished status if `token_id` ends it; returns whether it did.
+
+    Order as in vLLM: stop strings (via the detokenizer), then EOS / stop token ids,
+    then the length limit. Stops are not checked before `min_tokens` tokens.
+    """
+    params = request.sampling_params
+    stop_str = request.detokenizer.update(token_id) if request.detokenizer is not None else None
+    if request.num_output_tokens >= params.min_tokens:
+        if stop_str is not None:
+            request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+            return True
+        if token_id in params.all_stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            # vLLM reports the stop token id, but None for the EOS token.
+            request.stop_reason = token_id if token_id in params.stop_token_ids else None
+            return True
+    if request.num_output_tokens >= request.max_tokens:
+        request.status = RequestStatus.FINISHED_LENGTH
+        return True
+    return False

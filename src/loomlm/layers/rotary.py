@@ -1,0 +1,67 @@
+"""Rotary position embedding (Su et al. 2021, "RoFormer"), Hugging Face's rotate-half layout.
+
+Inverse frequencies: the default formula here; scaled variants (llama3, linear,
+yarn, ...) come from transformers' `ROPE_INIT_FUNCTIONS` so they match the
+reference implementation exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_parameters(config) -> dict:
+    """The rope settings of an HF config as one dict with at least `rope_type` and `rope_theta`.
+
+    transformers >= 5 keeps them in `config.rope_parameters`; older configs use
+    `rope_theta` and `rope_scaling`.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    for key, value in scaling.items():
+        params.setdefault(key, value)
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def inverse_frequencies(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq [head_dim // 2], attention_scaling) for the config's rope type."""
+    params = rope_parameters(config)
+    if params["rope_type"] == "default":
+        base = float(params["rope_theta"])
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        return inv_freq, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    fn = ROPE_INIT_FUNCTIONS.get(params["rope_type"])
+    if fn is None:
+        raise ValueError(f"unsupported rope_type {params['rope_type']!r}")
+    inv_freq, scaling = fn(config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embeddings to q and k at explicit per-token positions."""
+
+    def __init__(self, config, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        inv_freq, scaling = inverse_frequencies(config, head_dim)
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [max_position, head_dim // 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
+        self.register_buffer("cos_cached", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin_cached", emb.sin() * scaling, persistent=False)
+        self.max_position = max_position
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]
+        cos = self.cos_cached[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim]
+        sin = self.sin_cached[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,179 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) in plain PyTorch.
+
+Follows transformers' `modeling_llama.py` math (pre-norm blocks, RoPE, GQA,
+SwiGLU MLP); Qwen2 differs only by q/k/v biases (`attention_bias`). Tokens of
+many requests arrive as one flat batch `[num_tokens]` with explicit positions;
+attention reads the paged KV cache through the forward context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from loomlm.layers.activation import silu_and_mul
+from loomlm.layers.attention import PagedAttention
+from loomlm.layers.linear import Linear
+from loomlm.layers.norm import RMSNorm
+from loomlm.layers.rotary import RotaryEmbedding
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, max_position: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        # Qwen2 always has q/k/v biases; Llama/Mistral configs say so in `attention_bias`.
+        qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias)
+        self.o_proj = Linear(q_size, {"o": config.hidden_size},
+                             bias=config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False)))
+        self.rotary = RotaryEmbedding(config, self.head_dim, max_position)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.q_size, self.kv_size = q_size, kv_size
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [num_tokens, hidden_size]
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        inter = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, {"gate": inter, "up": inter}, bias=bias)
+        self.down_proj = Linear(inter, {"down": config.hidden_size}, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, max_position: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, max_position)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only Llama-family model.
+
+    forward(input_ids [num_tokens], positions [num_tokens]) -> hidden states [num_tokens, hidden_size];
+    compute_logits(hidden [n, hidden_size]) -> float32 logits [n, vocab_size].
+    """
+
+    # HF parameter name suffix -> (our module attribute path, shard)
+    _FUSED = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+        "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+        "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+        "self_attn.o_proj": ("self_attn.o_proj", "o"),
+        "mlp.gate_proj": ("mlp.gate_up_proj", "gate"),
+        "mlp.up_proj": ("mlp.gate_up_proj", "up"),
+        "mlp.down_proj": ("mlp.down_proj", "down"),
+    }
+
+    def __init__(self, config, max_position: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, max_position) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        for layer in self.layers:
+            h = layer(positions, h)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return torch.nn.functional.linear(hidden, weight).float()  # [n, vocab_size]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (transformers' names and [out, in] layouts).
+
+        Raises ValueError for an unexpected name or shape, or when a parameter is left unloaded.
+        """
+        loaded: set[str] = set()
+        modules = dict(self.named_modules())
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            key = name.removeprefix("model.")
+            if key == "lm_head.weight" or name == "lm_head.weight":
+                if self.lm_head is None:
+                    continue  # tied: some checkpoints still carry a copy
+                self._copy(self.lm_head, tensor, name)
+                loaded.add("lm_head")
+                continue
+            prefix, _, leaf = key.rpartition(".")  # e.g. "layers.0.self_attn.q_proj", "weight"
+            parts = prefix.split(".")
+            if len(parts) >= 3 and parts[0] == "layers":
+                sub = ".".join(parts[2:])
+                if sub in self._FUSED:
+                    target, shard = self._FUSED[sub]
+                    module = modules[f"layers.{parts[1]}.{target}"]
+                    if leaf == "weight":
+                        module.load_shard(shard, weight=tensor)
+                    elif leaf == "bias":
+                        module.load_shard(shard, bias=tensor)
+                    else:
+                        raise ValueError(f"unexpected parameter {name!r}")
+                    loaded.add(f"layers.{parts[1]}.{target}.{shard}.{leaf}")
+                    continue
+            params = dict(self.named_parameters())
+            if key not in params:
+                raise ValueError(f"unexpected parameter {name!r} for {type(self).__name__}")
+            self._copy(params[key], tensor, name)
+            loaded.add(key)
+        missing = [n for n in self._expected_names() if n not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
+
+    def _expected_names(self) -> list[str]:
+        names = ["embed_tokens.weight", "norm.weight"] + ([] if self.lm_head is None else ["lm_head"])
+        for i, layer in enumerate(self.layers):
+            names += [f"layers.{i}.input_layernorm.weight", f"layers.{i}.post_attention_layernorm.weight"]
+            for target, shard in self._FUSED.values():
+                names.append(f"layers.{i}.{target}.{shard}.weight")
+                linear = layer.get_submodule(target)
+                if linear.bias is not None:
+                    names.append(f"layers.{i}.{target}.{shard}.bias")
+        return names
+
+    @staticmethod
+    def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+        if param.shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+        param.data.copy_(tensor)

@@ -1,0 +1,76 @@
+"""Request results, with vLLM's `RequestOutput` / `CompletionOutput` field names.
+
+Source: vLLM `vllm/outputs.py`; see ../shared/specs/vllm-openai.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Logprob:
+    """One token's log probability (natural log), its rank (1 = most likely) and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (seconds since the epoch) of a request's life."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request.
+
+    Attributes:
+        index: position of this completion among the request's `n`.
+        text: generated text (stop string removed unless asked to keep it).
+        token_ids: generated token ids, including a final EOS / stop token.
+        cumulative_logprob: sum of the sampled tokens' logprobs (None unless logprobs were requested).
+        logprobs: per generated token, {token_id: Logprob} (None unless requested).
+        finish_reason: "stop" (EOS, stop token or stop string), "length", "abort", or None while running.
+        stop_reason: the stop string or stop token id that ended it; None for EOS or length.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request: its prompt and its `n` completions so far.
+
+    `finished` is True once every completion has a finish_reason.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    lora_request: Any = None
+    num_cached_tokens: int = 0
+    encoder_prompt: str | None = None
+    encoder_prompt_token_ids: list[int] | None = None
+    kv_transfer_params: dict | None = field(default=None, repr=False)
