@@ -1,0 +1,132 @@
+"""Request accounting: Prometheus metrics and the one log line per request.
+
+Every app owns its own `CollectorRegistry`, so several apps in one process (as
+in the tests) keep separate counts and never clash on metric names.
+
+Metric names (Prometheus text at `GET /metrics`):
+- `loomlm_http_requests_total{method, route, status}`: finished HTTP requests.
+- `loomlm_http_request_duration_seconds{method, route}`: latency histogram, from
+  the request's arrival to the last byte of the response (streams included).
+- `loomlm_prompt_tokens_total`, `loomlm_generation_tokens_total`: tokens of
+  generation requests (prompts counted once each; generated tokens summed over choices).
+- `loomlm_requests_running`: generation requests in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("loomlm.server")
+
+# Seconds; a 135M-parameter model on 2 CPU cores takes from ~50 ms (one short
+# completion) to minutes (long batched generations).
+_LATENCY_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+# Key under which a request's scope carries its `RequestUsage` record.
+_USAGE_SCOPE_KEY = "loomlm.usage"
+
+
+@dataclass
+class RequestUsage:
+    """Token counts of one HTTP request, filled by the route once known (None: not a generation)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ServerMetrics:
+    """The Prometheus metrics of one app, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests_total = Counter(
+            "loomlm_http_requests_total",
+            "Finished HTTP requests by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.request_duration_s = Histogram(
+            "loomlm_http_request_duration_seconds",
+            "HTTP request latency in seconds, arrival to last response byte.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.prompt_tokens_total = Counter(
+            "loomlm_prompt_tokens_total", "Prompt tokens of generation requests.", registry=self.registry
+        )
+        self.generation_tokens_total = Counter(
+            "loomlm_generation_tokens_total", "Generated tokens, summed over choices.", registry=self.registry
+        )
+        self.requests_running = Gauge(
+            "loomlm_requests_running", "Generation requests in flight.", registry=self.registry
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The registry in Prometheus text format, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def record_usage(request: Request, metrics: ServerMetrics, prompt_tokens: int, completion_tokens: int) -> None:
+    """Count a generation request's tokens in `metrics` and in its log line.
+
+    Call once per request, when its token counts are final (end of a
+    stream included, even if the client went away).
+    """
+    metrics.prompt_tokens_total.inc(prompt_tokens)
+    metrics.generation_tokens_total.inc(completion_tokens)
+    usage = request.scope.get(_USAGE_SCOPE_KEY)
+    if isinstance(usage, RequestUsage):
+        usage.prompt_tokens = prompt_tokens
+        usage.completion_tokens = completion_tokens
+
+
+class RequestAccountingMiddleware:
+    """ASGI middleware: per request, count it, time it, and log one line.
+
+    A plain ASGI middleware rather than `@app.middleware("http")`, so that a
+    streamed response is timed to its last byte and its token counts, set by
+    the route at the end of the stream, are in the log line.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start_s = time.perf_counter()
+        usage = RequestUsage()
+        scope[_USAGE_SCOPE_KEY] = usage
+        status_code = 500  # what the client sees if the app raises before answering
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self._account(scope, status_code, time.perf_counter() - start_s, usage)
+
+    def _account(self, scope: Scope, status_code: int, latency_s: float, usage: RequestUsage) -> None:
+        method = scope["method"]
+        route = scope.get("route")
+        # The route template, not the raw path, keeps the label set small; unknown paths share one label.
+        route_label = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests_total.labels(method, route_label, str(status_code)).inc()
+        self.metrics.request_duration_s.labels(method, route_label).observe(latency_s)
+        tokens = ""
+        if usage.prompt_tokens is not None:
+            tokens = f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}"
+        logger.info("%s %s %d %.3fs%s", method, scope["path"], status_code, latency_s, tokens)

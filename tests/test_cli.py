@@ -1,0 +1,56 @@
+"""The `loomlm` command, run as a subprocess the way a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = "The capital of France is"
+
+
+def _loomlm() -> list[str]:
+    """The installed console script next to this interpreter, else `python -m loomlm.cli`."""
+    script = Path(sys.executable).with_name("loomlm")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "loomlm.cli"]
+
+
+def test_serve_help_lists_flags() -> None:
+    result = subprocess.run([*_loomlm(), "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in (
+        "--host",
+        "--port",
+        "--served-model-name",
+        "--max-model-len",
+        "--kv-cache-memory-bytes",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--dtype",
+    ):
+        assert flag in result.stdout
+
+
+def test_invalid_value_exits_with_status_2() -> None:
+    result = subprocess.run(
+        [*_loomlm(), "generate", PROMPT, "--temperature", "-1"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert "temperature" in result.stderr
+
+
+def test_generate_prints_the_greedy_completion() -> None:
+    from loomlm import LLM, SamplingParams
+
+    result = subprocess.run(
+        [*_loomlm(), "generate", PROMPT, "--max-tokens", "8", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    [output] = LLM(model=MODEL).generate(PROMPT, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    expected = output.outputs[0].text
+    assert expected.strip()
+    assert result.stdout == expected + "\n"
