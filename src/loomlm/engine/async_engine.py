@@ -41,6 +41,7 @@ class AsyncLLMEngine:
         self._pending_aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
 
     @classmethod
@@ -67,7 +68,8 @@ class AsyncLLMEngine:
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+            self._event_loop = asyncio.get_running_loop()
+            self._loop_task = self._event_loop.create_task(self._run_loop())
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -92,6 +94,9 @@ class AsyncLLMEngine:
         try:
             while True:
                 item = await queue.get()
+                if item is None:  # aborted through abort(): the stream just ends
+                    finished = True
+                    return
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -106,11 +111,11 @@ class AsyncLLMEngine:
                     self._wakeup.set()
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request; its generate() iterator ends without a finished output."""
+        """Abort a request: the engine frees it and its generate() iterator simply ends."""
         self._pending_aborts.append(request_id)
         queue = self._queues.pop(request_id, None)
         if queue is not None:
-            queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+            queue.put_nowait(None)
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -145,8 +150,12 @@ class AsyncLLMEngine:
                     queue.put_nowait(output)
 
     def shutdown(self) -> None:
+        """Stop the background loop; safe to call from any thread."""
         self._stopped = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        loop, task = self._event_loop, self._loop_task
+        if loop is None or task is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:
+            pass  # the loop stopped meanwhile

@@ -125,26 +125,35 @@ class ModelRunner:
         return ModelRunnerOutput({r.request_id: t for r, t in zip(sampling_requests, token_ids)})
 
     @torch.inference_mode()
-    def logits_for(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits at every position of one sequence, outside the engine's cache bookkeeping.
+    def logits_for(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Logits at every position of one sequence, run through the paged path in chunks.
 
-        Uses blocks 0.. of the pool as scratch, so call it only when no request is running
-        (tests compare it with transformers). Returns [len(token_ids), vocab_size] float32.
+        The first chunk is a fresh prefill, later chunks attend to the cached blocks
+        (chunk_size=1 exercises the decode path). Uses blocks 0.. of the pool as scratch,
+        so call it only when no request is running (tests compare it with transformers).
+        Returns [len(token_ids), vocab_size] float32. Raises ValueError if the pool is too small.
         """
         n = len(token_ids)
         num_blocks = (n + self.block_size - 1) // self.block_size
         if num_blocks > self.num_blocks:
             raise ValueError("sequence longer than the KV cache")
-        table = torch.arange(num_blocks, dtype=torch.int64, device=self.device)
-        batch = ForwardBatch(
-            positions=torch.arange(n, device=self.device),
-            slot_mapping=torch.arange(n, device=self.device),
-            num_decode_tokens=0,
-            decode_block_tables=torch.zeros((0, 0), dtype=torch.int64, device=self.device),
-            decode_context_lens=torch.zeros(0, dtype=torch.int64, device=self.device),
-            decode_max_context_len=0,
-            prefill_spans=[PrefillSpan(0, n, n, table)],
-        )
-        with forward_context(batch):
-            hidden = self.model(torch.tensor(token_ids, device=self.device), batch.positions)
-        return self.model.compute_logits(hidden)
+        dev = self.device
+        table = torch.arange(num_blocks, dtype=torch.int64, device=dev)
+        chunk_size = chunk_size or n
+        logits = []
+        for start in range(0, n, chunk_size):
+            end = min(n, start + chunk_size)
+            is_decode = end - start == 1 and start > 0
+            batch = ForwardBatch(
+                positions=torch.arange(start, end, device=dev),
+                slot_mapping=torch.arange(start, end, device=dev),  # blocks 0.. in order: slot == position
+                num_decode_tokens=1 if is_decode else 0,
+                decode_block_tables=table[None, :] if is_decode else torch.zeros((0, 0), dtype=torch.int64, device=dev),
+                decode_context_lens=torch.tensor([end] if is_decode else [], dtype=torch.int64, device=dev),
+                decode_max_context_len=end if is_decode else 0,
+                prefill_spans=[] if is_decode else [PrefillSpan(0, end - start, end, table)],
+            )
+            with forward_context(batch):
+                hidden = self.model(torch.tensor(token_ids[start:end], device=dev), batch.positions)
+            logits.append(self.model.compute_logits(hidden))
+        return torch.cat(logits)

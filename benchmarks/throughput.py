@@ -1,0 +1,88 @@
+"""Offline generation throughput: loomlm vs transformers' batched `generate`, same weights, one process.
+
+N requests of 128 prompt tokens and 128 new tokens (greedy, EOS ignored) at
+1, 8 and 32 concurrent requests. Prints generated tokens/s for both and the
+ratio loomlm / transformers. Run: `.venv/bin/python benchmarks/throughput.py`
+(options: --concurrency 1 8 32 --prompt-len 128 --gen-len 128 --model ALIAS_OR_PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def make_prompts(num: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Skip the low ids, where the special tokens live.
+    return torch.randint(100, vocab_size, (num, prompt_len), generator=g).tolist()
+
+
+def load_reference(model: str):
+    """The transformers model on the same weights (from the GGUF or the HF directory)."""
+    from transformers import AutoModelForCausalLM
+
+    from loomlm.models.loader import resolve_model
+
+    source = resolve_model(model)
+    if source.format == "gguf":
+        path = source.weights_path
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(source.weights_path), dtype=torch.float32).eval()
+
+
+def bench_loomlm(llm, prompts: list[list[int]], gen_len: int) -> float:
+    from loomlm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == gen_len for o in outputs)
+    return len(prompts) * gen_len / elapsed
+
+
+@torch.inference_mode()
+def bench_transformers(model, prompts: list[list[int]], gen_len: int) -> float:
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=gen_len,
+                         min_new_tokens=gen_len, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] - ids.shape[1] == gen_len
+    return len(prompts) * gen_len / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    from loomlm import LLM
+
+    max_c = max(args.concurrency)
+    llm = LLM(args.model, max_num_seqs=max(max_c, 1), max_num_batched_tokens=max(512, max_c))
+    vocab = llm.llm_engine.hf_config.vocab_size
+    reference = None if args.skip_transformers else load_reference(args.model)
+    # Warm-up (first-call allocations) for both.
+    warm = make_prompts(1, args.prompt_len, vocab, seed=99)
+    bench_loomlm(llm, warm, 4)
+    if reference is not None:
+        bench_transformers(reference, warm, 4)
+
+    print(f"{'concurrency':>11} {'loomlm tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}")
+    for c in args.concurrency:
+        prompts = make_prompts(c, args.prompt_len, vocab, seed=c)
+        ours = bench_loomlm(llm, prompts, args.gen_len)
+        theirs = bench_transformers(reference, prompts, args.gen_len) if reference is not None else float("nan")
+        print(f"{c:>11} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
