@@ -58,8 +58,8 @@ class ModelRunner:
         layers = self.model.attention_layers()
         bytes_per_block = 2 * len(layers) * self.block_size * num_kv_heads * head_dim * self.dtype.itemsize
         self.num_blocks = cache_config.num_gpu_blocks_override or max(1, cache_config.kv_cache_memory_bytes // bytes_per_block)
-        shape = (self.num_blocks, self.block_size, num_kv_heads, head_dim)
-        # One pool for all layers: [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+        shape = (num_kv_heads, self.num_blocks, self.block_size, head_dim)
+        # One pool for all layers: [2, num_layers, num_kv_heads, num_blocks, block_size, head_dim]
         self.kv_cache = torch.zeros((2, len(layers), *shape), dtype=self.dtype, device=self.device)
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -68,6 +68,17 @@ class ModelRunner:
         seed_gen = torch.Generator(device=self.device)
         seed_gen.manual_seed(model_config.seed)
         self.sampler = Sampler(seed_gen)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
+
+    def _decode_gather_buffer(self, num_decode: int, max_context_len: int) -> torch.Tensor:
+        """The reused scratch for decode attention's K/V gather, grown (doubling) on demand."""
+        padded = (max_context_len + self.block_size - 1) // self.block_size * self.block_size
+        needed = 2 * self.num_kv_heads * num_decode * padded * self.head_dim
+        if self._gather_buffer.numel() < needed:
+            self._gather_buffer = torch.empty(max(needed, 2 * self._gather_buffer.numel()),
+                                              dtype=self.dtype, device=self.device)
+        return self._gather_buffer
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
@@ -113,6 +124,7 @@ class ModelRunner:
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.int64, device=dev),
             decode_max_context_len=max(decode_lens, default=0),
             prefill_spans=spans,
+            decode_gather_buffer=self._decode_gather_buffer(num_decode, max(decode_lens, default=0)),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):
@@ -152,6 +164,7 @@ class ModelRunner:
                 decode_context_lens=torch.tensor([end] if is_decode else [], dtype=torch.int64, device=dev),
                 decode_max_context_len=end if is_decode else 0,
                 prefill_spans=[] if is_decode else [PrefillSpan(0, end - start, end, table)],
+                decode_gather_buffer=self._decode_gather_buffer(1, end) if is_decode else None,
             )
             with forward_context(batch):
                 hidden = self.model(torch.tensor(token_ids[start:end], device=dev), batch.positions)

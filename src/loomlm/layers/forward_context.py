@@ -40,6 +40,10 @@ class ForwardBatch:
     decode_context_lens: torch.Tensor  # [num_decode_tokens] int64: tokens attended, the new one included
     decode_max_context_len: int  # max of decode_context_lens (host int, sizes the gather)
     prefill_spans: list[PrefillSpan]
+    # Reused scratch (flat, >= 2 * num_kv_heads * num_decode_tokens * padded context * head_dim
+    # elements) that decode attention gathers K/V blocks into: writing into a reused buffer
+    # ran ~2x faster than a fresh allocation per layer on this CPU. None: allocate.
+    decode_gather_buffer: torch.Tensor | None = None
 
 
 _current: contextvars.ContextVar[ForwardBatch | None] = contextvars.ContextVar("loomlm_forward_batch", default=None)

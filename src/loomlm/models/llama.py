@@ -17,7 +17,7 @@ from loomlm.layers.activation import silu_and_mul
 from loomlm.layers.attention import PagedAttention
 from loomlm.layers.linear import Linear
 from loomlm.layers.norm import RMSNorm
-from loomlm.layers.rotary import RotaryEmbedding
+from loomlm.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 def head_dim_of(config) -> int:
@@ -25,7 +25,7 @@ def head_dim_of(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -36,18 +36,17 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias)
         self.o_proj = Linear(q_size, {"o": config.hidden_size},
                              bias=config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False)))
-        self.rotary = RotaryEmbedding(config, self.head_dim, max_position)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
         self.q_size, self.kv_size = q_size, kv_size
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [num_tokens, hidden_size]
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [num_tokens, hidden_size]; rope: (cos, sin) of this step's positions
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         out = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -65,15 +64,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, max_position)
+        self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(rope, self.input_layernorm(h))
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -99,11 +98,13 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config, max_position) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.rotary = RotaryEmbedding(config, head_dim_of(config), max_position)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+        # Its own pre-transposed copy even when tied: `x @ w_t` beats F.linear on the
+        # [num_rows, hidden] x [hidden, vocab] product that runs every step.
+        self.lm_head = Linear(config.hidden_size, {"lm_head": config.vocab_size})
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -112,13 +113,13 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        rope = self.rotary.cos_sin(positions, h.dtype)  # computed once, used by every layer
         for layer in self.layers:
-            h = layer(positions, h)
+            h = layer(rope, h)
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
-        return torch.nn.functional.linear(hidden, weight).float()  # [n, vocab_size]
+        return self.lm_head(hidden).float()  # [n, vocab_size]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (transformers' names and [out, in] layouts).
@@ -131,10 +132,10 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             key = name.removeprefix("model.")
-            if key == "lm_head.weight" or name == "lm_head.weight":
-                if self.lm_head is None:
+            if name == "lm_head.weight":
+                if self.tie_word_embeddings:
                     continue  # tied: some checkpoints still carry a copy
-                self._copy(self.lm_head, tensor, name)
+                self.lm_head.load_shard("lm_head", weight=tensor)
                 loaded.add("lm_head")
                 continue
             prefix, _, leaf = key.rpartition(".")  # e.g. "layers.0.self_attn.q_proj", "weight"
@@ -157,12 +158,15 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"unexpected parameter {name!r} for {type(self).__name__}")
             self._copy(params[key], tensor, name)
             loaded.add(key)
+        if self.tie_word_embeddings and "embed_tokens.weight" in loaded:
+            self.lm_head.load_shard("lm_head", weight=self.embed_tokens.weight.data)
+            loaded.add("lm_head")
         missing = [n for n in self._expected_names() if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
 
     def _expected_names(self) -> list[str]:
-        names = ["embed_tokens.weight", "norm.weight"] + ([] if self.lm_head is None else ["lm_head"])
+        names = ["embed_tokens.weight", "norm.weight", "lm_head"]
         for i, layer in enumerate(self.layers):
             names += [f"layers.{i}.input_layernorm.weight", f"layers.{i}.post_attention_layernorm.weight"]
             for target, shard in self._FUSED.values():
