@@ -71,6 +71,16 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
 
+    def _decode_gather_index(self, tables: list[list[int]], max_context_len: int) -> torch.Tensor | None:
+        """Pool rows (head-major) holding each decode sequence's first ceil(max_context_len / block) blocks."""
+        if not tables:
+            return None
+        num_blocks = (max_context_len + self.block_size - 1) // self.block_size
+        ids = torch.tensor([t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables],
+                           dtype=torch.int64, device=self.device).view(-1)  # [num_seqs * num_blocks]
+        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None] * self.num_blocks
+        return (heads + ids[None, :]).view(-1)  # [num_kv_heads * num_seqs * num_blocks]
+
     def _decode_gather_buffer(self, num_decode: int, max_context_len: int) -> torch.Tensor:
         """The reused scratch for decode attention's K/V gather, grown (doubling) on demand."""
         padded = (max_context_len + self.block_size - 1) // self.block_size * self.block_size
@@ -114,15 +124,13 @@ class ModelRunner:
                 sampling_requests.append(req)
 
         dev = self.device
-        max_blocks = max((len(t) for t in decode_tables), default=0)
         batch = ForwardBatch(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decode_tokens=num_decode,
-            decode_block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
-                                             dtype=torch.int64, device=dev).view(num_decode, max_blocks),
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.int64, device=dev),
             decode_max_context_len=max(decode_lens, default=0),
+            decode_gather_index=self._decode_gather_index(decode_tables, max(decode_lens, default=0)),
             prefill_spans=spans,
             decode_gather_buffer=self._decode_gather_buffer(num_decode, max(decode_lens, default=0)),
         )
@@ -160,9 +168,9 @@ class ModelRunner:
                 positions=torch.arange(start, end, device=dev),
                 slot_mapping=torch.arange(start, end, device=dev),  # blocks 0.. in order: slot == position
                 num_decode_tokens=1 if is_decode else 0,
-                decode_block_tables=table[None, :] if is_decode else torch.zeros((0, 0), dtype=torch.int64, device=dev),
                 decode_context_lens=torch.tensor([end] if is_decode else [], dtype=torch.int64, device=dev),
                 decode_max_context_len=end if is_decode else 0,
+                decode_gather_index=self._decode_gather_index([table.tolist()], end) if is_decode else None,
                 prefill_spans=[] if is_decode else [PrefillSpan(0, end - start, end, table)],
                 decode_gather_buffer=self._decode_gather_buffer(1, end) if is_decode else None,
             )

@@ -59,20 +59,20 @@ class PagedAttention(nn.Module):
         num_seqs = q.shape[0]
         kvh, num_pool_blocks, block_size, head_dim = self.k_cache.shape
         num_blocks = (batch.decode_max_context_len + block_size - 1) // block_size
-        block_ids = batch.decode_block_tables[:, :num_blocks].reshape(-1)
         group = self.num_heads // self.num_kv_heads
         # Gathered K/V: [num_kv_heads, num_seqs, num_blocks * block_size, head_dim]
         gathered_shape = (kvh, num_seqs, num_blocks * block_size, head_dim)
-        size = kvh * block_ids.numel() * block_size * head_dim
+        index = batch.decode_gather_index
+        size = index.numel() * block_size * head_dim
         buffer = batch.decode_gather_buffer
         kv = []
         for i, cache in enumerate((self.k_cache, self.v_cache)):
-            flat = cache.view(kvh, num_pool_blocks, block_size * head_dim)
+            rows = cache.view(kvh * num_pool_blocks, block_size * head_dim)
             if buffer is not None and buffer.numel() >= 2 * size:
-                out = buffer[i * size:(i + 1) * size].view(kvh, block_ids.numel(), block_size * head_dim)
-                kv.append(torch.index_select(flat, 1, block_ids, out=out).view(gathered_shape))
+                out = buffer[i * size:(i + 1) * size].view(index.numel(), block_size * head_dim)
+                kv.append(torch.index_select(rows, 0, index, out=out).view(gathered_shape))
             else:
-                kv.append(flat.index_select(1, block_ids).view(gathered_shape))
+                kv.append(rows.index_select(0, index).view(gathered_shape))
         keys, values = kv
         context_lens = batch.decode_context_lens
         qg = q.view(num_seqs, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [KVH, S, G, D]
