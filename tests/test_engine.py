@@ -108,6 +108,15 @@ def test_invalid_sampling_params_raise(kwargs):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.2}, {"logprobs": 2},
+    {"prompt_logprobs": 1}, {"best_of": 3},
+])
+def test_options_not_applied_yet_are_refused_not_ignored(kwargs):
+    with pytest.raises(ValueError, match="not supported yet"):
+        SamplingParams(**kwargs)
+
+
 def test_bad_prompts_raise_and_lose_nothing(small_cache_llm):
     llm = small_cache_llm
     engine = llm.llm_engine

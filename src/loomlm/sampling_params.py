@@ -105,6 +105,22 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
+        self._reject_unimplemented()
+
+    def _reject_unimplemented(self) -> None:
+        # Accepted by the signature (vLLM's) but not applied by the sampler yet: refusing them
+        # beats silently returning something else than asked for.
+        unimplemented = {
+            "presence_penalty": self.presence_penalty != 0.0,
+            "frequency_penalty": self.frequency_penalty != 0.0,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "logprobs": self.logprobs is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+            "best_of": self.best_of is not None and self.best_of != self.n,
+        }
+        for name, is_set in unimplemented.items():
+            if is_set:
+                raise ValueError(f"{name} is not supported yet by loomlm.")
 
     @property
     def is_greedy(self) -> bool:

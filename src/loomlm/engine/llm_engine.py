@@ -17,7 +17,7 @@ from loomlm.config import EngineConfig
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.detokenizer import IncrementalDetokenizer
 from loomlm.engine.model_runner import ModelRunner
-from loomlm.engine.request import Request, RequestStatus
+from loomlm.engine.request import Request
 from loomlm.engine.scheduler import Scheduler
 from loomlm.models.loader import iter_weights, load_tokenizer, resolve_model
 from loomlm.outputs import CompletionOutput, RequestMetrics, RequestOutput

@@ -71,6 +71,14 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
 
+    def _decode_attn_mask(self, context_lens: list[int]) -> torch.Tensor | None:
+        """[num_seqs, 1, 1, padded context] bool: which gathered key slots each decode token attends."""
+        if not context_lens:
+            return None
+        padded = (max(context_lens) + self.block_size - 1) // self.block_size * self.block_size
+        lens = torch.tensor(context_lens, dtype=torch.int64, device=self.device)
+        return (torch.arange(padded, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+
     def _decode_gather_index(self, tables: list[list[int]], max_context_len: int) -> torch.Tensor | None:
         """Pool rows (head-major) holding each decode sequence's first ceil(max_context_len / block) blocks."""
         if not tables:
@@ -128,7 +136,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decode_tokens=num_decode,
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int64, device=dev),
+            decode_attn_mask=self._decode_attn_mask(decode_lens),
             decode_max_context_len=max(decode_lens, default=0),
             decode_gather_index=self._decode_gather_index(decode_tables, max(decode_lens, default=0)),
             prefill_spans=spans,
@@ -168,7 +176,7 @@ class ModelRunner:
                 positions=torch.arange(start, end, device=dev),
                 slot_mapping=torch.arange(start, end, device=dev),  # blocks 0.. in order: slot == position
                 num_decode_tokens=1 if is_decode else 0,
-                decode_context_lens=torch.tensor([end] if is_decode else [], dtype=torch.int64, device=dev),
+                decode_attn_mask=self._decode_attn_mask([end]) if is_decode else None,
                 decode_max_context_len=end if is_decode else 0,
                 decode_gather_index=self._decode_gather_index([table.tolist()], end) if is_decode else None,
                 prefill_spans=[] if is_decode else [PrefillSpan(0, end - start, end, table)],

@@ -36,8 +36,10 @@ class ForwardBatch:
     positions: torch.Tensor  # [num_tokens] int64: position of each token in its sequence
     slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset where its K/V go
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes (query length 1)
-    decode_context_lens: torch.Tensor  # [num_decode_tokens] int64: tokens attended, the new one included
-    decode_max_context_len: int  # max of decode_context_lens (host int, sizes the gather)
+    # [num_decode_tokens, 1, 1, padded context] bool: True where a decode token attends (key
+    # position < its context length, the new token included); padding of the gather is False.
+    decode_attn_mask: torch.Tensor | None
+    decode_max_context_len: int  # longest decode context in tokens (host int, sizes the gather)
     # Rows of the pool viewed as [num_kv_heads * num_blocks, block_size * head_dim] that hold the
     # decode tokens' context, head-major: [num_kv_heads * num_decode_tokens * ceil(max_context/block)].
     # Built once per step for all layers; a dim-0 gather of whole rows runs at copy speed.
