@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loomlm import LLM, SamplingParams
+from loomlm.layers.kernels import paged_decode_cpu
 
 CHAT = [
     "What is the capital of France?",
@@ -85,15 +86,18 @@ def test_tiny_random_models_match_transformers(make_tiny_model_dir, model_type):
     if model_type == "qwen2":  # the point of this case: q/k/v biases are loaded and used
         assert reference.model.layers[0].self_attn.q_proj.bias is not None
     llm = LLM(str(path), num_gpu_blocks_override=64)
+    runner = llm.llm_engine.model_runner
     vocab = reference.config.vocab_size
     g = torch.Generator().manual_seed(0)
+    backends = ["torch"] + (["cpu_native"] if paged_decode_cpu() is not None else [])
     for length in (1, 5, 40):
         ids = torch.randint(0, vocab, (length,), generator=g).tolist()
         with torch.inference_mode():
             theirs = reference(torch.tensor([ids])).logits[0].float()
-        for chunk in (None, 3, 1):
-            ours = llm.llm_engine.model_runner.logits_for(ids, chunk)
-            assert (ours - theirs).abs().max().item() < 1e-4, (model_type, length, chunk)
+        for chunk, backend in [(None, "torch"), (3, "torch")] + [(1, b) for b in backends]:
+            runner.decode_backend = backend  # chunk 1 runs every token after the first as a decode
+            ours = runner.logits_for(ids, chunk)
+            assert (ours - theirs).abs().max().item() < 1e-4, (model_type, length, chunk, backend)
     # and the engine's generate agrees with transformers' greedy generate
     ids = torch.randint(0, vocab, (9,), generator=g).tolist()
     out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]

@@ -18,6 +18,7 @@ import torch
 from loomlm.config import CacheConfig, ModelConfig
 from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import SchedulerOutput
+from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.sampler import Sampler
 from loomlm.models.llama import head_dim_of
@@ -69,34 +70,35 @@ class ModelRunner:
         seed_gen.manual_seed(model_config.seed)
         self.sampler = Sampler(seed_gen)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.decode_backend = select_decode_backend(self.device, self.dtype)
+        logger.info("decode attention backend: %s", self.decode_backend)
         self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
 
-    def _decode_attn_mask(self, context_lens: list[int]) -> torch.Tensor | None:
-        """[num_seqs, 1, 1, padded context] bool: which gathered key slots each decode token attends."""
-        if not context_lens:
-            return None
-        padded = (max(context_lens) + self.block_size - 1) // self.block_size * self.block_size
-        lens = torch.tensor(context_lens, dtype=torch.int64, device=self.device)
-        return (torch.arange(padded, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
-
-    def _decode_gather_index(self, tables: list[list[int]], max_context_len: int) -> torch.Tensor | None:
-        """Pool rows (head-major) holding each decode sequence's first ceil(max_context_len / block) blocks."""
+    def _decode_metadata(self, tables: list[list[int]], context_lens: list[int]) -> DecodeMetadata | None:
+        """Decode metadata for sequences with these block tables and context lengths (None if none)."""
         if not tables:
             return None
-        num_blocks = (max_context_len + self.block_size - 1) // self.block_size
-        ids = torch.tensor([t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables],
-                           dtype=torch.int64, device=self.device).view(-1)  # [num_seqs * num_blocks]
-        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None] * self.num_blocks
-        return (heads + ids[None, :]).view(-1)  # [num_kv_heads * num_seqs * num_blocks]
-
-    def _decode_gather_buffer(self, num_decode: int, max_context_len: int) -> torch.Tensor:
-        """The reused scratch for decode attention's K/V gather, grown (doubling) on demand."""
-        padded = (max_context_len + self.block_size - 1) // self.block_size * self.block_size
-        needed = 2 * self.num_kv_heads * num_decode * padded * self.head_dim
-        if self._gather_buffer.numel() < needed:
-            self._gather_buffer = torch.empty(max(needed, 2 * self._gather_buffer.numel()),
-                                              dtype=self.dtype, device=self.device)
-        return self._gather_buffer
+        dev, bs = self.device, self.block_size
+        max_len = max(context_lens)
+        num_blocks = (max_len + bs - 1) // bs
+        padded_tables = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
+        meta = DecodeMetadata(
+            backend=self.decode_backend,
+            block_tables=torch.tensor(padded_tables, dtype=torch.int64, device=dev),  # [S, num_blocks]
+            context_lens=torch.tensor(context_lens, dtype=torch.int64, device=dev),
+            max_context_len=max_len,
+        )
+        if self.decode_backend == "torch":
+            heads = torch.arange(self.num_kv_heads, device=dev)[:, None] * self.num_blocks
+            meta.gather_index = (heads + meta.block_tables.view(1, -1)).view(-1)  # [KVH * S * num_blocks]
+            slots = torch.arange(num_blocks * bs, device=dev)
+            meta.attn_mask = (slots[None, :] < meta.context_lens[:, None])[:, None, None, :]
+            needed = 2 * meta.gather_index.numel() * bs * self.head_dim
+            if self._gather_buffer.numel() < needed:  # grown by doubling, then reused every step
+                self._gather_buffer = torch.empty(max(needed, 2 * self._gather_buffer.numel()),
+                                                  dtype=self.dtype, device=dev)
+            meta.gather_buffer = self._gather_buffer
+        return meta
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
@@ -136,11 +138,8 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decode_tokens=num_decode,
-            decode_attn_mask=self._decode_attn_mask(decode_lens),
-            decode_max_context_len=max(decode_lens, default=0),
-            decode_gather_index=self._decode_gather_index(decode_tables, max(decode_lens, default=0)),
+            decode=self._decode_metadata(decode_tables, decode_lens),
             prefill_spans=spans,
-            decode_gather_buffer=self._decode_gather_buffer(num_decode, max(decode_lens, default=0)),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):
@@ -176,11 +175,8 @@ class ModelRunner:
                 positions=torch.arange(start, end, device=dev),
                 slot_mapping=torch.arange(start, end, device=dev),  # blocks 0.. in order: slot == position
                 num_decode_tokens=1 if is_decode else 0,
-                decode_attn_mask=self._decode_attn_mask([end]) if is_decode else None,
-                decode_max_context_len=end if is_decode else 0,
-                decode_gather_index=self._decode_gather_index([table.tolist()], end) if is_decode else None,
+                decode=self._decode_metadata([table.tolist()], [end]) if is_decode else None,
                 prefill_spans=[] if is_decode else [PrefillSpan(0, end - start, end, table)],
-                decode_gather_buffer=self._decode_gather_buffer(1, end) if is_decode else None,
             )
             with forward_context(batch):
                 hidden = self.model(torch.tensor(token_ids[start:end], device=dev), batch.positions)

@@ -6,8 +6,8 @@ request's blocks yields `[num_kv_heads, context_len, head_dim]` contiguously:
 the matmuls then read it as is, with no transposed copy (2.5x faster decode
 attention than a block-major layout on this CPU). Each step first writes the new tokens'
 K/V at their slot mapping, then attends:
-- decode tokens (query length 1) in one batched grouped-query matmul over their
-  gathered blocks; KV heads are never expanded (`repeat_kv` cost 10x here, DESIGN.md);
+- decode tokens (query length 1) all at once, by the step's decode backend
+  (`decode_attention.py`); KV heads are never expanded (`repeat_kv` cost 10x here, DESIGN.md);
 - prefill spans one by one with SDPA; a span with no cached context uses its own
   fresh K/V (no gather), one that continues a cached context gathers its blocks.
 """
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loomlm.layers.decode_attention import DECODE_BACKENDS
 from loomlm.layers.forward_context import current_forward_batch
 
 
@@ -49,38 +50,12 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         num_decode = batch.num_decode_tokens
         if num_decode:
-            out[:num_decode] = self._decode(q[:num_decode], batch)
+            decode = DECODE_BACKENDS[batch.decode.backend]
+            out[:num_decode] = decode(q[:num_decode], k_cache, v_cache, batch.decode, self.scale)
         for span in batch.prefill_spans:
             s, e = span.token_start, span.token_end
             out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], span)
         return out  # [num_tokens, num_heads, head_dim]
-
-    def _decode(self, q: torch.Tensor, batch) -> torch.Tensor:
-        num_seqs = q.shape[0]
-        kvh, num_pool_blocks, block_size, head_dim = self.k_cache.shape
-        num_blocks = (batch.decode_max_context_len + block_size - 1) // block_size
-        group = self.num_heads // self.num_kv_heads
-        # Gathered K/V: [num_kv_heads, num_seqs, num_blocks * block_size, head_dim]
-        gathered_shape = (kvh, num_seqs, num_blocks * block_size, head_dim)
-        index = batch.decode_gather_index
-        size = index.numel() * block_size * head_dim
-        buffer = batch.decode_gather_buffer
-        kv = []
-        for i, cache in enumerate((self.k_cache, self.v_cache)):
-            rows = cache.view(kvh * num_pool_blocks, block_size * head_dim)
-            if buffer is not None and buffer.numel() >= 2 * size:
-                out = buffer[i * size:(i + 1) * size].view(index.numel(), block_size * head_dim)
-                kv.append(torch.index_select(rows, 0, index, out=out).view(gathered_shape))
-            else:
-                kv.append(rows.index_select(0, index).view(gathered_shape))
-        keys, values = kv
-        # The query heads sharing a KV head are folded into SDPA's query-length axis, so no KV
-        # head is ever expanded; 20% faster than two batched matmuls with a softmax between.
-        qg = q.view(num_seqs, self.num_kv_heads, group, self.head_dim)  # [S, KVH, G, D]
-        out = F.scaled_dot_product_attention(
-            qg, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=batch.decode_attn_mask, scale=self.scale,
-        )  # [S, KVH, G, D]
-        return out.reshape(num_seqs, self.num_heads, self.head_dim)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span) -> torch.Tensor:
         num_query = q.shape[0]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loomlm.layers.decode_attention import DecodeMetadata
+
 
 @dataclass
 class PrefillSpan:
@@ -36,19 +38,8 @@ class ForwardBatch:
     positions: torch.Tensor  # [num_tokens] int64: position of each token in its sequence
     slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset where its K/V go
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes (query length 1)
-    # [num_decode_tokens, 1, 1, padded context] bool: True where a decode token attends (key
-    # position < its context length, the new token included); padding of the gather is False.
-    decode_attn_mask: torch.Tensor | None
-    decode_max_context_len: int  # longest decode context in tokens (host int, sizes the gather)
-    # Rows of the pool viewed as [num_kv_heads * num_blocks, block_size * head_dim] that hold the
-    # decode tokens' context, head-major: [num_kv_heads * num_decode_tokens * ceil(max_context/block)].
-    # Built once per step for all layers; a dim-0 gather of whole rows runs at copy speed.
-    decode_gather_index: torch.Tensor | None
+    decode: DecodeMetadata | None  # how those read their context; None when there are none
     prefill_spans: list[PrefillSpan]
-    # Reused scratch (flat, >= 2 * num_kv_heads * num_decode_tokens * padded context * head_dim
-    # elements) that decode attention gathers K/V blocks into: writing into a reused buffer
-    # ran ~2x faster than a fresh allocation per layer on this CPU. None: allocate.
-    decode_gather_buffer: torch.Tensor | None = None
 
 
 _current: contextvars.ContextVar[ForwardBatch | None] = contextvars.ContextVar("loomlm_forward_batch", default=None)

@@ -1,0 +1,99 @@
+"""Decode attention backends: one query token per sequence over its paged context.
+
+Both compute softmax(q k^T * scale) v over each sequence's first `context_len`
+slots, reading the pool `[num_kv_heads, num_blocks, block_size, head_dim]`
+through its block table; they differ in how:
+- "torch": gathers the blocks (one dim-0 row gather into a reused buffer, at
+  copy speed) then runs SDPA with each KV head's query heads folded into the
+  query axis, so no KV head is expanded. Any device and dtype.
+- "cpu_native": a small C++ kernel (`kernels/paged_decode_cpu.cpp`) that reads
+  the blocks in place, one pass over K and one over V: about 2x faster than
+  "torch" at 32 sequences x 256 tokens on this CPU. float32 on CPU only.
+
+The engine picks one at start-up (`select_decode_backend`); the environment
+variable LOOMLM_ATTENTION_BACKEND forces one (as vLLM's VLLM_ATTENTION_BACKEND).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loomlm.layers.kernels import paged_decode_cpu
+
+
+@dataclass
+class DecodeMetadata:
+    """Where the decode tokens of one step (the first `num_seqs` of the flat batch) read their context."""
+
+    backend: str  # a key of DECODE_BACKENDS
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [num_seqs] int64: tokens attended, the new one included
+    max_context_len: int  # host copy of context_lens.max()
+    # "torch" backend only (None otherwise):
+    # pool rows, viewing the pool as [num_kv_heads * num_blocks, block_size * head_dim], head-major:
+    # [num_kv_heads * num_seqs * ceil(max_context_len / block_size)]
+    gather_index: torch.Tensor | None = None
+    # [num_seqs, 1, 1, padded context] bool: True where a gathered key slot is attended
+    attn_mask: torch.Tensor | None = None
+    # reused flat scratch of >= 2 * gather_index.numel() * block_size * head_dim elements
+    gather_buffer: torch.Tensor | None = None
+
+
+def decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
+                 scale: float) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]."""
+    num_seqs, num_heads, head_dim = q.shape
+    kvh, num_pool_blocks, block_size, _ = k_cache.shape
+    num_blocks = (meta.max_context_len + block_size - 1) // block_size
+    gathered_shape = (kvh, num_seqs, num_blocks * block_size, head_dim)
+    index = meta.gather_index
+    size = index.numel() * block_size * head_dim
+    buffer = meta.gather_buffer
+    kv = []
+    for i, cache in enumerate((k_cache, v_cache)):
+        rows = cache.view(kvh * num_pool_blocks, block_size * head_dim)
+        if buffer is not None and buffer.numel() >= 2 * size:
+            out = buffer[i * size:(i + 1) * size].view(index.numel(), block_size * head_dim)
+            kv.append(torch.index_select(rows, 0, index, out=out).view(gathered_shape))
+        else:
+            kv.append(rows.index_select(0, index).view(gathered_shape))
+    keys, values = kv  # [KVH, S, padded context, D]
+    qg = q.view(num_seqs, kvh, num_heads // kvh, head_dim)  # [S, KVH, G, D]
+    out = F.scaled_dot_product_attention(qg, keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=meta.attn_mask, scale=scale)  # [S, KVH, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def decode_cpu_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
+                      scale: float) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]. float32, CPU."""
+    kernel = paged_decode_cpu()
+    return kernel.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                         scale)
+
+
+DECODE_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "torch": decode_torch,
+    "cpu_native": decode_cpu_native,
+}
+
+
+def select_decode_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend for this device/dtype: LOOMLM_ATTENTION_BACKEND if set, else the fastest that works.
+
+    Raises ValueError for an unknown or unusable forced backend.
+    """
+    native_ok = device.type == "cpu" and dtype == torch.float32
+    forced = os.environ.get("LOOMLM_ATTENTION_BACKEND")
+    if forced:
+        if forced not in DECODE_BACKENDS:
+            raise ValueError(f"LOOMLM_ATTENTION_BACKEND={forced!r}: expected one of {sorted(DECODE_BACKENDS)}")
+        if forced == "cpu_native" and not (native_ok and paged_decode_cpu() is not None):
+            raise ValueError("the cpu_native attention backend needs float32 on CPU and a C++ compiler")
+        return forced
+    return "cpu_native" if native_ok and paged_decode_cpu() is not None else "torch"
