@@ -23,6 +23,7 @@ def paged_decode_cpu():
         from torch.utils.cpp_extension import load
 
         source = Path(__file__).with_name("paged_decode_cpu.cpp")
+        logger.info("loading the native paged decode kernel (compiled on first use, about a minute)")
         return load(name="loomlm_paged_decode_cpu", sources=[str(source)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # any build failure falls back to the PyTorch path
