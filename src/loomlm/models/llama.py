@@ -42,11 +42,11 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_tokens, hidden_size]; rope: (cos, sin) of this step's positions
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads side by side, rotated in one pass: [num_tokens, num_heads + num_kv_heads, head_dim]
+        qk = apply_rotary(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, KVH, D]
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
         out = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(-1, self.q_size))
 
