@@ -3,7 +3,9 @@ pressure, sampling options, stops, n, seeds, and bad input."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 
@@ -140,3 +142,18 @@ def test_unknown_model_and_engine_arg_raise():
 def test_progress_bar(small_cache_llm, capsys):
     small_cache_llm.generate(["a", "b"], SamplingParams(max_tokens=2), use_tqdm=True)
     assert "Processed prompts" in capsys.readouterr().err
+
+
+def test_sliding_window_model_is_capped_at_its_window(make_tiny_model_dir, tmp_path):
+    src = make_tiny_model_dir("mistral")
+    dst = tmp_path / "mistral-window"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["sliding_window"] = 32
+    (dst / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(dst), num_gpu_blocks_override=16)
+    assert llm.llm_engine.max_model_len == 32
+    with pytest.raises(ValueError):
+        llm.generate([list(range(5, 45))], SamplingParams(max_tokens=2), use_tqdm=False)
+    out = llm.generate([list(range(5, 25))], SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 32 - 20 and out.outputs[0].finish_reason == "length"

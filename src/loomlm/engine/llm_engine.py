@@ -47,6 +47,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source)
         self.served_model_name = mc.served_model_name or self.source.name
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        window = _sliding_window(self.hf_config)
+        if window is not None and window < model_max:
+            # Attention here is full-context, which equals sliding-window attention only up to
+            # the window: cap the context there rather than silently compute something else.
+            logger.warning("sliding-window attention is not implemented: capping the context at the window (%d)",
+                           window)
+            model_max = window
         if mc.max_model_len is not None and mc.max_model_len > model_max:
             raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's context window ({model_max}).")
         max_len = mc.max_model_len or model_max
@@ -181,6 +188,14 @@ class LLMEngine:
         return RequestOutput(request_id=user.request_id, prompt=user.prompt,
                              prompt_token_ids=user.prompt_token_ids, prompt_logprobs=None,
                              outputs=completions, finished=finished, metrics=metrics)
+
+
+def _sliding_window(hf_config) -> int | None:
+    """The config's attention window in tokens, if it uses one (Mistral; Qwen2 with use_sliding_window)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if hf_config.model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+        return None
+    return window if isinstance(window, int) and window > 0 else None
 
 
 def _eos_token_ids(tokenizer, hf_config) -> set[int]:
