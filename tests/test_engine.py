@@ -60,7 +60,7 @@ def test_seeded_sampling_is_independent_of_the_batch(small_cache_llm):
 
 def test_n_completions_and_filters(small_cache_llm):
     llm = small_cache_llm
-    out = llm.generate("Once upon a time", SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8,
+    out = llm.generate("Once upon a time", SamplingParams(n=3, best_of=3, temperature=1.0, seed=7, max_tokens=8,
                                                            ignore_eos=True), use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1

@@ -111,7 +111,7 @@ class LLMEngine:
             max_tokens = min(max_tokens, params.max_tokens)
         sequences = []
         for i in range(params.n):
-            seq_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i) if params.n > 1 else params.clone()
+            seq_params = params.clone(n=1, best_of=None, seed=None if params.seed is None else params.seed + i)
             seq_params.all_stop_token_ids = set(seq_params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
             seq_id = request_id if params.n == 1 else f"{i}_{request_id}"
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, seq_params.stop,
