@@ -37,6 +37,8 @@ class _PendingAdd:
 
 
 class AsyncLLMEngine:
+    """Serves many concurrent `generate()` streams from one LLMEngine (see the module docstring)."""
+
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._queues: dict[str, asyncio.Queue] = {}

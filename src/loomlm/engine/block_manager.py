@@ -17,6 +17,8 @@ from collections import deque
 
 
 class BlockManager:
+    """Owns the ids of the KV pool's blocks: who holds which, and how many holders each has."""
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")

@@ -20,6 +20,8 @@ _INITIAL_OFFSET = 5
 
 
 class IncrementalDetokenizer:
+    """Turns one sequence's generated token ids into text, a token at a time, and finds stop strings."""
+
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], include_stop_str_in_output: bool,
                  skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer

@@ -39,6 +39,12 @@ class _UserRequest:
 
 
 class LLMEngine:
+    """Synchronous engine over one model: `add_request`, then `step()` until no request is unfinished.
+
+    Loading raises ValueError for an unknown model, a bad engine argument or a checkpoint that
+    does not fit its config. Not thread-safe: one caller at a time (AsyncLLMEngine serializes).
+    """
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc = config.model_config

@@ -34,6 +34,8 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
+    """Owns the model, the KV pool and the sampler; `execute()` runs one scheduled step."""
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config, weights,
                  max_model_len: int) -> None:
         """weights: iterable of (HF name, tensor). Raises ValueError when the checkpoint does not fit the config."""

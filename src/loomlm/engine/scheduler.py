@@ -49,6 +49,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
+    """Decides each step which requests run and how many tokens each computes (module docstring: policy)."""
+
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
@@ -73,6 +75,7 @@ class Scheduler:
         return num_new
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts; allocates their KV blocks, may preempt."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager

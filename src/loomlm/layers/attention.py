@@ -25,6 +25,8 @@ from loomlm.layers.forward_context import current_forward_batch
 
 
 class PagedAttention(nn.Module):
+    """Attention of one layer over the paged KV cache; forward(q, k, v) -> [num_tokens, num_heads, head_dim]."""
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
         if num_heads % num_kv_heads:

@@ -16,6 +16,8 @@ from loomlm.engine.sampling_metadata import SamplingMetadata
 
 
 class Sampler:
+    """Samples one token per row from float32 logits under per-row settings (see the module docstring)."""
+
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator  # draws the noise of unseeded rows
 
