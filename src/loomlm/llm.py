@@ -63,10 +63,9 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompt_list)} prompts.")
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt loses no work.
-        for prompt, params in zip(prompt_list, params_list):
-            engine.check_request(engine.encode_prompt(prompt)[1], params)
+        encoded = [engine.encode_prompt(prompt) for prompt in prompt_list]
         request_ids = []
-        for prompt, params in zip(prompt_list, params_list):
+        for prompt, params in zip(encoded, params_list):
             request_id = str(self._counter)
             self._counter += 1
             engine.add_request(request_id, prompt, params)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loomlm.config import EngineConfig
-from loomlm.engine.llm_engine import LLMEngine
+from loomlm.engine.llm_engine import EncodedPrompt, LLMEngine
 from loomlm.outputs import RequestOutput
 from loomlm.sampling_params import SamplingParams
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _PendingAdd:
     request_id: str
-    prompt: str | list[int]
+    prompt: EncodedPrompt
     params: SamplingParams
     queue: asyncio.Queue
 
@@ -89,12 +89,11 @@ class AsyncLLMEngine:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use.")
         # Validate here, in the caller's task, so bad input is reported to this caller only.
-        _, token_ids = self.engine.encode_prompt(prompt)
-        self.engine.check_request(token_ids, sampling_params)
+        encoded = self.engine.encode_prompt(prompt)
         self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._pending_adds.append(_PendingAdd(request_id, prompt, sampling_params, queue))
+        self._pending_adds.append(_PendingAdd(request_id, encoded, sampling_params, queue))
         self._wakeup.set()
         finished = False
         try:

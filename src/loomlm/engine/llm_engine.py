@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from loomlm.config import EngineConfig
 from loomlm.engine.block_manager import BlockManager
@@ -24,6 +25,13 @@ from loomlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loomlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class EncodedPrompt(NamedTuple):
+    """A prompt tokenized and validated by `LLMEngine.encode_prompt`."""
+
+    text: str | None  # the prompt text; None when it was given as token ids
+    token_ids: list[int]
 
 
 @dataclass
@@ -74,7 +82,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
         self.user_requests: dict[str, _UserRequest] = {}
-        self.sequences: dict[str, Request] = {}
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> LLMEngine:
@@ -82,35 +89,39 @@ class LLMEngine:
         return cls(EngineConfig.from_kwargs(**kwargs))
 
     # ----------------------------------------------------------------- requests
-    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """Tokenize and validate a prompt. Raises ValueError (empty, too long, bad token ids)."""
+    def encode_prompt(self, prompt: str | list[int] | EncodedPrompt) -> EncodedPrompt:
+        """Tokenize and validate a prompt once; `add_request` accepts the result as is.
+
+        Raises ValueError: empty prompt, token ids outside the vocabulary, or a prompt that
+        leaves no room to generate within the context window (`max_model_len`).
+        """
+        if isinstance(prompt, EncodedPrompt):
+            return prompt
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("The prompt cannot be empty.")
-            return prompt, self.tokenizer.encode(prompt)
-        token_ids = list(prompt)
-        if not token_ids:
-            raise ValueError("The prompt cannot be empty.")
-        vocab = self.hf_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}).")
-        return None, token_ids
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError if the prompt leaves no room to generate within the context window."""
-        n = len(prompt_token_ids)
+            encoded = EncodedPrompt(prompt, self.tokenizer.encode(prompt))
+        else:
+            token_ids = list(prompt)
+            if not token_ids:
+                raise ValueError("The prompt cannot be empty.")
+            vocab = self.hf_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}).")
+            encoded = EncodedPrompt(None, token_ids)
+        n = len(encoded.token_ids)
         if n >= self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
                 f"{n} tokens, which leaves no room for the completion. Please reduce the length of the prompt.")
+        return encoded
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         """Queue a request. Raises ValueError for bad input or a duplicate id (nothing is queued then)."""
         if request_id in self.user_requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids = self.encode_prompt(prompt)
-        self.check_request(token_ids, params)
         arrival = arrival_time or time.time()
         max_tokens = self.max_model_len - len(token_ids)
         if params.max_tokens is not None:
@@ -126,7 +137,6 @@ class LLMEngine:
             sequences.append(Request(seq_id, token_ids, seq_params, max_tokens, detok, request_id, i, arrival))
         self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival)
         for seq in sequences:
-            self.sequences[seq.request_id] = seq
             self.scheduler.add_request(seq)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
@@ -137,7 +147,6 @@ class LLMEngine:
                 continue
             for seq in user.sequences:
                 self.scheduler.abort(seq)
-                self.sequences.pop(seq.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.user_requests)
@@ -168,8 +177,6 @@ class LLMEngine:
             output = self._request_output(user)
             if output.finished:
                 del self.user_requests[user.request_id]
-                for s in user.sequences:
-                    self.sequences.pop(s.request_id, None)
             outputs.append(output)
         return outputs
 
