@@ -8,11 +8,12 @@ loomlm's cache directory (``reference/<key>``) and reused by later sessions.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from openai import OpenAI
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -27,6 +28,7 @@ from transformers import (
 
 from loomlm.models.gguf_loader import cache_root, file_cache_key, publish_dir_atomically
 from loomlm.models.zoo import DEFAULT_MODEL, resolve_alias
+from server_utils import RunningServer, serve_app
 
 # Captured at import, before any test redirects LOOMLM_CACHE_DIR to a temporary
 # directory: the reference must land in the persistent cache.
@@ -174,3 +176,26 @@ def make_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[s
         return built[model_type]
 
     return make
+
+
+# ---------------------------------------------------------------------------
+# The OpenAI-compatible server on the default model, driven by the real `openai` client
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    """One engine (the default model) and one uvicorn server per test module."""
+    from loomlm.engine.async_engine import AsyncLLMEngine
+    from loomlm.server.app import build_app
+
+    engine = AsyncLLMEngine.from_engine_args(model=DEFAULT_MODEL)
+    try:
+        with serve_app(build_app(engine), engine) as running:
+            yield running
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> OpenAI:
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)

@@ -23,6 +23,7 @@ def test_serve_help_lists_flags() -> None:
         "--host",
         "--port",
         "--served-model-name",
+        "--chat-template",
         "--max-model-len",
         "--kv-cache-memory-bytes",
         "--max-num-seqs",
@@ -38,6 +39,24 @@ def test_invalid_value_exits_with_status_2() -> None:
     )
     assert result.returncode == 2
     assert "temperature" in result.stderr
+
+
+def test_missing_chat_template_file_exits_with_status_2(tmp_path: Path) -> None:
+    result = subprocess.run([*_loomlm(), "serve", "--chat-template", str(tmp_path / "absent.jinja")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "chat template" in result.stderr
+
+
+def test_load_chat_template_from_file_or_text(tmp_path: Path) -> None:
+    from loomlm.chat_utils import load_chat_template
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    assert load_chat_template(str(path)) == template
+    assert load_chat_template(template) == template
+    assert load_chat_template(None) is None
 
 
 def test_generate_prints_the_greedy_completion() -> None:

@@ -7,63 +7,20 @@ are short (<= 32 tokens) because the model runs on 2 CPU cores.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from server_utils import RunningServer
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 ERROR_KEYS = {"message", "type", "param", "code"}
-
-
-@dataclass
-class RunningServer:
-    base_url: str  # http://127.0.0.1:PORT
-    engine: Any  # AsyncLLMEngine
-    tokenizer: Any
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
-    from loomlm.engine.async_engine import AsyncLLMEngine
-    from loomlm.server.app import build_app
-
-    engine = AsyncLLMEngine.from_engine_args(model=MODEL)
-    app = build_app(engine)
-    # Bind first and hand uvicorn the socket: no race for a "free" port.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv_server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=uv_server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv_server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield RunningServer(f"http://127.0.0.1:{port}", engine, engine.tokenizer)
-    finally:
-        uv_server.should_exit = True
-        thread.join(timeout=60)
-        engine.shutdown()
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def client(server: RunningServer) -> OpenAI:
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     serve.add_argument("--served-model-name", default=None, help="model name the API reports and accepts")
+    serve.add_argument("--chat-template", default=None,
+                       help="chat template (a file, or Jinja text) replacing the model's")
     _add_engine_flags(serve)
 
     generate = commands.add_parser(
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from loomlm.chat_utils import load_chat_template
     from loomlm.server.app import run_server  # the server stack loads only for this command
 
     run_server(
@@ -93,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         served_model_name=args.served_model_name,
         log_level=args.log_level,
+        chat_template=load_chat_template(args.chat_template),
         **_engine_kwargs(args),
     )
     return 0

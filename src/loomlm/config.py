@@ -20,6 +20,8 @@ class ModelConfig:
         seed: seed of the engine's default generator (requests without a seed).
         served_model_name: the name the servers report; None uses the alias or path.
         device: "cpu", "cuda", or "auto" (cuda when available).
+        max_logprobs: most `logprobs` / `prompt_logprobs` alternatives a request may ask for
+            (vLLM's engine arg; OpenAI's own limit for top_logprobs is 20).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -28,8 +30,11 @@ class ModelConfig:
     seed: int = 0
     served_model_name: str | None = None
     device: str = "auto"
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -10,6 +10,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
+from loomlm.chat_utils import render_chat
 from loomlm.engine.llm_engine import LLMEngine
 from loomlm.outputs import RequestOutput
 from loomlm.sampling_params import SamplingParams
@@ -63,7 +65,7 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompt_list)} prompts.")
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt loses no work.
-        encoded = [engine.encode_prompt(prompt) for prompt in prompt_list]
+        encoded = [engine.encode_prompt(prompt, params) for prompt, params in zip(prompt_list, params_list)]
         request_ids = []
         for prompt, params in zip(encoded, params_list):
             request_id = str(self._counter)
@@ -71,6 +73,65 @@ class LLM:
             engine.add_request(request_id, prompt, params)
             request_ids.append(request_id)
         return self._run_engine(request_ids, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    lora_request: Any = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam-search every prompt (batched together); one BeamSearchOutput per prompt, in order.
+
+        Semantics of vLLM's `LLM.beam_search` (see `loomlm.beam_search`); each prompt is
+        prefilled once and its beams share KV blocks. Raises ValueError for a bad prompt
+        or a beam_width above max_logprobs / 2 (then nothing is run).
+        """
+        if lora_request is not None:
+            raise ValueError("LoRA adapters are not supported yet.")
+        engine = self.llm_engine
+        encoded = [engine.encode_prompt(p) for p in _as_prompt_list(prompts)]
+        request_ids = []
+        try:
+            for prompt in encoded:
+                request_id = f"beam-{self._counter}"
+                self._counter += 1
+                engine.add_beam_search_request(request_id, prompt, params)
+                request_ids.append(request_id)
+            with tqdm(total=len(request_ids), desc="Beam search", disable=not use_tqdm) as bar:
+                while engine.has_unfinished_requests():
+                    engine.step()
+                    bar.n = sum(rid in engine.finished_beam_searches for rid in request_ids)
+                    bar.refresh()
+        except BaseException:
+            engine.abort_request(request_ids)
+            raise
+        return [engine.finished_beam_searches.pop(rid) for rid in request_ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of `{"role", "content"}` messages) or a list
+        of conversations, rendered with the model's chat template (or `chat_template`, Jinja text).
+
+        `continue_final_message` continues the last (assistant) message instead of opening a new
+        turn; it excludes `add_generation_prompt`. Follows vLLM's `LLM.chat`. Raises ValueError for
+        an empty conversation, a template error, or invalid parameters (then nothing is run).
+        """
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = list(messages)
+        if not conversations:
+            raise ValueError("no conversation given.")
+        tokenizer = self.get_tokenizer()
+        # The template writes the special tokens itself: encode without adding more (as vLLM).
+        prompts = [tokenizer.encode(render_chat(tokenizer, list(conversation), chat_template, add_generation_prompt,
+                                                continue_final_message), add_special_tokens=False)
+                   for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

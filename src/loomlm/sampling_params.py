@@ -7,6 +7,10 @@ Source: vLLM `vllm/sampling_params.py` (v0.8 signature); see
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loomlm.watermark import WatermarkParams
 
 _SAMPLING_EPS = 1e-5
 
@@ -17,6 +21,13 @@ class SamplingParams:
 
     Attributes:
         n: number of completions returned for the prompt (each an independent sample).
+        best_of: sample this many completions and return the `n` with the highest
+            cumulative logprob (vLLM v0 semantics); None means `n`.
+        presence_penalty: subtracted once from the logit of every token already generated
+            (OpenAI's definition), in [-2, 2].
+        frequency_penalty: subtracted from a token's logit per time it was generated (OpenAI), in [-2, 2].
+        repetition_penalty: CTRL's penalty (Keskar et al. 2019) on tokens of the prompt and the output:
+            positive logits are divided by it, negative ones multiplied; 1 disables it.
         temperature: softmax temperature; 0 means greedy (argmax).
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; 0 or -1 disables it.
@@ -31,6 +42,19 @@ class SamplingParams:
         min_tokens: the completion may not stop before this many tokens (issue: decoding completeness).
         skip_special_tokens: drop special tokens from the returned text.
         include_stop_str_in_output: keep the matched stop string in the text.
+        logprobs: return the sampled token's logprob and this many most likely alternatives
+            per generated token (natural log of the model's raw distribution, as vLLM v1).
+        prompt_logprobs: the same for every prompt token after the first.
+        spaces_between_special_tokens: vLLM's detokenization option (spaces around special tokens).
+        truncate_prompt_tokens: keep only the last k prompt tokens (left truncation).
+        logit_bias: {token_id: bias} added to the logits before sampling (OpenAI; ids may be strings).
+        allowed_token_ids: only these token ids may be sampled.
+        bad_words: words never generated: each word (and its space-prefixed form) is tokenized and
+            its last token is banned wherever the others were just generated (transformers'
+            NoBadWordsLogitsProcessor, vLLM's bad_words).
+        typical_p: locally typical sampling mass (Meister et al. 2022; TGI / transformers'
+            TypicalLogitsWarper), in (0, 1]; 1 disables it.
+        watermark: a Kirchenbauer et al. 2023 green-list watermark (True: default gamma/delta).
     """
 
     n: int = 1
@@ -54,8 +78,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Filled by the engine: the tokenizer's EOS id, unless ignore_eos.
+    truncate_prompt_tokens: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    typical_p: float = 1.0
+    watermark: WatermarkParams | bool | None = None
+    # Filled by the engine: stop_token_ids plus the tokenizer's EOS id (unless ignore_eos) ...
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # ... and the token-id sequences of bad_words.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -67,14 +99,38 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if self.logit_bias is not None:
+            try:  # OpenAI sends the token ids as JSON object keys, i.e. strings
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}.") from None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        if self.watermark is True:
+            from loomlm.watermark import WatermarkParams
+
+            self.watermark = WatermarkParams()
+        elif self.watermark is False:
+            self.watermark = None
+        elif self.watermark is not None:
+            from loomlm.watermark import WatermarkParams
+
+            if not isinstance(self.watermark, WatermarkParams):
+                raise ValueError(f"watermark must be a bool or WatermarkParams, got {self.watermark!r}.")
         self._verify()
         self.all_stop_token_ids = set(self.stop_token_ids)
 
     def _verify(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
-        if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of must be greater than or equal to n, got n={self.n} and best_of={self.best_of}.")
+        if self.best_of is not None:
+            if not isinstance(self.best_of, int) or self.best_of < self.n:
+                raise ValueError(
+                    f"best_of must be greater than or equal to n, got n={self.n} and best_of={self.best_of}.")
+            if self.best_of > self.n and self.temperature < _SAMPLING_EPS:
+                raise ValueError("best_of must equal n when using greedy sampling (temperature 0).")
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -105,22 +161,38 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
-        self._reject_unimplemented()
+        if not 0.0 < self.typical_p <= 1.0:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}.")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError(f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}.")
+        if self.logit_bias and min(self.logit_bias) < 0:
+            raise ValueError(f"logit_bias token ids must be non-negative, got {min(self.logit_bias)}.")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids is not None and empty!")
+            if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+                raise ValueError("allowed_token_ids must be non-negative integers.")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty strings.")
 
-    def _reject_unimplemented(self) -> None:
-        # Accepted by the signature (vLLM's) but not applied by the sampler yet: refusing them
-        # beats silently returning something else than asked for.
-        unimplemented = {
-            "presence_penalty": self.presence_penalty != 0.0,
-            "frequency_penalty": self.frequency_penalty != 0.0,
-            "repetition_penalty": self.repetition_penalty != 1.0,
-            "logprobs": self.logprobs is not None,
-            "prompt_logprobs": self.prompt_logprobs is not None,
-            "best_of": self.best_of is not None and self.best_of != self.n,
-        }
-        for name, is_set in unimplemented.items():
-            if is_set:
-                raise ValueError(f"{name} is not supported yet by loomlm.")
+    def verify_for_vocab(self, vocab_size: int, max_logprobs: int) -> None:
+        """Checks that need the model: token ids in [0, vocab_size), logprobs <= max_logprobs.
+
+        Raises ValueError (called by the engine before anything is queued).
+        """
+        for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
+            if k is not None and k > max_logprobs:
+                raise ValueError(f"Requested {name} of {k}, which is greater than max allowed: {max_logprobs}.")
+        for name, ids in (("logit_bias", self.logit_bias or ()), ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"{name} contains token id {bad[0]}, out of vocabulary (size {vocab_size}).")
+
+    @property
+    def needs_sampled_logprob(self) -> bool:
+        """Whether each sampled token's logprob must be computed (for `logprobs` or best_of ranking)."""
+        return self.logprobs is not None or (self.best_of is not None and self.best_of > self.n)
 
     @property
     def is_greedy(self) -> bool:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.config import EngineConfig
 from loomlm.engine.llm_engine import EncodedPrompt, LLMEngine
 from loomlm.outputs import RequestOutput
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 class _PendingAdd:
     request_id: str
     prompt: EncodedPrompt
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     queue: asyncio.Queue
 
 
@@ -83,18 +84,9 @@ class AsyncLLMEngine:
 
         Raises ValueError before yielding anything when the prompt or parameters are invalid.
         """
-        if self._stopped:
-            raise RuntimeError("the engine has been shut down")
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already in use.")
         # Validate here, in the caller's task, so bad input is reported to this caller only.
-        encoded = self.engine.encode_prompt(prompt)
-        self._ensure_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._pending_adds.append(_PendingAdd(request_id, encoded, sampling_params, queue))
-        self._wakeup.set()
+        queue = self._submit(request_id, self.engine.encode_prompt(prompt, sampling_params), sampling_params)
         finished = False
         try:
             while True:
@@ -108,6 +100,44 @@ class AsyncLLMEngine:
                 yield item
                 if finished:
                     return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._pending_aborts.append(request_id)
+                if self._wakeup is not None:
+                    self._wakeup.set()
+
+    def _submit(self, request_id: str, encoded: EncodedPrompt, params: SamplingParams | BeamSearchParams
+                ) -> asyncio.Queue:
+        """Queue an add for the step loop; returns the queue its outputs will arrive on."""
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        self._ensure_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._pending_adds.append(_PendingAdd(request_id, encoded, params, queue))
+        self._wakeup.set()
+        return queue
+
+    async def beam_search(self, prompt: str | list[int], params: BeamSearchParams,
+                          request_id: str | None = None) -> BeamSearchOutput:
+        """Beam-search one prompt (see `LLMEngine.add_beam_search_request`), batched with everything else.
+
+        Raises ValueError for bad input; cancelling the call aborts the search.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        queue = self._submit(request_id, self.engine.encode_prompt(prompt), params)
+        finished = False
+        try:
+            item = await queue.get()
+            finished = True
+            if item is None:
+                raise asyncio.CancelledError(f"beam search {request_id} was aborted")
+            if isinstance(item, BaseException):
+                raise item
+            return item
         finally:
             self._queues.pop(request_id, None)
             if not finished:
@@ -131,7 +161,10 @@ class AsyncLLMEngine:
             aborts, self._pending_aborts = self._pending_aborts, []
             for add in adds:
                 try:
-                    engine.add_request(add.request_id, add.prompt, add.params)
+                    if isinstance(add.params, BeamSearchParams):
+                        engine.add_beam_search_request(add.request_id, add.prompt, add.params)
+                    else:
+                        engine.add_request(add.request_id, add.prompt, add.params)
                 except ValueError as exc:
                     add.queue.put_nowait(exc)
             if aborts:
@@ -147,12 +180,17 @@ class AsyncLLMEngine:
                 logger.exception("engine step failed")
                 for rid, queue in list(self._queues.items()):
                     queue.put_nowait(RuntimeError(f"engine step failed: {exc}"))
-                engine.abort_request(list(engine.user_requests))
+                engine.abort_request(list(engine.user_requests) + list(engine.beam_searches))
                 continue
             for output in outputs:
                 queue = self._queues.get(output.request_id)
                 if queue is not None:
                     queue.put_nowait(output)
+            for request_id in list(engine.finished_beam_searches):
+                result = engine.finished_beam_searches.pop(request_id)
+                queue = self._queues.get(request_id)
+                if queue is not None:
+                    queue.put_nowait(result)
 
     def shutdown(self) -> None:
         """Stop the background loop; safe to call from any thread."""

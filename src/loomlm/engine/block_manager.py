@@ -40,8 +40,21 @@ class BlockManager:
         have = len(self.block_tables.get(request_id, ()))
         return max(0, self.num_blocks_for(num_tokens) - have)
 
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.num_new_blocks(request_id, num_tokens) <= self.num_free_blocks
+    def _shared_block_index(self, request_id: str, num_computed_tokens: int) -> int | None:
+        """Index in the table of the block the next token is written to, if other tables share it."""
+        table = self.block_tables.get(request_id)
+        index = num_computed_tokens // self.block_size
+        if table and index < len(table) and self.ref_counts[table[index]] > 1:
+            return index
+        return None
+
+    def can_allocate(self, request_id: str, num_tokens: int, num_computed_tokens: int | None = None) -> bool:
+        """Whether `allocate(request_id, num_tokens)` would succeed, after `copy_on_write(request_id,
+        num_computed_tokens)` when that is given."""
+        needed = self.num_new_blocks(request_id, num_tokens)
+        if num_computed_tokens is not None and self._shared_block_index(request_id, num_computed_tokens) is not None:
+            needed += 1
+        return needed <= self.num_free_blocks
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int]:
         """Grow the request's table to cover `num_tokens` tokens; returns the new block ids.
@@ -56,6 +69,25 @@ class BlockManager:
             self.ref_counts[block_id] = 1
         self.block_tables.setdefault(request_id, []).extend(new_ids)
         return new_ids
+
+    def copy_on_write(self, request_id: str, num_computed_tokens: int) -> tuple[int, int] | None:
+        """Before writing at position `num_computed_tokens`: if the block it falls in is shared
+        with forked tables, give this request a private block in its place.
+
+        Returns (source, destination) for the model runner to copy the KV data, or None when
+        the block is not shared. Raises RuntimeError when no block is free.
+        """
+        index = self._shared_block_index(request_id, num_computed_tokens)
+        if index is None:
+            return None
+        if not self.free_block_ids:
+            raise RuntimeError("out of KV blocks for a copy-on-write")
+        table = self.block_tables[request_id]
+        src, dst = table[index], self.free_block_ids.popleft()
+        self.ref_counts[src] -= 1
+        self.ref_counts[dst] = 1
+        table[index] = dst
+        return src, dst
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """Give `child_id` the parent's blocks, shared (reference counts +1)."""

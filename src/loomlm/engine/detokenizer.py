@@ -15,6 +15,8 @@ so that a partial stop string is never sent (vLLM's stop buffer).
 
 from __future__ import annotations
 
+import copy
+
 # How many prompt tokens the first window reaches back (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET).
 _INITIAL_OFFSET = 5
 
@@ -34,6 +36,12 @@ class IncrementalDetokenizer:
         self.spaces_between_special_tokens = spaces_between_special_tokens
         self.output_text = ""
         self.stop_buffer_len = max((len(s) for s in stop), default=1) - 1
+
+    def fork(self) -> IncrementalDetokenizer:
+        """An independent copy (same tokenizer, own token list) for a forked sequence."""
+        child = copy.copy(self)
+        child.token_ids = list(self.token_ids)
+        return child
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,

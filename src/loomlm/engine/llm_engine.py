@@ -14,14 +14,16 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.config import EngineConfig
+from loomlm.engine.beam_search_group import BeamSearchGroup
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.detokenizer import IncrementalDetokenizer
-from loomlm.engine.model_runner import ModelRunner
+from loomlm.engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
 from loomlm.engine.request import Request
-from loomlm.engine.scheduler import Scheduler
+from loomlm.engine.scheduler import Scheduler, SchedulerOutput
 from loomlm.models.loader import iter_weights, load_tokenizer, resolve_model
-from loomlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from loomlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class _UserRequest:
     prompt_token_ids: list[int]
     sequences: list[Request]
     arrival_time: float
+    params: SamplingParams
     finished_ids: set[str] = field(default_factory=set)
 
 
@@ -82,6 +85,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
         self.user_requests: dict[str, _UserRequest] = {}
+        self._token_texts: dict[int, str] = {}
+        self.beam_searches: dict[str, BeamSearchGroup] = {}
+        self._beam_owner: dict[str, str] = {}  # live beam request id -> its beam search's id
+        self.finished_beam_searches: dict[str, BeamSearchOutput] = {}  # taken by the caller
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> LLMEngine:
@@ -89,15 +96,18 @@ class LLMEngine:
         return cls(EngineConfig.from_kwargs(**kwargs))
 
     # ----------------------------------------------------------------- requests
-    def encode_prompt(self, prompt: str | list[int] | EncodedPrompt) -> EncodedPrompt:
-        """Tokenize and validate a prompt once; `add_request` accepts the result as is.
+    def encode_prompt(self, prompt: str | list[int] | EncodedPrompt,
+                      params: SamplingParams | None = None) -> EncodedPrompt:
+        """Tokenize and validate a prompt (and the parameters it will run with) once.
 
-        Raises ValueError: empty prompt, token ids outside the vocabulary, or a prompt that
-        leaves no room to generate within the context window (`max_model_len`).
+        With `params`, the prompt is truncated to `truncate_prompt_tokens` and the parameters'
+        token ids and logprob counts are checked against the model. `add_request` accepts the
+        result as is. Raises ValueError: empty prompt, token ids outside the vocabulary, a
+        prompt that leaves no room to generate within `max_model_len`, or invalid parameters.
         """
         if isinstance(prompt, EncodedPrompt):
-            return prompt
-        if isinstance(prompt, str):
+            encoded = prompt
+        elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("The prompt cannot be empty.")
             encoded = EncodedPrompt(prompt, self.tokenizer.encode(prompt))
@@ -109,6 +119,10 @@ class LLMEngine:
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}).")
             encoded = EncodedPrompt(None, token_ids)
+        if params is not None:
+            params.verify_for_vocab(self.hf_config.vocab_size, self.config.model_config.max_logprobs)
+            if params.truncate_prompt_tokens is not None:  # idempotent: safe on an already truncated prompt
+                encoded = EncodedPrompt(encoded.text, encoded.token_ids[-params.truncate_prompt_tokens:])
         n = len(encoded.token_ids)
         if n >= self.max_model_len:
             raise ValueError(
@@ -118,30 +132,56 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ValueError for bad input or a duplicate id (nothing is queued then)."""
+        """Queue a request. Raises ValueError for bad input or a duplicate id (nothing is queued then).
+
+        `best_of > n` runs best_of sequences and returns the n with the highest cumulative
+        logprob once all have finished (vLLM v0's semantics); no intermediate outputs then.
+        """
         if request_id in self.user_requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
-        text, token_ids = self.encode_prompt(prompt)
+        text, token_ids = self.encode_prompt(prompt, params)
         arrival = arrival_time or time.time()
         max_tokens = self.max_model_len - len(token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
+        bad_words_ids = self._bad_words_token_ids(params.bad_words or [])
+        num_sequences = max(params.n, params.best_of or 0)
         sequences = []
-        for i in range(params.n):
-            seq_params = params.clone(n=1, best_of=None, seed=None if params.seed is None else params.seed + i)
+        for i in range(num_sequences):
+            seq_params = params.clone(n=1, best_of=None, seed=None if params.seed is None else params.seed + i,
+                                      prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             seq_params.all_stop_token_ids = set(seq_params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-            seq_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            seq_params.bad_words_token_ids = bad_words_ids
+            seq_id = request_id if num_sequences == 1 else f"{i}_{request_id}"
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, seq_params.stop,
                                            seq_params.include_stop_str_in_output, seq_params.skip_special_tokens,
                                            seq_params.spaces_between_special_tokens) if params.detokenize else None
-            sequences.append(Request(seq_id, token_ids, seq_params, max_tokens, detok, request_id, i, arrival))
-        self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival)
+            seq = Request(seq_id, token_ids, seq_params, max_tokens, detok, request_id, i, arrival)
+            seq.needs_logprobs = params.needs_sampled_logprob
+            sequences.append(seq)
+        self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival, params)
         for seq in sequences:
             self.scheduler.add_request(seq)
 
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word tokenized bare and with a leading space (vLLM's bad_words), without duplicates."""
+        ids: list[list[int]] = []
+        for word in words:
+            for variant in (word, " " + word.lstrip()):
+                token_ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if token_ids and token_ids not in ids:
+                    ids.append(token_ids)
+        return ids
+
     def abort_request(self, request_ids: str | list[str]) -> None:
-        """Stop requests and free their blocks; unknown ids are ignored."""
+        """Stop requests (and beam searches) and free their blocks; unknown ids are ignored."""
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self.beam_searches.pop(rid, None)
+            if group is not None:
+                for beam in group.beams:
+                    self._beam_owner.pop(beam.request_id, None)
+                group.abort(self.scheduler)
+                continue
             user = self.user_requests.pop(rid, None)
             if user is None:
                 continue
@@ -149,10 +189,10 @@ class LLMEngine:
                 self.scheduler.abort(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.user_requests)
+        return bool(self.user_requests or self.beam_searches)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.user_requests)
+        return len(self.user_requests) + len(self.beam_searches)
 
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
@@ -163,8 +203,94 @@ class LLMEngine:
         tables = {it.request.request_id: self.block_manager.block_table(it.request.request_id)
                   for it in scheduler_output.scheduled}
         runner_output = self.model_runner.execute(scheduler_output, tables)
+        # Beams do not take their sampled token: their group chooses it from the candidates.
+        beam_candidates = {rid: runner_output.logprobs.pop(rid) for rid in list(runner_output.logprobs)
+                           if rid in self._beam_owner}
+        for rid in beam_candidates:
+            runner_output.sampled_token_ids.pop(rid, None)
+        self._record_logprobs(scheduler_output, runner_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
+        if beam_candidates:
+            self._advance_beam_searches(beam_candidates)
         return self._make_outputs(updated)
+
+    # -------------------------------------------------------------- beam search
+    def add_beam_search_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt,
+                                params: BeamSearchParams) -> None:
+        """Queue a beam search; its result appears in `finished_beam_searches[request_id]`.
+
+        The prompt is prefilled once; beams then share its KV blocks (see
+        `engine/beam_search_group.py`). Raises ValueError for bad input (nothing queued).
+        """
+        if request_id in self.user_requests or request_id in self.beam_searches:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        width = params.beam_width
+        if 2 * width > self.config.model_config.max_logprobs:
+            raise ValueError(f"beam_width {width} needs {2 * width} logprobs per step, more than max_logprobs "
+                             f"({self.config.model_config.max_logprobs}).")
+        _, token_ids = self.encode_prompt(prompt)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        sampling = SamplingParams(temperature=params.temperature, logprobs=2 * width, max_tokens=max_tokens,
+                                  ignore_eos=True, detokenize=False)
+        root = Request(request_id, token_ids, sampling, max_tokens, None)
+        self.beam_searches[request_id] = BeamSearchGroup(request_id, root, params, self.tokenizer.eos_token_id,
+                                                         max_tokens)
+        self._beam_owner[request_id] = request_id
+        self.scheduler.add_request(root)
+
+    def _advance_beam_searches(self, candidates: dict[str, PositionLogprobs]) -> None:
+        touched: dict[str, BeamSearchGroup] = {}
+        for beam_id, entry in candidates.items():
+            group = self.beam_searches[self._beam_owner[beam_id]]
+            group.add_candidates(beam_id, entry)
+            touched[group.request_id] = group
+        for group in touched.values():
+            if not group.is_ready:
+                continue
+            before = {b.request_id for b in group.beams}
+            result = group.advance(self.scheduler, self._logprob_dict)
+            after = {b.request_id for b in group.beams}
+            for rid in before - after:
+                del self._beam_owner[rid]
+            for rid in after - before:
+                self._beam_owner[rid] = group.request_id
+            if result is not None:
+                for seq in result:
+                    seq.text = self.tokenizer.decode(seq.tokens)  # prompt included, as vLLM
+                del self.beam_searches[group.request_id]
+                self.finished_beam_searches[group.request_id] = BeamSearchOutput(result)
+
+    def _record_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        """Attach this step's sampled-token and prompt logprobs to their requests (before the tokens are appended)."""
+        if not runner_output.logprobs and not runner_output.prompt_logprobs:
+            return
+        for item in scheduler_output.scheduled:
+            req = item.request
+            positions = runner_output.prompt_logprobs.get(req.request_id)
+            if positions:
+                k = req.sampling_params.prompt_logprobs or 0
+                req.prompt_logprobs.extend(self._logprob_dict(pos, k) for pos in positions)
+            entry = runner_output.logprobs.get(req.request_id)
+            if entry is not None:
+                req.cumulative_logprob += entry.logprobs[0]
+                if req.logprobs is not None:
+                    req.logprobs.append(self._logprob_dict(entry, req.sampling_params.logprobs or 0))
+
+    def _logprob_dict(self, pos: PositionLogprobs, k: int) -> dict[int, Logprob]:
+        """{token_id: Logprob} with the chosen token first, then its top-k alternatives (vLLM's layout)."""
+        out: dict[int, Logprob] = {}
+        out[pos.token_ids[0]] = Logprob(pos.logprobs[0], pos.rank, self.token_text(pos.token_ids[0]))
+        for rank, (token_id, logprob) in enumerate(zip(pos.token_ids[1:k + 1], pos.logprobs[1:k + 1]), start=1):
+            if token_id not in out:
+                out[token_id] = Logprob(logprob, rank, self.token_text(token_id))
+        return out
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded on its own, special tokens kept (vLLM's decoded_token); cached per id."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def _make_outputs(self, updated: list[Request]) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -175,20 +301,30 @@ class LLMEngine:
                 continue
             seen.add(user.request_id)
             output = self._request_output(user)
+            if output is None:
+                continue
             if output.finished:
                 del self.user_requests[user.request_id]
             outputs.append(output)
         return outputs
 
-    def _request_output(self, user: _UserRequest) -> RequestOutput:
-        completions = []
-        for seq in user.sequences:
-            done = seq.is_finished
-            text = seq.detokenizer.visible_text(done) if seq.detokenizer is not None else ""
-            completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+    def _request_output(self, user: _UserRequest) -> RequestOutput | None:
+        """The user request's RequestOutput now; None while a best_of > n request is still running."""
         finished = all(seq.is_finished for seq in user.sequences)
+        sequences = user.sequences
+        if len(sequences) > user.params.n:
+            if not finished:
+                return None  # which n are best is known only at the end
+            ranked = sorted(sequences, key=lambda s: s.cumulative_logprob, reverse=True)
+            sequences = ranked[:user.params.n]
+        completions = []
+        for index, seq in enumerate(sequences):
+            text = seq.detokenizer.visible_text(seq.is_finished) if seq.detokenizer is not None else ""
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.needs_logprobs else None,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         first = [s.first_scheduled_time for s in user.sequences if s.first_scheduled_time]
         first_token = [s.first_token_time for s in user.sequences if s.first_token_time]
         metrics = RequestMetrics(
@@ -198,8 +334,10 @@ class LLMEngine:
             last_token_time=time.time(),
             finished_time=time.time() if finished else None,
         )
+        prompt_logprobs = user.sequences[0].prompt_logprobs
         return RequestOutput(request_id=user.request_id, prompt=user.prompt,
-                             prompt_token_ids=user.prompt_token_ids, prompt_logprobs=None,
+                             prompt_token_ids=user.prompt_token_ids,
+                             prompt_logprobs=list(prompt_logprobs) if prompt_logprobs is not None else None,
                              outputs=completions, finished=finished, metrics=metrics)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +20,7 @@ from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import SchedulerOutput
 from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
-from loomlm.layers.sampler import Sampler
+from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
 from loomlm.models.llama import head_dim_of
 from loomlm.models.registry import model_class_for
 
@@ -28,9 +28,22 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class PositionLogprobs:
+    """Logprobs at one position: the chosen token first, then the top alternatives."""
+
+    token_ids: list[int]  # [chosen, top-1, top-2, ...]
+    logprobs: list[float]  # natural log, aligned with token_ids
+    rank: int  # the chosen token's rank (1 = most likely)
+
+
+@dataclass
 class ModelRunnerOutput:
     # request_id -> the token sampled for it this step (only requests that reached their last token)
     sampled_token_ids: dict[str, int]
+    # request_id -> logprobs of that sampled token (requests with needs_logprobs)
+    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    # request_id -> logprobs of the prompt tokens whose predicting position ran this step, in order
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -105,6 +118,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
         """Run one step. block_tables: request_id -> its blocks (covering the scheduled tokens)."""
+        if scheduler_output.blocks_to_copy:
+            self.copy_blocks(scheduler_output.blocks_to_copy)
         items = sorted(scheduler_output.scheduled, key=lambda it: it.num_new_tokens != 1)  # decodes first
         bs = self.block_size
         input_ids: list[int] = []
@@ -112,6 +127,7 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling_requests = []
+        prompt_logprob_rows: dict[str, tuple[list[int], list[int], int]] = {}
         num_decode = 0
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
@@ -134,6 +150,14 @@ class ModelRunner:
             if item.samples_token:
                 logits_rows.append(len(input_ids) - 1)
                 sampling_requests.append(req)
+            if req.prompt_logprobs is not None:
+                # Row of position p predicts token p + 1; skip targets already scored (before a preemption).
+                first_target = max(start + 1, len(req.prompt_logprobs))
+                targets = list(range(first_target, min(end + 1, req.num_prompt_tokens)))
+                if targets:
+                    prompt_logprob_rows[req.request_id] = (
+                        [first + t - 1 - start for t in targets], [req.all_token_ids[t] for t in targets],
+                        req.sampling_params.prompt_logprobs or 0)
 
         dev = self.device
         batch = ForwardBatch(
@@ -146,12 +170,46 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):
             hidden = self.model(ids, batch.positions)  # [num_tokens, hidden_size]
+        output = ModelRunnerOutput({})
+        if prompt_logprob_rows:
+            output.prompt_logprobs = self._prompt_logprobs(hidden, prompt_logprob_rows)
         if not sampling_requests:
-            return ModelRunnerOutput({})
+            return output
         logits = self.model.compute_logits(hidden[logits_rows])  # [num_rows, vocab_size] float32
         meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, dev)
-        token_ids = self.sampler(logits, meta).tolist()
-        return ModelRunnerOutput({r.request_id: t for r, t in zip(sampling_requests, token_ids)})
+        sampled = self.sampler(logits, meta)
+        output.sampled_token_ids = {r.request_id: t for r, t in zip(sampling_requests, sampled.sampled_token_ids.tolist())}
+        if sampled.logprobs is not None:
+            rows = _logprob_lists(sampled.logprobs)
+            output.logprobs = {r.request_id: row for r, row in zip(sampling_requests, rows) if r.needs_logprobs}
+        return output
+
+    def _prompt_logprobs(self, hidden: torch.Tensor,
+                         rows: dict[str, tuple[list[int], list[int], int]]) -> dict[str, list[PositionLogprobs]]:
+        """rows: request_id -> (flat batch rows, the prompt token each row predicts, top-k wanted)."""
+        flat_rows = [r for batch_rows, _, _ in rows.values() for r in batch_rows]
+        targets = [t for _, request_targets, _ in rows.values() for t in request_targets]
+        k = max(num for _, _, num in rows.values())
+        out: dict[str, list[PositionLogprobs]] = {}
+        start = 0
+        # Chunks of 512 rows bound the [rows, vocab] logits (100 MiB at a 49k vocabulary).
+        all_positions: list[PositionLogprobs] = []
+        for begin in range(0, len(flat_rows), 512):
+            logits = self.model.compute_logits(hidden[flat_rows[begin:begin + 512]])
+            target_ids = torch.tensor(targets[begin:begin + 512], dtype=torch.int64, device=self.device)
+            all_positions.extend(_logprob_lists(gather_logprobs(logits.log_softmax(dim=-1), k, target_ids)))
+        for request_id, (batch_rows, _, _) in rows.items():
+            out[request_id] = all_positions[start:start + len(batch_rows)]
+            start += len(batch_rows)
+        return out
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the K and V of every layer from block src to block dst, for each (src, dst)."""
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=self.device)
+        # kv_cache: [2, layers, kv_heads, blocks, block_size, head_dim]; blocks are dim 3.
+        self.kv_cache.index_copy_(3, dst, self.kv_cache.index_select(3, src))
 
     @torch.inference_mode()
     def logits_for(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
@@ -184,3 +242,9 @@ class ModelRunner:
                 hidden = self.model(torch.tensor(token_ids[start:end], device=dev), batch.positions)
             logits.append(self.model.compute_logits(hidden))
         return torch.cat(logits)
+
+
+def _logprob_lists(t: LogprobsTensors) -> list[PositionLogprobs]:
+    """One device-to-host copy per tensor, then per-row Python lists."""
+    return [PositionLogprobs(ids, values, rank) for ids, values, rank in
+            zip(t.logprob_token_ids.tolist(), t.logprobs.tolist(), t.selected_token_ranks.tolist())]

@@ -8,12 +8,14 @@ simply restarts from `num_computed_tokens = 0` with its generated tokens kept.
 
 from __future__ import annotations
 
+import copy
 import enum
 import time
 
 import torch
 
 from loomlm.engine.detokenizer import IncrementalDetokenizer
+from loomlm.outputs import Logprob
 from loomlm.sampling_params import SamplingParams
 
 
@@ -68,6 +70,14 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
+        # Logprobs: `logprobs` (per generated token) and `prompt_logprobs` (per prompt token, None
+        # first) are filled by the engine when asked for; the cumulative sum is kept whenever
+        # `needs_logprobs` (also for best_of ranking).
+        self.needs_logprobs = sampling_params.needs_sampled_logprob
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if sampling_params.prompt_logprobs is not None else None)
         # A per-request generator makes seeded sampling independent of batch composition.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None and not sampling_params.is_greedy:
@@ -89,6 +99,21 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def fork(self, request_id: str) -> Request:
+        """A copy of this sequence under `request_id`: same tokens, counters, logprobs and
+        detokenizer state (beam search forks a beam into several)."""
+        child = copy.copy(self)
+        child.request_id = request_id
+        child.prompt_token_ids = self.prompt_token_ids  # never modified: shared
+        child.all_token_ids = list(self.all_token_ids)
+        child.output_token_ids = list(self.output_token_ids)
+        child.logprobs = list(self.logprobs) if self.logprobs is not None else None
+        child.detokenizer = self.detokenizer.fork() if self.detokenizer is not None else None
+        if self.generator is not None:
+            child.generator = torch.Generator()
+            child.generator.set_state(self.generator.get_state())
+        return child
 
     @property
     def finish_reason(self) -> str | None:

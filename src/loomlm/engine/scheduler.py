@@ -42,6 +42,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     # Requests preempted this step (their blocks are already freed).
     preempted_request_ids: list[str] = field(default_factory=list)
+    # (source, destination) KV block copies to make before the forward pass: copy-on-write of
+    # blocks that forked sequences (beams) shared and are about to write different tokens into.
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -81,14 +84,22 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._chunk(request, budget)
+            if num_new == 0:
+                # Nothing to compute: a beam that already gave its candidates waits for the
+                # other beams of its group to choose its next token.
+                i += 1
+                continue
             target = request.num_computed_tokens + num_new
-            while not bm.can_allocate(request.request_id, target):
+            while not bm.can_allocate(request.request_id, target, request.num_computed_tokens):
                 victim = self.running.pop()  # the latest arrival loses its blocks first
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
                 if victim is request:
                     break
             else:
+                copy = bm.copy_on_write(request.request_id, request.num_computed_tokens)
+                if copy is not None:
+                    out.blocks_to_copy.append(copy)
                 bm.allocate(request.request_id, target)
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
@@ -114,6 +125,15 @@ class Scheduler:
 
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return out
+
+    def fork(self, parent: Request, child_id: str) -> Request:
+        """A copy of `parent` under `child_id` sharing its KV blocks (reference counts), queued
+        right after it (running or waiting, as the parent is)."""
+        child = parent.fork(child_id)
+        self.block_manager.fork(parent.request_id, child_id)
+        queue = self.running if parent in self.running else self.waiting
+        queue.insert(queue.index(parent) + 1, child)
+        return child
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)

@@ -85,6 +85,14 @@ class SamplingRequestFields(BaseModel):
     min_tokens: int | None = 0
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    use_beam_search: bool | None = False
+    length_penalty: float | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -102,11 +110,11 @@ class CompletionRequest(SamplingRequestFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    # Accepted so that we can reject them clearly instead of silently ignoring them.
     echo: bool | None = False
     logprobs: int | None = None
-    suffix: str | None = None
     best_of: int | None = None
+    # Accepted so that it can be rejected clearly instead of silently ignored.
+    suffix: str | None = None
 
 
 class ChatContentPart(BaseModel):
@@ -166,13 +174,49 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+class CompletionLogProbs(BaseModel):
+    """Completions `logprobs`: per token its text, logprob (None for the first prompt token
+    when echoed), top alternatives {text: logprob}, and character offset in the choice's text."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class ChatCompletionLogProb(BaseModel):
+    token: str
+    logprob: float = -9999.0
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(BaseModel):
+    """Chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry for one token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     # vLLM extra: the stop string or stop token id that ended the choice.
     stop_reason: int | str | None = None
+    # vLLM extra, only when asked for: per prompt token {token_id: logprob} (None for the first).
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = Field(default=None, exclude_if=_omit_none)
 
 
 class CompletionResponse(BaseModel):
@@ -203,7 +247,7 @@ class ChatResponseMessage(BaseModel):
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -215,6 +259,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    # vLLM extra, only when asked for.
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = Field(default=None, exclude_if=_omit_none)
 
 
 class DeltaMessage(BaseModel):
@@ -227,7 +273,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -254,3 +300,36 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (vLLM): a `prompt`, or chat `messages` rendered with the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = Field(default=None, exclude_if=_omit_none)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

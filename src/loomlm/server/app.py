@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("loomlm.server")
 
 
-def build_app(engine: AsyncLLMEngine) -> FastAPI:
+def build_app(engine: AsyncLLMEngine, chat_template: str | None = None) -> FastAPI:
     """An app serving `engine` through the OpenAI-compatible API.
 
     Routes: `POST /v1/completions`, `POST /v1/chat/completions`,
     `GET /v1/models`, `GET /health` (200 while serving), `GET /metrics`
-    (Prometheus text, from a registry owned by this app). Every error uses the
+    (Prometheus text, from a registry owned by this app), `POST /tokenize`,
+    `POST /detokenize`. `chat_template` (Jinja text) replaces the model's. Every error uses the
     OpenAI error body (see `loomlm.server.errors`). Each request is counted,
     timed and logged in one line on the `loomlm.server` logger.
     """
@@ -38,7 +39,7 @@ def build_app(engine: AsyncLLMEngine) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(RequestAccountingMiddleware, metrics=metrics)
-    app.include_router(build_openai_router(engine, metrics))
+    app.include_router(build_openai_router(engine, metrics, chat_template))
 
     @app.get("/health")
     async def health() -> Response:
@@ -60,10 +61,12 @@ def run_server(
     port: int = 8000,
     served_model_name: str | None = None,
     log_level: str = "info",
+    chat_template: str | None = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` into an AsyncLLMEngine and serve it with uvicorn until interrupted.
 
+    `chat_template` is a Jinja chat template (text) replacing the model's.
     `engine_kwargs` are engine arguments as in `EngineConfig.from_kwargs`
     (`max_model_len`, `kv_cache_memory_bytes`, `max_num_seqs`, ...).
 
@@ -77,7 +80,7 @@ def run_server(
         engine_kwargs["served_model_name"] = served_model_name
     engine = AsyncLLMEngine.from_engine_args(model=model, **engine_kwargs)
     try:
-        app = build_app(engine)
+        app = build_app(engine, chat_template)
         # uvicorn's access log would duplicate the accounting middleware's line.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         logger.info(

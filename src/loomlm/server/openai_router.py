@@ -13,6 +13,7 @@ fields, the error messages and the usage accounting; see
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -25,7 +26,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from loomlm.outputs import RequestOutput
+from loomlm.chat_utils import render_chat
+from loomlm.beam_search import BeamSearchParams
+from loomlm.outputs import CompletionOutput, RequestOutput
 from loomlm.protocol.openai import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -41,12 +44,17 @@ from loomlm.protocol.openai import (
     DeltaMessage,
     ModelCard,
     ModelList,
+    DetokenizeRequest,
+    DetokenizeResponse,
     SamplingRequestFields,
+    TokenizeRequest,
+    TokenizeResponse,
     UsageInfo,
 )
 from loomlm.sampling_params import SamplingParams
 from loomlm.server.errors import BadRequestError, ModelNotFoundError, error_body
 from loomlm.server.metrics import ServerMetrics, record_usage
+from loomlm.server.openai_logprobs import chat_logprobs, completion_logprobs, echoed, prompt_logprobs_json
 from loomlm.server.sse import (
     SSE_DONE,
     ClientDisconnected,
@@ -75,6 +83,10 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "frequency_penalty",
     "repetition_penalty",
     "seed",
+    "prompt_logprobs",
+    "truncate_prompt_tokens",
+    "allowed_token_ids",
+    "bad_words",
 )
 
 
@@ -92,8 +104,13 @@ class _Generation:
         prompts: list[list[int]],
         params: list[SamplingParams],
         request_id: str,
+        echo_texts: list[str] | None = None,
+        keep_generated: bool = True,
     ) -> None:
         self.serving = serving
+        # echo: each prompt's text is prepended to its choices; keep_generated False is `max_tokens: 0`.
+        self.echo_texts = echo_texts
+        self.keep_generated = keep_generated
         self.raw_request = raw_request
         self.prompts = prompts
         self.params = params
@@ -103,8 +120,12 @@ class _Generation:
         self.latest: dict[int, RequestOutput] = {}
 
     def usage(self) -> UsageInfo:
-        prompt_tokens = sum(len(p) for p in self.prompts)
+        # The engine's prompt (after truncate_prompt_tokens) once it has answered.
+        prompt_tokens = sum(len(self.latest[i].prompt_token_ids) if i in self.latest else len(p)
+                            for i, p in enumerate(self.prompts))
         completion_tokens = sum(len(c.token_ids) for out in self.latest.values() for c in out.outputs)
+        if not self.keep_generated:
+            completion_tokens = 0
         return UsageInfo(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -128,7 +149,7 @@ class _Generation:
             async with aclosing(merge_async_iterators(streams)) as merged:
                 async for prompt_index, output in merged:
                     self.latest[prompt_index] = output
-                    yield prompt_index, output
+                    yield prompt_index, self.view(prompt_index, output)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from exc
         finally:
@@ -146,6 +167,12 @@ class _Generation:
             usage = self.usage()
             record_usage(self.raw_request, metrics, usage.prompt_tokens, usage.completion_tokens)
 
+    def view(self, prompt_index: int, output: RequestOutput) -> RequestOutput:
+        """The output as the client sees it: with the prompt echoed when asked."""
+        if self.echo_texts is None:
+            return output
+        return echoed(output, self.echo_texts[prompt_index], self.keep_generated)
+
     def _is_finished(self, prompt_index: int) -> bool:
         output = self.latest.get(prompt_index)
         return output is not None and output.finished
@@ -154,8 +181,9 @@ class _Generation:
 class OpenAIServing:
     """Serves the OpenAI routes for one engine (its served model name, tokenizer, context window)."""
 
-    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None) -> None:
         self.engine = engine
+        self.chat_template = chat_template  # the server default (--chat-template); None: the model's
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.served_model_name: str = engine.served_model_name
@@ -172,26 +200,31 @@ class OpenAIServing:
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/completions`. Errors: 400 invalid input, 404 unknown model."""
         self._check_model(body.model)
-        if body.echo:
-            raise BadRequestError("echo is not supported.", "echo")
-        if body.logprobs is not None:
-            raise BadRequestError("logprobs is not supported.", "logprobs")
         if body.suffix:
             raise BadRequestError("suffix is not supported.", "suffix")
-        if body.best_of is not None and body.best_of != (body.n or 1):
-            raise BadRequestError("best_of is not supported.", "best_of")
-        params = self._sampling_params(body, body.max_tokens)
-        prompts = self._completion_prompts(body.prompt)
-        return await self._serve(body, raw_request, prompts, params, f"cmpl-{uuid.uuid4().hex}", is_chat=False)
+        n = body.n or 1
+        if body.stream and body.best_of is not None and body.best_of != n:
+            raise BadRequestError("best_of must equal n when streaming.", "best_of")
+        # lm-evaluation-harness scores with echo + max_tokens 0: one token is generated and dropped.
+        echo_only = bool(body.echo) and body.max_tokens == 0
+        prompt_logprobs = body.prompt_logprobs
+        if body.echo and body.logprobs is not None:
+            prompt_logprobs = max(body.logprobs, prompt_logprobs or 0)
+        params = self._sampling_params(body, 1 if echo_only else body.max_tokens, logprobs=body.logprobs,
+                                       best_of=body.best_of, prompt_logprobs=prompt_logprobs)
+        prompts, texts = self._completion_prompts(body.prompt)
+        return await self._serve(body, raw_request, prompts, params, f"cmpl-{uuid.uuid4().hex}", is_chat=False,
+                                 echo_texts=texts if body.echo else None, keep_generated=not echo_only)
 
     async def create_chat_completion(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/chat/completions`, prompt from the model's chat template. Errors: 400, 404."""
         self._check_model(body.model)
-        if body.logprobs or body.top_logprobs:
-            raise BadRequestError("logprobs is not supported.", "logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise BadRequestError("response_format is not supported.", "response_format")
-        params = self._sampling_params(body, body.requested_max_tokens)
+        params = self._sampling_params(body, body.requested_max_tokens,
+                                       logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         prompt_text = self._render_chat(body)
         # The template already wrote the special tokens (vLLM chat: add_special_tokens=False).
         prompts = [self.tokenizer.encode(prompt_text, add_special_tokens=False)]
@@ -203,10 +236,16 @@ class OpenAIServing:
         if model is not None and model != self.served_model_name:
             raise ModelNotFoundError(model)
 
-    def _sampling_params(self, body: SamplingRequestFields, max_tokens: int | None) -> SamplingParams:
+    def _sampling_params(self, body: SamplingRequestFields, max_tokens: int | None, **extra: Any) -> SamplingParams:
         kwargs: dict[str, Any] = {
             name: getattr(body, name) for name in _OPTIONAL_SAMPLING_FIELDS if getattr(body, name) is not None
         }
+        kwargs.update({k: v for k, v in extra.items() if v is not None})
+        if body.logit_bias:
+            try:  # OpenAI's range; vLLM clamps the same way
+                kwargs["logit_bias"] = {k: min(100.0, max(-100.0, float(v))) for k, v in body.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise BadRequestError("logit_bias values must be numbers.", "logit_bias") from None
         try:
             return SamplingParams(
                 n=1 if body.n is None else body.n,
@@ -217,6 +256,7 @@ class OpenAIServing:
                 min_tokens=body.min_tokens or 0,
                 include_stop_str_in_output=bool(body.include_stop_str_in_output),
                 skip_special_tokens=body.skip_special_tokens is not False,
+                spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
                 **kwargs,
             )
         except ValueError as exc:
@@ -225,8 +265,10 @@ class OpenAIServing:
             param = words[0] if words and words[0] in SamplingParams.__dataclass_fields__ else None
             raise BadRequestError(str(exc), param) from exc
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        """Token ids of each prompt; text is tokenized with special tokens, as vLLM does."""
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
+                            ) -> tuple[list[list[int]], list[str]]:
+        """Token ids and text of each prompt; text is tokenized with special tokens, as vLLM does
+        (token-id prompts get their decoded text, used by `echo`)."""
         if isinstance(prompt, str):
             batch: list[str] | list[list[int]] = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -236,36 +278,56 @@ class OpenAIServing:
         if not batch:
             raise BadRequestError("prompt must not be empty.", "prompt")
         vocab_size = len(self.tokenizer)
-        prompts = []
+        prompts, texts = [], []
         for item in batch:
             if isinstance(item, str):
                 if not item:
                     raise BadRequestError("prompt must not be empty.", "prompt")
-                token_ids = self.tokenizer.encode(item)
+                token_ids, text = self.tokenizer.encode(item), item
             else:
                 token_ids = list(item)
                 bad = [t for t in token_ids if not 0 <= t < vocab_size]
                 if bad:
                     raise BadRequestError(f"Token id {bad[0]} is out of vocabulary (size {vocab_size}).", "prompt")
+                text = self.tokenizer.decode(token_ids)
             if not token_ids:
                 raise BadRequestError("prompt must not be empty.", "prompt")
             prompts.append(token_ids)
-        return prompts
+            texts.append(text)
+        return prompts, texts
 
-    def _render_chat(self, body: ChatCompletionRequest) -> str:
-        if not body.messages:
-            raise BadRequestError("messages must not be empty.", "messages")
-        messages = [_message_for_template(m) for m in body.messages]
+    def _render_chat(self, body: ChatCompletionRequest | TokenizeRequest) -> str:
+        """The conversation rendered by the request's chat template, else the server's (--chat-template),
+        else the model's own."""
+        messages = [_message_for_template(m) for m in body.messages or []]
         try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=body.add_generation_prompt is not False and not body.continue_final_message,
-                continue_final_message=bool(body.continue_final_message),
-                chat_template=body.chat_template,
-            )
-        except Exception as exc:  # jinja errors and template-raised exceptions are the client's input
-            raise BadRequestError(f"Cannot apply the chat template: {exc}", "messages") from exc
+            return render_chat(self.tokenizer, messages, body.chat_template or self.chat_template,
+                               body.add_generation_prompt is not False, bool(body.continue_final_message))
+        except ValueError as exc:
+            raise BadRequestError(str(exc), "messages") from exc
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """`POST /tokenize` (vLLM): token ids of a prompt, or of chat messages through the chat template."""
+        self._check_model(body.model)
+        if body.messages is not None:
+            # The template writes the special tokens itself.
+            tokens = self.tokenizer.encode(self._render_chat(body), add_special_tokens=False)
+        elif body.prompt is not None:
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            raise BadRequestError("either prompt or messages must be given.", "prompt")
+        token_strs = self.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens,
+                                token_strs=token_strs)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        """`POST /detokenize` (vLLM): the text of token ids. 400 for an id outside the vocabulary."""
+        self._check_model(body.model)
+        vocab_size = len(self.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise BadRequestError(f"Token id {bad[0]} is out of vocabulary (size {vocab_size}).", "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
     def _fit_max_tokens(self, prompt_len: int, requested: int | None) -> int:
         """The completion budget of a prompt of `prompt_len` tokens (vLLM's messages on overflow)."""
@@ -296,17 +358,25 @@ class OpenAIServing:
         params: SamplingParams,
         request_id: str,
         is_chat: bool,
+        echo_texts: list[str] | None = None,
+        keep_generated: bool = True,
     ) -> Response:
         per_prompt_params = []
         for prompt in prompts:
-            max_tokens = self._fit_max_tokens(len(prompt), params.max_tokens)
+            prompt_len = min(len(prompt), params.truncate_prompt_tokens or len(prompt))
+            max_tokens = self._fit_max_tokens(prompt_len, params.max_tokens)
             try:
                 per_prompt_params.append(params.clone(max_tokens=max_tokens))
             except ValueError as exc:  # e.g. min_tokens above what the context window leaves
                 raise BadRequestError(str(exc)) from exc
-        generation = _Generation(self, raw_request, prompts, per_prompt_params, request_id)
+        generation = _Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated)
         created_s = int(time.time())
         try:
+            if body.use_beam_search:
+                if body.stream:
+                    raise BadRequestError("Streaming is not supported with beam search.", "use_beam_search")
+                await run_until_disconnect(raw_request, self._beam_search(body, generation))
+                return JSONResponse(self._full_response(generation, created_s, is_chat).model_dump())
             if body.stream:
                 return await self._stream_response(body, raw_request, generation, created_s, is_chat)
             await run_until_disconnect(raw_request, _drain(generation))
@@ -314,31 +384,68 @@ class OpenAIServing:
             return Response(status_code=_STATUS_CLIENT_CLOSED)
         return JSONResponse(self._full_response(generation, created_s, is_chat).model_dump())
 
+    async def _beam_search(self, body: SamplingRequestFields, generation: _Generation) -> None:
+        """vLLM's `use_beam_search`: beam_width = n, one search per prompt, run concurrently;
+        choices carry the generated text (without a final EOS) and the cumulative logprob."""
+        try:
+            beam_params = [BeamSearchParams(beam_width=p.n, max_tokens=p.max_tokens, ignore_eos=p.ignore_eos,
+                                            temperature=body.temperature or 0.0,
+                                            length_penalty=1.0 if body.length_penalty is None else body.length_penalty,
+                                            include_stop_str_in_output=p.include_stop_str_in_output)
+                           for p in generation.params]
+            results = await asyncio.gather(*(
+                self.engine.beam_search(prompt, bp, rid)
+                for prompt, bp, rid in zip(generation.prompts, beam_params, generation.request_ids)))
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from exc
+        for i, (prompt, result) in enumerate(zip(generation.prompts, results)):
+            completions = []
+            for index, seq in enumerate(result.sequences):
+                generated = seq.tokens[len(prompt):]
+                shown = generated[:-1] if seq.finish_reason == "stop" else generated
+                completions.append(CompletionOutput(
+                    index=index, text=self.tokenizer.decode(shown, skip_special_tokens=True), token_ids=generated,
+                    cumulative_logprob=seq.cum_logprob, finish_reason=seq.finish_reason))
+            generation.latest[i] = RequestOutput(generation.request_ids[i], None, prompt, None, completions, True)
+        usage = generation.usage()
+        record_usage(generation.raw_request, self.metrics, usage.prompt_tokens, usage.completion_tokens)
+
     def _full_response(self, generation: _Generation, created_s: int, is_chat: bool) -> BaseModel:
         request_id = generation.request_id
-        n = generation.params[0].n
+        params = generation.params[0]
+        n = params.n
+        views = [generation.view(i, generation.latest[i]) for i in range(len(generation.prompts))]
         results = [
-            (prompt_index * n + c.index, c)
-            for prompt_index in range(len(generation.prompts))
-            for c in sorted(generation.latest[prompt_index].outputs, key=lambda c: c.index)
+            (prompt_index * n + c.index, c, view)
+            for prompt_index, view in enumerate(views)
+            for c in sorted(view.outputs, key=lambda c: c.index)
         ]
         usage = generation.usage()
+        token_text = self.engine.engine.token_text
         if is_chat:
             chat_choices = [
                 ChatCompletionChoice(
                     index=i,
                     message=ChatResponseMessage(content=c.text),
+                    logprobs=chat_logprobs(c.token_ids, c.logprobs, params.logprobs or 0, token_text)
+                    if c.logprobs is not None else None,
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
                 )
-                for i, c in results
+                for i, c, _ in results
             ]
             return ChatCompletionResponse(
-                id=request_id, created=created_s, model=self.served_model_name, choices=chat_choices, usage=usage
+                id=request_id, created=created_s, model=self.served_model_name, choices=chat_choices, usage=usage,
+                prompt_logprobs=prompt_logprobs_json(views[0].prompt_logprobs),
             )
         choices = [
-            CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for i, c in results
+            CompletionChoice(
+                index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                logprobs=completion_logprobs(c.token_ids, c.logprobs, params.logprobs or 0, token_text)
+                if c.logprobs is not None else None,
+                prompt_logprobs=prompt_logprobs_json(view.prompt_logprobs),
+            )
+            for i, c, view in results
         ]
         return CompletionResponse(
             id=request_id, created=created_s, model=self.served_model_name, choices=choices, usage=usage
@@ -359,16 +466,21 @@ class OpenAIServing:
                 id=generation.request_id, created=created_s, model=self.served_model_name, choices=choices, usage=usage
             )
 
+        num_top = generation.params[0].logprobs or 0
+        token_text = self.engine.engine.token_text
+
         def make_choice(delta: TextDelta) -> BaseModel:
             if not is_chat:
-                return CompletionChoice(
-                    index=delta.index, text=delta.text, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason
-                )
+                logprobs = None if delta.logprobs is None else completion_logprobs(
+                    delta.token_ids, delta.logprobs, num_top, token_text, delta.text_offset)
+                return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                                        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
             # The finishing chunk of a choice carries an empty delta `{}` when no text is left, as OpenAI's.
             message = DeltaMessage(content=delta.text) if delta.text or delta.finish_reason is None else DeltaMessage()
-            return ChatCompletionStreamChoice(
-                index=delta.index, delta=message, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason
-            )
+            logprobs = None if delta.logprobs is None else chat_logprobs(
+                delta.token_ids, delta.logprobs, num_top, token_text)
+            return ChatCompletionStreamChoice(index=delta.index, delta=message, logprobs=logprobs,
+                                              finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
         opening: list[BaseModel] = []
         if is_chat:
@@ -447,11 +559,13 @@ def _message_for_template(message: ChatMessage) -> dict[str, Any]:
     return data
 
 
-def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics) -> APIRouter:
-    """The OpenAI routes for `engine`, counting tokens into `metrics`."""
-    serving = OpenAIServing(engine, metrics)
+def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None) -> APIRouter:
+    """The OpenAI routes for `engine`, counting tokens into `metrics`; `chat_template` overrides the model's."""
+    serving = OpenAIServing(engine, metrics, chat_template)
     router = APIRouter()
     router.add_api_route("/v1/models", serving.list_models, methods=["GET"], response_model=ModelList)
     router.add_api_route("/v1/completions", serving.create_completion, methods=["POST"], response_model=None)
     router.add_api_route("/v1/chat/completions", serving.create_chat_completion, methods=["POST"], response_model=None)
+    router.add_api_route("/tokenize", serving.tokenize, methods=["POST"], response_model=TokenizeResponse)
+    router.add_api_route("/detokenize", serving.detokenize, methods=["POST"], response_model=DetokenizeResponse)
     return router

@@ -45,6 +45,9 @@ class TextDelta:
     text: str
     finish_reason: str | None
     stop_reason: int | str | None
+    text_offset: int = 0  # characters of this choice sent before `text`
+    token_ids: list[int] = field(default_factory=list)  # tokens generated since the previous delta
+    logprobs: list | None = None  # their logprob entries, when the request asked for logprobs
 
 
 @dataclass
@@ -59,6 +62,7 @@ class TextDeltaTracker:
 
     n: int
     _sent_len: dict[int, int] = field(default_factory=dict)
+    _sent_tokens: dict[int, int] = field(default_factory=dict)
     _finished: set[int] = field(default_factory=set)
 
     def deltas(self, prompt_index: int, output: RequestOutput) -> list[TextDelta]:
@@ -71,10 +75,14 @@ class TextDeltaTracker:
             text = completion.text[self._sent_len.get(index, 0) :]
             if not text and completion.finish_reason is None:
                 continue  # a token that added no text yet (e.g. part of a multi-byte character)
+            offset, first_token = self._sent_len.get(index, 0), self._sent_tokens.get(index, 0)
             self._sent_len[index] = len(completion.text)
+            self._sent_tokens[index] = len(completion.token_ids)
             if completion.finish_reason is not None:
                 self._finished.add(index)
-            deltas.append(TextDelta(index, text, completion.finish_reason, completion.stop_reason))
+            logprobs = completion.logprobs[first_token:] if completion.logprobs is not None else None
+            deltas.append(TextDelta(index, text, completion.finish_reason, completion.stop_reason, offset,
+                                    completion.token_ids[first_token:], logprobs))
         return deltas
 
 
