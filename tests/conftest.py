@@ -83,6 +83,20 @@ def smollm2_reference_dir(default_gguf_path: Path) -> Path:
     return publish_dir_atomically(ref_dir, lambda tmp_dir: _build_reference_dir(default_gguf_path, tmp_dir))
 
 
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_reference_dir: Path):
+    """transformers' float32 model of the default weights (the parity reference), loaded once."""
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_reference_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """One `LLM` on the default model with default engine arguments, shared by the test modules."""
+    from loomlm import LLM
+
+    return LLM(DEFAULT_MODEL)
+
+
 # ---------------------------------------------------------------------------
 # Tiny random-weight HF models
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from loomlm import LLM, BeamSearchParams
 from loomlm.beam_search import get_beam_search_score
@@ -27,13 +26,13 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "Th
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM("smollm2-135m-instruct")
+def llm(default_llm) -> LLM:
+    return default_llm
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_reference_dir):
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_reference_dir), dtype=torch.float32).eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 @torch.inference_mode()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from loomlm import LLM, SamplingParams
 
@@ -20,8 +19,8 @@ def llm() -> LLM:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_reference_dir):
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_reference_dir), dtype=torch.float32).eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 def reference_logprobs(reference, token_ids: list[int]) -> torch.Tensor:

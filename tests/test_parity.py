@@ -33,13 +33,13 @@ RAW = [
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM("smollm2-135m-instruct")
+def llm(default_llm) -> LLM:
+    return default_llm
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_reference_dir):
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_reference_dir), dtype=torch.float32).eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")

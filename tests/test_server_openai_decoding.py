@@ -13,7 +13,6 @@ import openai
 import pytest
 import torch
 from openai import OpenAI
-from transformers import AutoModelForCausalLM
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -21,8 +20,8 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_reference_dir):
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_reference_dir), dtype=torch.float32).eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 def test_completion_logprobs_shape(client: OpenAI) -> None:

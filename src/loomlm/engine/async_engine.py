@@ -101,11 +101,15 @@ class AsyncLLMEngine:
                 if finished:
                     return
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._pending_aborts.append(request_id)
-                if self._wakeup is not None:
-                    self._wakeup.set()
+            self._release(request_id, finished)
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        """The caller stopped listening: forget its queue, and abort the request if it still runs."""
+        self._queues.pop(request_id, None)
+        if not finished:
+            self._pending_aborts.append(request_id)
+            if self._wakeup is not None:
+                self._wakeup.set()
 
     def _submit(self, request_id: str, encoded: EncodedPrompt, params: SamplingParams | BeamSearchParams
                 ) -> asyncio.Queue:
@@ -139,11 +143,7 @@ class AsyncLLMEngine:
                 raise item
             return item
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._pending_aborts.append(request_id)
-                if self._wakeup is not None:
-                    self._wakeup.set()
+            self._release(request_id, finished)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request: the engine frees it and its generate() iterator simply ends."""
