@@ -232,3 +232,43 @@ def test_use_beam_search_equals_offline_beam_search(client: OpenAI, server) -> N
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=2,
                                           extra_body={"use_beam_search": True})
     assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
+
+
+def test_structured_output_over_openai(client: OpenAI) -> None:
+    import json
+    import re
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
+              "required": ["city", "population"], "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    choice = client.completions.create(model=MODEL, prompt="The best color is", max_tokens=8, temperature=1.0, seed=2,
+                                       extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert choice.choices[0].text in {"red", "green", "blue"}
+    regex = client.completions.create(model=MODEL, prompt="A date:", max_tokens=16, temperature=1.0, seed=3,
+                                      extra_body={"guided_regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"})
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", regex.choices[0].text)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=64, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}) if c.choices)
+    assert streamed == chat.choices[0].message.content
+
+
+def test_invalid_structured_output_is_400_with_the_compilers_message(client: OpenAI) -> None:
+    for kwargs in ({"extra_body": {"guided_regex": "[a-"}},
+                   {"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                               "schema": {"type": "nonsense"}}}},
+                   {"response_format": {"type": "json_object"}, "extra_body": {"guided_choice": ["a"]}},
+                   {"response_format": {"type": "xml"}}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **kwargs)
+        error = info.value.response.json()["error"]
+        assert error["code"] == 400 and error["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, extra_body={"guided_regex": "[a-"})
+    assert "unclosed character class" in info.value.response.json()["error"]["message"]

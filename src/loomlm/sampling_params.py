@@ -16,6 +16,47 @@ _SAMPLING_EPS = 1e-5
 
 
 @dataclass
+class StructuredOutputsParams:
+    """One output constraint (vLLM's `StructuredOutputsParams`; the older name is `GuidedDecodingParams`).
+
+    Exactly one of: `json` (a JSON schema, dict or JSON text), `regex`, `choice` (the output is
+    one of these strings), `grammar` (a Lark grammar, llguidance's dialect), `json_object=True`
+    (any JSON object). Compiled to per-step token masks by llguidance. Raises ValueError when
+    none or several are given; a schema / regex / grammar the compiler rejects raises
+    ValueError when the request is added.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise ValueError("structured outputs need exactly one of json, regex, choice, grammar or json_object; "
+                             f"got {given or 'none'}.")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("choice must be a non-empty list of non-empty strings.")
+            self.choice = list(self.choice)
+
+    @property
+    def key(self) -> tuple:
+        """A hashable identity of the constraint (the compile cache key)."""
+        import json as json_module
+
+        schema = self.json if isinstance(self.json, str) or self.json is None else json_module.dumps(self.json, sort_keys=True)
+        return (schema, self.regex, tuple(self.choice) if self.choice else None, self.grammar, bool(self.json_object))
+
+
+GuidedDecodingParams = StructuredOutputsParams
+
+
+@dataclass
 class SamplingParams:
     """How to sample one request's completion(s).
 
@@ -55,6 +96,8 @@ class SamplingParams:
         typical_p: locally typical sampling mass (Meister et al. 2022; TGI / transformers'
             TypicalLogitsWarper), in (0, 1]; 1 disables it.
         watermark: a Kirchenbauer et al. 2023 green-list watermark (True: default gamma/delta).
+        structured_outputs: constrain the output to a JSON schema, regex, choice or grammar
+            (`guided_decoding` is vLLM's older name for it).
     """
 
     n: int = 1
@@ -84,6 +127,8 @@ class SamplingParams:
     bad_words: list[str] | None = None
     typical_p: float = 1.0
     watermark: WatermarkParams | bool | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
     # Filled by the engine: stop_token_ids plus the tokenizer's EOS id (unless ignore_eos) ...
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     # ... and the token-id sequences of bad_words.
@@ -108,6 +153,12 @@ class SamplingParams:
             self.allowed_token_ids = list(self.allowed_token_ids)
         if self.bad_words is not None:
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None and self.structured_outputs != self.guided_decoding:
+                raise ValueError("give structured_outputs or its older name guided_decoding, not both.")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be StructuredOutputsParams, got {self.structured_outputs!r}.")
         if self.watermark is True:
             from loomlm.watermark import WatermarkParams
 

@@ -21,7 +21,8 @@ from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.detokenizer import IncrementalDetokenizer
 from loomlm.engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
 from loomlm.engine.request import Request
-from loomlm.engine.scheduler import Scheduler, SchedulerOutput
+from loomlm.engine.scheduler import GrammarBitmask, Scheduler, SchedulerOutput
+from loomlm.engine.structured_output import StructuredOutputManager
 from loomlm.models.loader import iter_weights, load_tokenizer, resolve_model
 from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from loomlm.sampling_params import SamplingParams
@@ -86,9 +87,17 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
         self.user_requests: dict[str, _UserRequest] = {}
         self._token_texts: dict[int, str] = {}
+        self._structured_outputs: StructuredOutputManager | None = None
         self.beam_searches: dict[str, BeamSearchGroup] = {}
         self._beam_owner: dict[str, str] = {}  # live beam request id -> its beam search's id
         self.finished_beam_searches: dict[str, BeamSearchOutput] = {}  # taken by the caller
+
+    @property
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The constraint compiler, made on first use (converting the tokenizer takes ~0.5 s)."""
+        if self._structured_outputs is None:
+            self._structured_outputs = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size)
+        return self._structured_outputs
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> LLMEngine:
@@ -121,6 +130,8 @@ class LLMEngine:
             encoded = EncodedPrompt(None, token_ids)
         if params is not None:
             params.verify_for_vocab(self.hf_config.vocab_size, self.config.model_config.max_logprobs)
+            if params.structured_outputs is not None:
+                self.structured_outputs.validate(params.structured_outputs)
             if params.truncate_prompt_tokens is not None:  # idempotent: safe on an already truncated prompt
                 encoded = EncodedPrompt(encoded.text, encoded.token_ids[-params.truncate_prompt_tokens:])
         n = len(encoded.token_ids)
@@ -157,6 +168,8 @@ class LLMEngine:
                                            seq_params.include_stop_str_in_output, seq_params.skip_special_tokens,
                                            seq_params.spaces_between_special_tokens) if params.detokenize else None
             seq = Request(seq_id, token_ids, seq_params, max_tokens, detok, request_id, i, arrival)
+            if params.structured_outputs is not None:
+                seq.structured_output = self.structured_outputs.request_state(params.structured_outputs)
             seq.needs_logprobs = params.needs_sampled_logprob
             sequences.append(seq)
         self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival, params)
@@ -202,6 +215,12 @@ class LLMEngine:
             return []
         tables = {it.request.request_id: self.block_manager.block_table(it.request.request_id)
                   for it in scheduler_output.scheduled}
+        constrained = [it.request for it in scheduler_output.scheduled
+                       if it.samples_token and it.request.structured_output is not None]
+        if constrained:
+            scheduler_output.grammar_bitmask = GrammarBitmask(
+                [r.request_id for r in constrained],
+                self.structured_outputs.bitmask([r.structured_output for r in constrained]))
         runner_output = self.model_runner.execute(scheduler_output, tables)
         # Beams do not take their sampled token: their group chooses it from the candidates.
         beam_candidates = {rid: runner_output.logprobs.pop(rid) for rid in list(runner_output.logprobs)

@@ -17,7 +17,7 @@ import torch
 
 from loomlm.config import CacheConfig, ModelConfig
 from loomlm.engine.sampling_metadata import SamplingMetadata
-from loomlm.engine.scheduler import SchedulerOutput
+from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
@@ -177,12 +177,22 @@ class ModelRunner:
             return output
         logits = self.model.compute_logits(hidden[logits_rows])  # [num_rows, vocab_size] float32
         meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, dev)
+        if scheduler_output.grammar_bitmask is not None:
+            meta.grammar_bitmask = self._grammar_rows(scheduler_output.grammar_bitmask, sampling_requests)
         sampled = self.sampler(logits, meta)
         output.sampled_token_ids = {r.request_id: t for r, t in zip(sampling_requests, sampled.sampled_token_ids.tolist())}
         if sampled.logprobs is not None:
             rows = _logprob_lists(sampled.logprobs)
             output.logprobs = {r.request_id: row for r, row in zip(sampling_requests, rows) if r.needs_logprobs}
         return output
+
+    def _grammar_rows(self, grammar: GrammarBitmask, sampling_requests: list) -> torch.Tensor:
+        """The constrained rows' bitmasks placed at their sampling rows; other rows allow everything (-1)."""
+        row_of = {r.request_id: i for i, r in enumerate(sampling_requests)}
+        rows = torch.tensor([row_of[rid] for rid in grammar.request_ids], dtype=torch.int64)
+        full = torch.full((len(sampling_requests), grammar.bitmask.shape[1]), -1, dtype=torch.int32)
+        full[rows] = grammar.bitmask
+        return full.to(self.device)
 
     def _prompt_logprobs(self, hidden: torch.Tensor,
                          rows: dict[str, tuple[list[int], list[int], int]]) -> dict[str, list[PositionLogprobs]]:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import copy
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from loomlm.engine.detokenizer import IncrementalDetokenizer
 from loomlm.outputs import Logprob
+
+if TYPE_CHECKING:
+    from loomlm.engine.structured_output import StructuredOutputRequest
 from loomlm.sampling_params import SamplingParams
 
 
@@ -78,6 +82,8 @@ class Request:
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if sampling_params.prompt_logprobs is not None else None)
+        # Set by the engine for a constrained request (structured outputs).
+        self.structured_output: StructuredOutputRequest | None = None
         # A per-request generator makes seeded sampling independent of batch composition.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None and not sampling_params.is_greedy:

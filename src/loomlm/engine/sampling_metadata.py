@@ -45,6 +45,7 @@ class SamplingMetadata:
     disallowed_tokens: torch.Tensor | None = None  # [num_rows, vocab_size] bool (allowed_token_ids)
     watermarks: list[WatermarkBatch] = field(default_factory=list)  # one per distinct hash key
     max_num_logprobs: int | None = None  # most alternatives any row wants; None: no row needs logprobs
+    grammar_bitmask: torch.Tensor | None = None  # [num_rows, ceil(vocab / 32)] int32; -1 rows: unconstrained
 
     @classmethod
     def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingMetadata:

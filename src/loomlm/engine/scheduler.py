@@ -17,6 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from loomlm.config import SchedulerConfig
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.request import Request, RequestStatus
@@ -35,6 +37,12 @@ class ScheduledRequest:
 
 
 @dataclass
+class GrammarBitmask:
+    request_ids: list[str]  # the constrained requests, in the bitmask's row order
+    bitmask: torch.Tensor  # [len(request_ids), ceil(vocab_size / 32)] int32, bit t allows token t
+
+
+@dataclass
 class SchedulerOutput:
     # Requests to run this step with their token counts, in scheduling order.
     scheduled: list[ScheduledRequest] = field(default_factory=list)
@@ -45,6 +53,8 @@ class SchedulerOutput:
     # (source, destination) KV block copies to make before the forward pass: copy-on-write of
     # blocks that forked sequences (beams) shared and are about to write different tokens into.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Allowed next tokens of the constrained requests that sample this step (filled by the engine).
+    grammar_bitmask: GrammarBitmask | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -107,14 +117,17 @@ class Scheduler:
                 continue
             break  # the request itself was preempted: it was the last running one
 
-        # Admit waiting requests only if nobody was preempted this step (the pool is tight).
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and not out.preempted_request_ids):
-            request = self.waiting[0]
+        # Admit waiting requests only if nobody was preempted this step (the pool is tight),
+        # in arrival order, passing over those whose grammar is still compiling.
+        for request in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs or out.preempted_request_ids:
+                break
+            if request.structured_output is not None and not request.structured_output.is_ready:
+                continue
             num_new = self._chunk(request, budget)
             if not bm.can_allocate(request.request_id, request.num_computed_tokens + num_new):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             bm.allocate(request.request_id, request.num_computed_tokens + num_new)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
@@ -159,7 +172,7 @@ class Scheduler:
             request.append_output_token(token_id)
             if request.first_token_time is None:
                 request.first_token_time = now
-            if check_stop(request, token_id):
+            if check_stop(request, token_id) or _jump_forward(request):
                 self.finish(request, request.status)
             updated.append(request)
         return updated
@@ -187,6 +200,12 @@ def check_stop(request: Request, token_id: int) -> bool:
     """
     params = request.sampling_params
     stop_str = request.detokenizer.update(token_id) if request.detokenizer is not None else None
+    grammar = request.structured_output
+    if grammar is not None:
+        grammar.accept(token_id)
+        if grammar.is_terminated:  # the constraint is complete: nothing may follow
+            request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, None
+            return True
     if request.num_output_tokens >= params.min_tokens:
         if stop_str is not None:
             request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
@@ -199,4 +218,17 @@ def check_stop(request: Request, token_id: int) -> bool:
     if request.num_output_tokens >= request.max_tokens:
         request.status = RequestStatus.FINISHED_LENGTH
         return True
+    return False
+
+
+def _jump_forward(request: Request) -> bool:
+    """Append the tokens a constraint forces next without sampling them; returns whether one
+    of them ended the request. Skipped when logprobs are asked for (a forced token has none)."""
+    grammar = request.structured_output
+    if grammar is None or request.logprobs is not None or request.needs_logprobs:
+        return False
+    for token_id in grammar.forced_tokens():
+        request.append_output_token(token_id)
+        if check_stop(request, token_id):
+            return True
     return False

@@ -97,3 +97,11 @@ def apply_banned_tokens(logits: torch.Tensor, banned: SparseLogitsUpdate) -> tor
 def apply_allowed_tokens(logits: torch.Tensor, disallowed: torch.Tensor) -> torch.Tensor:
     """disallowed: [num_rows, vocab_size] bool, True for tokens a row may not sample (all False: no limit)."""
     return logits.masked_fill(disallowed, float("-inf"))
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Keep only the tokens whose bit is set: bitmask [num_rows, ceil(vocab / 32)] int32, bit t of
+    word t // 32 (least significant first) allows token t (llguidance's / xgrammar's layout)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :logits.shape[-1]]  # [rows, vocab]
+    return logits.masked_fill(~allowed, float("-inf"))

@@ -70,6 +70,8 @@ class Sampler:
     @staticmethod
     def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """The distribution-changing processors, applied to greedy and sampled rows alike."""
+        if meta.grammar_bitmask is not None:
+            logits = lp.apply_token_bitmask(logits, meta.grammar_bitmask)
         if meta.disallowed_tokens is not None:
             logits = lp.apply_allowed_tokens(logits, meta.disallowed_tokens)
         if meta.banned_tokens is not None:

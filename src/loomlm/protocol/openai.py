@@ -93,6 +93,12 @@ class SamplingRequestFields(BaseModel):
     bad_words: list[str] | None = None
     use_beam_search: bool | None = False
     length_penalty: float | None = None
+    # Structured output: OpenAI's response_format, or vLLM's guided_* fields.
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -148,7 +154,6 @@ class ChatCompletionRequest(SamplingRequestFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     # vLLM extras for the chat template.
     chat_template: str | None = None
     add_generation_prompt: bool | None = True

@@ -26,8 +26,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from loomlm.chat_utils import render_chat
 from loomlm.beam_search import BeamSearchParams
+from loomlm.chat_utils import render_chat
 from loomlm.outputs import CompletionOutput, RequestOutput
 from loomlm.protocol.openai import (
     ChatCompletionChoice,
@@ -42,19 +42,25 @@ from loomlm.protocol.openai import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
-    ModelCard,
-    ModelList,
     DetokenizeRequest,
     DetokenizeResponse,
+    ModelCard,
+    ModelList,
     SamplingRequestFields,
     TokenizeRequest,
     TokenizeResponse,
     UsageInfo,
 )
+from loomlm.protocol.structured_outputs import from_openai
 from loomlm.sampling_params import SamplingParams
 from loomlm.server.errors import BadRequestError, ModelNotFoundError, error_body
 from loomlm.server.metrics import ServerMetrics, record_usage
-from loomlm.server.openai_logprobs import chat_logprobs, completion_logprobs, echoed, prompt_logprobs_json
+from loomlm.server.openai_logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    echoed,
+    prompt_logprobs_json,
+)
 from loomlm.server.sse import (
     SSE_DONE,
     ClientDisconnected,
@@ -221,8 +227,6 @@ class OpenAIServing:
         self._check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise BadRequestError("response_format is not supported.", "response_format")
         params = self._sampling_params(body, body.requested_max_tokens,
                                        logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         prompt_text = self._render_chat(body)
@@ -241,6 +245,13 @@ class OpenAIServing:
             name: getattr(body, name) for name in _OPTIONAL_SAMPLING_FIELDS if getattr(body, name) is not None
         }
         kwargs.update({k: v for k, v in extra.items() if v is not None})
+        try:
+            structured = from_openai(body.response_format, body.guided_json, body.guided_regex, body.guided_choice,
+                                     body.guided_grammar)
+        except ValueError as exc:
+            raise BadRequestError(str(exc), "response_format") from exc
+        if structured is not None:
+            kwargs["structured_outputs"] = structured
         if body.logit_bias:
             try:  # OpenAI's range; vLLM clamps the same way
                 kwargs["logit_bias"] = {k: min(100.0, max(-100.0, float(v))) for k, v in body.logit_bias.items()}
