@@ -21,7 +21,6 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -55,10 +54,10 @@ from loomlm.protocol.structured_outputs import from_openai
 from loomlm.sampling_params import SamplingParams
 from loomlm.server.errors import BadRequestError, ModelNotFoundError, error_body
 from loomlm.server.metrics import ServerMetrics, record_usage
+from loomlm.server.openai_generation import Generation, drain
 from loomlm.server.openai_logprobs import (
     chat_logprobs,
     completion_logprobs,
-    echoed,
     prompt_logprobs_json,
 )
 from loomlm.server.sse import (
@@ -66,7 +65,6 @@ from loomlm.server.sse import (
     ClientDisconnected,
     TextDelta,
     TextDeltaTracker,
-    merge_async_iterators,
     run_until_disconnect,
     sse_event,
 )
@@ -94,94 +92,6 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "allowed_token_ids",
     "bad_words",
 )
-
-
-class _Generation:
-    """The engine requests of one HTTP request: one per prompt, streamed together.
-
-    `latest[i]` is the newest RequestOutput of prompt `i` (cumulative text).
-    Closing `outputs()` early (client gone) aborts the unfinished engine requests.
-    """
-
-    def __init__(
-        self,
-        serving: OpenAIServing,
-        raw_request: Request,
-        prompts: list[list[int]],
-        params: list[SamplingParams],
-        request_id: str,
-        echo_texts: list[str] | None = None,
-        keep_generated: bool = True,
-    ) -> None:
-        self.serving = serving
-        # echo: each prompt's text is prepended to its choices; keep_generated False is `max_tokens: 0`.
-        self.echo_texts = echo_texts
-        self.keep_generated = keep_generated
-        self.raw_request = raw_request
-        self.prompts = prompts
-        self.params = params
-        self.request_id = request_id
-        # One engine request per prompt.
-        self.request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        self.latest: dict[int, RequestOutput] = {}
-
-    def usage(self) -> UsageInfo:
-        # The engine's prompt (after truncate_prompt_tokens) once it has answered.
-        prompt_tokens = sum(len(self.latest[i].prompt_token_ids) if i in self.latest else len(p)
-                            for i, p in enumerate(self.prompts))
-        completion_tokens = sum(len(c.token_ids) for out in self.latest.values() for c in out.outputs)
-        if not self.keep_generated:
-            completion_tokens = 0
-        return UsageInfo(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-    async def outputs(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        """Yield `(prompt_index, RequestOutput)` as the engine produces them.
-
-        Raises:
-            BadRequestError: the engine rejected a prompt (its ValueError).
-        """
-        engine = self.serving.engine
-        metrics = self.serving.metrics
-        metrics.requests_running.inc()
-        try:
-            streams = [
-                engine.generate(prompt, params, rid)
-                for prompt, params, rid in zip(self.prompts, self.params, self.request_ids, strict=True)
-            ]
-            async with aclosing(merge_async_iterators(streams)) as merged:
-                async for prompt_index, output in merged:
-                    self.latest[prompt_index] = output
-                    yield prompt_index, self.view(prompt_index, output)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from exc
-        finally:
-            metrics.requests_running.dec()
-            # Closing the streams already aborts them (engine contract); abort again by id
-            # in case a stream never started, so nothing keeps running for a gone client.
-            unfinished = [rid for i, rid in enumerate(self.request_ids) if not self._is_finished(i)]
-            if unfinished:
-                with anyio.CancelScope(shield=True):
-                    for rid in unfinished:
-                        try:
-                            await engine.abort(rid)
-                        except Exception:  # an unknown id is not worth failing the clean-up
-                            logger.debug("abort of %s failed", rid, exc_info=True)
-            usage = self.usage()
-            record_usage(self.raw_request, metrics, usage.prompt_tokens, usage.completion_tokens)
-
-    def view(self, prompt_index: int, output: RequestOutput) -> RequestOutput:
-        """The output as the client sees it: with the prompt echoed when asked."""
-        if self.echo_texts is None:
-            return output
-        return echoed(output, self.echo_texts[prompt_index], self.keep_generated)
-
-    def _is_finished(self, prompt_index: int) -> bool:
-        output = self.latest.get(prompt_index)
-        return output is not None and output.finished
 
 
 class OpenAIServing:
@@ -380,7 +290,7 @@ class OpenAIServing:
                 per_prompt_params.append(params.clone(max_tokens=max_tokens))
             except ValueError as exc:  # e.g. min_tokens above what the context window leaves
                 raise BadRequestError(str(exc)) from exc
-        generation = _Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated)
+        generation = Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated)
         created_s = int(time.time())
         try:
             if body.use_beam_search:
@@ -390,12 +300,12 @@ class OpenAIServing:
                 return JSONResponse(self._full_response(generation, created_s, is_chat).model_dump())
             if body.stream:
                 return await self._stream_response(body, raw_request, generation, created_s, is_chat)
-            await run_until_disconnect(raw_request, _drain(generation))
+            await run_until_disconnect(raw_request, drain(generation))
         except ClientDisconnected:
             return Response(status_code=_STATUS_CLIENT_CLOSED)
         return JSONResponse(self._full_response(generation, created_s, is_chat).model_dump())
 
-    async def _beam_search(self, body: SamplingRequestFields, generation: _Generation) -> None:
+    async def _beam_search(self, body: SamplingRequestFields, generation: Generation) -> None:
         """vLLM's `use_beam_search`: beam_width = n, one search per prompt, run concurrently;
         choices carry the generated text (without a final EOS) and the cumulative logprob."""
         try:
@@ -421,7 +331,7 @@ class OpenAIServing:
         usage = generation.usage()
         record_usage(generation.raw_request, self.metrics, usage.prompt_tokens, usage.completion_tokens)
 
-    def _full_response(self, generation: _Generation, created_s: int, is_chat: bool) -> BaseModel:
+    def _full_response(self, generation: Generation, created_s: int, is_chat: bool) -> BaseModel:
         request_id = generation.request_id
         params = generation.params[0]
         n = params.n
@@ -466,7 +376,7 @@ class OpenAIServing:
         self,
         body: SamplingRequestFields,
         raw_request: Request,
-        generation: _Generation,
+        generation: Generation,
         created_s: int,
         is_chat: bool,
     ) -> StreamingResponse:
@@ -513,16 +423,10 @@ class OpenAIServing:
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _drain(generation: _Generation) -> None:
-    async with aclosing(generation.outputs()) as outputs:
-        async for _ in outputs:
-            pass
-
-
 async def _sse_events(
     outputs: AsyncGenerator[tuple[int, RequestOutput], None],
     first: tuple[int, RequestOutput] | None,
-    generation: _Generation,
+    generation: Generation,
     opening: list[BaseModel],
     make_chunk: Callable[..., BaseModel],
     make_choice: Callable[[TextDelta], BaseModel],
