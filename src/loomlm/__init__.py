@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
+from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, Logprob, RequestOutput
 from loomlm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "BeamSearchParams",
-           "BeamSearchOutput", "BeamSearchSequence"]
+           "BeamSearchOutput", "BeamSearchSequence", "LoRARequest"]
 __version__ = "0.1.0"
 
 

@@ -109,10 +109,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's engine-arg names).
+
+    Attributes:
+        enable_lora: accept requests that name an adapter.
+        max_loras: adapters installed in the model at once (LoRAX's --max-active-adapters);
+            an idle one is evicted, least recently used first, when another is needed.
+    """
+
+    enable_lora: bool = False
+    max_loras: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be positive, got {self.max_loras}.")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -120,7 +139,7 @@ class EngineConfig:
 
         Raises ValueError for an unknown argument.
         """
-        parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}, LoRAConfig: {}}
         for key, value in kwargs.items():
             for klass, bucket in parts.items():
                 if key in klass.__dataclass_fields__:
@@ -132,4 +151,5 @@ class EngineConfig:
             model_config=ModelConfig(**parts[ModelConfig]),
             cache_config=CacheConfig(**parts[CacheConfig]),
             scheduler_config=SchedulerConfig(**parts[SchedulerConfig]),
+            lora_config=LoRAConfig(**parts[LoRAConfig]),
         )

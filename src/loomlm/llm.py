@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.chat_utils import render_chat
 from loomlm.engine.llm_engine import LLMEngine
+from loomlm.lora.request import LoRARequest
 from loomlm.outputs import RequestOutput
 from loomlm.sampling_params import SamplingParams
 
@@ -43,17 +44,16 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
-        lora_request: Any = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for all prompts, batched; outputs come back in prompt order.
 
         prompts: a string, a list of strings, a list of token ids, a list of those, or
             dicts `{"prompt": str}` / `{"prompt_token_ids": list[int]}` (vLLM's TextPrompt / TokensPrompt).
         sampling_params: one for all prompts, or one per prompt (default: SamplingParams()).
+        lora_request: an adapter for all prompts, or one (or None) per prompt; needs enable_lora=True.
         Raises ValueError for an invalid prompt or parameters; then no prompt is run.
         """
-        if lora_request is not None:
-            raise ValueError("LoRA adapters are not supported yet.")
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -63,14 +63,22 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompt_list)} prompts.")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompt_list)
+        else:
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompt_list):
+                raise ValueError(f"got {len(lora_list)} LoRA requests for {len(prompt_list)} prompts.")
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt loses no work.
         encoded = [engine.encode_prompt(prompt, params) for prompt, params in zip(prompt_list, params_list)]
+        for lora in dict.fromkeys(lora_list):
+            engine.check_lora(lora)
         request_ids = []
-        for prompt, params in zip(encoded, params_list):
+        for prompt, params, lora in zip(encoded, params_list, lora_list):
             request_id = str(self._counter)
             self._counter += 1
-            engine.add_request(request_id, prompt, params)
+            engine.add_request(request_id, prompt, params, lora_request=lora)
             request_ids.append(request_id)
         return self._run_engine(request_ids, use_tqdm)
 

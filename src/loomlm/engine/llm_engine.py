@@ -23,6 +23,8 @@ from loomlm.engine.model_runner import ModelRunner, ModelRunnerOutput, PositionL
 from loomlm.engine.request import Request
 from loomlm.engine.scheduler import GrammarBitmask, Scheduler, SchedulerOutput
 from loomlm.engine.structured_output import StructuredOutputManager
+from loomlm.lora.manager import LoRAManager
+from loomlm.lora.request import LoRARequest
 from loomlm.models.loader import iter_weights, load_tokenizer, resolve_model
 from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from loomlm.sampling_params import SamplingParams
@@ -47,6 +49,7 @@ class _UserRequest:
     sequences: list[Request]
     arrival_time: float
     params: SamplingParams
+    lora_request: LoRARequest | None = None
     finished_ids: set[str] = field(default_factory=set)
 
 
@@ -85,6 +88,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.cache_config.block_size)
         self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
+        lc = config.lora_config
+        self.lora_manager = (LoRAManager(self.model_runner.model, lc.max_loras, mc.torch_dtype, mc.torch_device)
+                             if lc.enable_lora else None)
         self.user_requests: dict[str, _UserRequest] = {}
         self._token_texts: dict[int, str] = {}
         self._structured_outputs: StructuredOutputManager | None = None
@@ -141,8 +147,17 @@ class LLMEngine:
                 f"{n} tokens, which leaves no room for the completion. Please reduce the length of the prompt.")
         return encoded
 
+    def check_lora(self, lora_request: LoRARequest | None) -> None:
+        """Load (or find) the adapter now, so a bad one raises ValueError before anything is queued."""
+        if lora_request is None:
+            return
+        if self.lora_manager is None:
+            raise ValueError("LoRA adapters need the engine argument enable_lora=True.")
+        self.lora_manager.acquire(lora_request)
+        self.lora_manager.release(lora_request.lora_name)
+
     def add_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
         """Queue a request. Raises ValueError for bad input or a duplicate id (nothing is queued then).
 
         `best_of > n` runs best_of sequences and returns the n with the highest cumulative
@@ -151,6 +166,10 @@ class LLMEngine:
         if request_id in self.user_requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids = self.encode_prompt(prompt, params)
+        lora_slot = None
+        if lora_request is not None:
+            self.check_lora(lora_request)
+            lora_slot = self.lora_manager.acquire(lora_request)  # released when the request ends
         arrival = arrival_time or time.time()
         max_tokens = self.max_model_len - len(token_ids)
         if params.max_tokens is not None:
@@ -171,10 +190,16 @@ class LLMEngine:
             if params.structured_outputs is not None:
                 seq.structured_output = self.structured_outputs.request_state(params.structured_outputs)
             seq.needs_logprobs = params.needs_sampled_logprob
+            seq.lora_slot = lora_slot
             sequences.append(seq)
-        self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival, params)
+        self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival, params,
+                                                      lora_request)
         for seq in sequences:
             self.scheduler.add_request(seq)
+
+    def _release_lora(self, user: _UserRequest) -> None:
+        if user.lora_request is not None:
+            self.lora_manager.release(user.lora_request.lora_name)
 
     def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each word tokenized bare and with a leading space (vLLM's bad_words), without duplicates."""
@@ -198,6 +223,7 @@ class LLMEngine:
             user = self.user_requests.pop(rid, None)
             if user is None:
                 continue
+            self._release_lora(user)
             for seq in user.sequences:
                 self.scheduler.abort(seq)
 
@@ -324,6 +350,7 @@ class LLMEngine:
                 continue
             if output.finished:
                 del self.user_requests[user.request_id]
+                self._release_lora(user)
             outputs.append(output)
         return outputs
 

@@ -20,6 +20,7 @@ from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
+from loomlm.layers.lora import LoRABatch
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
 from loomlm.models.llama import head_dim_of
 from loomlm.models.registry import model_class_for
@@ -132,11 +133,14 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         spans: list[PrefillSpan] = []
+        lora_rows: dict[int, list[int]] = {}  # adapter slot -> flat-batch rows of its tokens
         for item in items:
             req = item.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
             table = block_tables[req.request_id]
             first = len(input_ids)
+            if req.lora_slot is not None:
+                lora_rows.setdefault(req.lora_slot, []).extend(range(first, first + item.num_new_tokens))
             input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -166,6 +170,8 @@ class ModelRunner:
             num_decode_tokens=num_decode,
             decode=self._decode_metadata(decode_tables, decode_lens),
             prefill_spans=spans,
+            lora=LoRABatch([(slot, torch.tensor(rows, dtype=torch.int64, device=dev))
+                            for slot, rows in lora_rows.items()]) if lora_rows else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):

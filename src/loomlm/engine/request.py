@@ -82,6 +82,8 @@ class Request:
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if sampling_params.prompt_logprobs is not None else None)
+        # The adapter slot its tokens run with (None: the base model); set by the engine.
+        self.lora_slot: int | None = None
         # Set by the engine for a constrained request (structured outputs).
         self.structured_output: StructuredOutputRequest | None = None
         # A per-request generator makes seeded sampling independent of batch composition.

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from loomlm.layers.decode_attention import DecodeMetadata
+from loomlm.layers.lora import LoRABatch
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ForwardBatch:
     num_decode_tokens: int  # the first num_decode_tokens tokens are decodes (query length 1)
     decode: DecodeMetadata | None  # how those read their context; None when there are none
     prefill_spans: list[PrefillSpan]
+    lora: LoRABatch | None = None  # adapter slots of the tokens; None when no token runs an adapter
 
 
 _current: contextvars.ContextVar[ForwardBatch | None] = contextvars.ContextVar("loomlm_forward_batch", default=None)
@@ -59,3 +61,9 @@ def current_forward_batch() -> ForwardBatch:
     if batch is None:
         raise RuntimeError("no forward batch: call the model inside `with forward_context(batch):`")
     return batch
+
+
+def current_lora_batch() -> LoRABatch | None:
+    """The adapter segments of the current forward pass (None outside one or without adapters)."""
+    batch = _current.get()
+    return None if batch is None else batch.lora

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loomlm.layers.forward_context import current_lora_batch
+from loomlm.layers.lora import ShardLoRA, add_lora
+
 
 class Linear(nn.Module):
     """y = x @ weight_t (+ bias), weight_t: [in_features, out_features].
@@ -31,6 +34,8 @@ class Linear(nn.Module):
             offsets[name] = (start, start + size)
             start += size
         self.shard_offsets = offsets
+        # LoRA adapters installed in slots (loomlm.lora.manager): slot -> its shard updates.
+        self.lora_slots: dict[int, list[ShardLoRA]] = {}
 
     def load_shard(self, shard: str, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         """Copy an HF weight ([out, in], as in nn.Linear) and/or bias ([out]) into shard `shard`.
@@ -49,9 +54,29 @@ class Linear(nn.Module):
                 raise ValueError(f"shard {shard!r}: unexpected bias of shape {tuple(bias.shape)}")
             self.bias.data[start:end].copy_(bias)
 
+    def set_lora(self, slot: int, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
+        """Install an adapter's update of `shard` in `slot`: a_t [in, r], b_t [r, shard size] (scaled).
+
+        Raises ValueError on a shape mismatch or an unknown shard.
+        """
+        if shard not in self.shard_offsets:
+            raise ValueError(f"unknown shard {shard!r}; expected one of {list(self.shard_offsets)}")
+        start, end = self.shard_offsets[shard]
+        if a_t.shape[0] != self.in_features or b_t.shape != (a_t.shape[1], end - start):
+            raise ValueError(f"shard {shard!r}: LoRA shapes {tuple(a_t.shape)} / {tuple(b_t.shape)} do not fit "
+                             f"[{self.in_features}, r] / [r, {end - start}]")
+        self.lora_slots.setdefault(slot, []).append(ShardLoRA(start, end, a_t, b_t))
+
+    def clear_lora(self, slot: int) -> None:
+        self.lora_slots.pop(slot, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
         y = x @ self.weight_t
         if self.bias is not None:
             y = y + self.bias
+        if self.lora_slots:
+            batch = current_lora_batch()
+            if batch is not None:
+                y = add_lora(x, y, self.lora_slots, batch)
         return y
