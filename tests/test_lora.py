@@ -28,26 +28,31 @@ def base_dir(make_tiny_model_dir) -> Path:
     return make_tiny_model_dir("llama")
 
 
-@pytest.fixture(scope="module")
-def adapter_dirs(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def make_adapters(base_dir: Path, out_root: Path, std: float) -> dict[str, Path]:
+    """The ADAPTERS made with peft on `base_dir`'s model, every LoRA weight drawn from N(0, std)."""
     dirs = {}
     for i, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + i)
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
         model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                                 use_rslora=rslora, init_lora_weights=False))
-        with torch.no_grad():  # a visible update: B is zero-initialised by default, A small
+        with torch.no_grad():  # non-zero B (peft's default B is zero): a visible update
             for pname, param in model.named_parameters():
                 if "lora_" in pname:
-                    param.normal_(0.0, 0.3)
-        out = tmp_path_factory.mktemp(name)
-        model.save_pretrained(str(out))
-        dirs[name] = out
+                    param.normal_(0.0, std)
+        dirs[name] = out_root / name
+        model.save_pretrained(str(dirs[name]))
     return dirs
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_adapters(base_dir, tmp_path_factory.mktemp("tiny-adapters"), std=0.3)
 
 
 @torch.inference_mode()
 def peft_logprobs(base_dir: Path, adapter_dir: Path | None, token_ids: list[int]) -> torch.Tensor:
+    """log_softmax of the peft-wrapped transformers model's logits: [len, vocab]."""
     from peft import PeftModel
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -56,31 +61,47 @@ def peft_logprobs(base_dir: Path, adapter_dir: Path | None, token_ids: list[int]
     return model.eval()(torch.tensor([token_ids])).logits[0].float().log_softmax(-1)
 
 
-def test_mixed_adapters_and_base_in_one_batch_match_peft(base_dir, adapter_dirs):
-    llm = LLM(str(base_dir), enable_lora=True, max_loras=4)
+def check_mixed_batch_against_peft(llm: LLM, reference_dir: Path, adapter_dirs: dict[str, Path],
+                                   prompts: list[list[int]], tolerance: float) -> None:
+    """Every adapter and the base model in one generate call; each request equals its peft reference."""
     requests = [None] + [LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapter_dirs.items())]
-    prompts, loras = [], []
+    batch, loras = [], []
     for lora in requests:
-        for prompt in PROMPTS:
-            prompts.append(prompt)
+        for prompt in prompts:
+            batch.append(prompt)
             loras.append(lora)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0, logprobs=0)
-    outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    outputs = llm.generate(batch, params, lora_request=loras, use_tqdm=False)
     by_adapter: dict[str | None, list[list[int]]] = {}
-    for prompt, lora, out in zip(prompts, loras, outputs):
+    for prompt, lora, out in zip(batch, loras, outputs):
         ids = prompt + out.outputs[0].token_ids
-        ref = peft_logprobs(base_dir, None if lora is None else adapter_dirs[lora.lora_name], ids)
+        ref = peft_logprobs(reference_dir, None if lora is None else adapter_dirs[lora.lora_name], ids)
         ours = [next(iter(e.values())).logprob for e in out.prompt_logprobs[1:]] + [
             e[t].logprob for e, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
         expected = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
-        assert ours == pytest.approx(expected, abs=1e-4)
+        assert ours == pytest.approx(expected, abs=tolerance)
         # Greedy: each generated token is the reference's argmax.
         for k, token in enumerate(out.outputs[0].token_ids):
             assert token == ref[len(prompt) - 1 + k].argmax().item()
         by_adapter.setdefault(None if lora is None else lora.lora_name, []).append(out.outputs[0].token_ids)
     assert len({tuple(map(tuple, v)) for v in by_adapter.values()}) == len(by_adapter)  # adapters change outputs
     manager = llm.llm_engine.lora_manager
-    assert manager.num_loads == 3 and sorted(manager.loaded) == sorted(ADAPTERS)
+    assert sorted(manager.loaded) == sorted(adapter_dirs)
+
+
+def test_mixed_adapters_and_base_in_one_batch_match_peft(base_dir, adapter_dirs):
+    llm = LLM(str(base_dir), enable_lora=True, max_loras=4)
+    check_mixed_batch_against_peft(llm, base_dir, adapter_dirs, PROMPTS, tolerance=1e-4)
+    assert llm.llm_engine.lora_manager.num_loads == 3
+
+
+def test_default_model_adapters_match_peft(smollm2_reference_dir, tmp_path_factory):
+    # Adapters made with peft on transformers' load of the default weights; loomlm runs the GGUF.
+    adapters = make_adapters(smollm2_reference_dir, tmp_path_factory.mktemp("smollm2-adapters"), std=0.05)
+    llm = LLM("smollm2-135m-instruct", enable_lora=True, max_loras=4)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode("The capital of France is"), tok.encode("def add(a, b):")]
+    check_mixed_batch_against_peft(llm, smollm2_reference_dir, adapters, prompts, tolerance=1e-3)
 
 
 def test_lru_eviction_and_reload(base_dir, adapter_dirs):
