@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from loomlm.layers.forward_context import current_lora_batch
-from loomlm.layers.lora import ShardLoRA, add_lora
+from loomlm.layers.lora import ShardLoRA, SlotLoRA, add_lora
 
 
 class Linear(nn.Module):
@@ -35,7 +35,7 @@ class Linear(nn.Module):
             start += size
         self.shard_offsets = offsets
         # LoRA adapters installed in slots (loomlm.lora.manager): slot -> its shard updates.
-        self.lora_slots: dict[int, list[ShardLoRA]] = {}
+        self.lora_slots: dict[int, SlotLoRA] = {}
 
     def load_shard(self, shard: str, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         """Copy an HF weight ([out, in], as in nn.Linear) and/or bias ([out]) into shard `shard`.
@@ -65,7 +65,8 @@ class Linear(nn.Module):
         if a_t.shape[0] != self.in_features or b_t.shape != (a_t.shape[1], end - start):
             raise ValueError(f"shard {shard!r}: LoRA shapes {tuple(a_t.shape)} / {tuple(b_t.shape)} do not fit "
                              f"[{self.in_features}, r] / [r, {end - start}]")
-        self.lora_slots.setdefault(slot, []).append(ShardLoRA(start, end, a_t, b_t))
+        shards = self.lora_slots[slot].shards if slot in self.lora_slots else []
+        self.lora_slots[slot] = SlotLoRA.fuse(shards + [ShardLoRA(start, end, a_t, b_t)], self.out_features)
 
     def clear_lora(self, slot: int) -> None:
         self.lora_slots.pop(slot, None)
