@@ -132,6 +132,10 @@ def test_bad_adapters_raise_and_lose_nothing(base_dir, adapter_dirs, tmp_path):
             llm.generate([PROMPTS[0], PROMPTS[1]], SamplingParams(max_tokens=2), lora_request=[None, lora],
                          use_tqdm=False)
         assert not llm.llm_engine.has_unfinished_requests()
+    three = [LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapter_dirs.items())]
+    with pytest.raises(ValueError, match="max_loras"):  # 3 adapters held at once in 2 slots
+        llm.generate([PROMPTS[0]] * 3, SamplingParams(max_tokens=2), lora_request=three, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
     plain = LLM(str(base_dir))
     with pytest.raises(ValueError, match="enable_lora"):
         plain.generate(PROMPTS[0], SamplingParams(max_tokens=2), lora_request=LoRARequest("a", 1, str(src)),
