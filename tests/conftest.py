@@ -84,14 +84,15 @@ def smollm2_reference_dir(default_gguf_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference(smollm2_reference_dir: Path):
+def reference(smollm2_reference_dir: Path):
     """transformers' float32 model of the default weights (the parity reference), loaded once."""
     return AutoModelForCausalLM.from_pretrained(str(smollm2_reference_dir), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")
-def default_llm():
-    """One `LLM` on the default model with default engine arguments, shared by the test modules."""
+def llm():
+    """One `LLM` on the default model with default engine arguments, shared by the test modules
+    (a module needing other engine arguments defines its own `llm`)."""
     from loomlm import LLM
 
     return LLM(DEFAULT_MODEL)

@@ -25,16 +25,6 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "Th
            "Water boils at"]
 
 
-@pytest.fixture(scope="module")
-def llm(default_llm) -> LLM:
-    return default_llm
-
-
-@pytest.fixture(scope="module")
-def reference(smollm2_reference):
-    return smollm2_reference
-
-
 @torch.inference_mode()
 def reference_beam_search(model, prompt: list[int], width: int, max_tokens: int, eos: int,
                           length_penalty: float, ignore_eos: bool) -> list[tuple[list[int], float]]:

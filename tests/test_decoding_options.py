@@ -18,11 +18,6 @@ def llm() -> LLM:
     return LLM("smollm2-135m-instruct", max_num_batched_tokens=16, max_num_seqs=16)
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2_reference):
-    return smollm2_reference
-
-
 def reference_logprobs(reference, token_ids: list[int]) -> torch.Tensor:
     """log_softmax of transformers' logits at every position: [len, vocab]."""
     with torch.inference_mode():

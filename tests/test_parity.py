@@ -33,16 +33,6 @@ RAW = [
 
 
 @pytest.fixture(scope="module")
-def llm(default_llm) -> LLM:
-    return default_llm
-
-
-@pytest.fixture(scope="module")
-def reference(smollm2_reference):
-    return smollm2_reference
-
-
-@pytest.fixture(scope="module")
 def prompts(llm) -> list[str]:
     tok = llm.get_tokenizer()
     chat = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)

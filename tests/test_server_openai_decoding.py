@@ -19,11 +19,6 @@ PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2_reference):
-    return smollm2_reference
-
-
 def test_completion_logprobs_shape(client: OpenAI) -> None:
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
     choice = out.choices[0]

@@ -83,11 +83,6 @@ REGEXES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llm(default_llm) -> LLM:
-    return default_llm
-
-
 def constrained(llm: LLM, prompt: str, so: StructuredOutputsParams) -> list[str]:
     """Texts sampled at temperature 1, one per seed."""
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=200, structured_outputs=so) for s in SEEDS]

@@ -53,6 +53,7 @@ class BeamSearchGroup:
         self._num_forks = 0
 
     def add_candidates(self, beam_id: str, entry: PositionLogprobs) -> None:
+        """Record a live beam's top-2k next tokens for this round."""
         self.pending[beam_id] = entry  # a recomputed beam reports the same candidates again
 
     @property
@@ -115,6 +116,7 @@ class BeamSearchGroup:
                                   cum_logprob=cand.cum_logprob, finish_reason=finish_reason)
 
     def abort(self, scheduler: Scheduler) -> None:
+        """Finish every live beam (their blocks are freed); the search ends without a result."""
         for beam in self.beams:
             scheduler.abort(beam)
         self.beams = []

@@ -206,14 +206,14 @@ class ModelRunner:
         flat_rows = [r for batch_rows, _, _ in rows.values() for r in batch_rows]
         targets = [t for _, request_targets, _ in rows.values() for t in request_targets]
         k = max(num for _, _, num in rows.values())
-        out: dict[str, list[PositionLogprobs]] = {}
-        start = 0
         # Chunks of 512 rows bound the [rows, vocab] logits (100 MiB at a 49k vocabulary).
         all_positions: list[PositionLogprobs] = []
         for begin in range(0, len(flat_rows), 512):
             logits = self.model.compute_logits(hidden[flat_rows[begin:begin + 512]])
             target_ids = torch.tensor(targets[begin:begin + 512], dtype=torch.int64, device=self.device)
             all_positions.extend(_logprob_lists(gather_logprobs(logits.log_softmax(dim=-1), k, target_ids)))
+        out: dict[str, list[PositionLogprobs]] = {}
+        start = 0
         for request_id, (batch_rows, _, _) in rows.items():
             out[request_id] = all_positions[start:start + len(batch_rows)]
             start += len(batch_rows)

@@ -225,7 +225,7 @@ def _jump_forward(request: Request) -> bool:
     """Append the tokens a constraint forces next without sampling them; returns whether one
     of them ended the request. Skipped when logprobs are asked for (a forced token has none)."""
     grammar = request.structured_output
-    if grammar is None or request.logprobs is not None or request.needs_logprobs:
+    if grammar is None or request.needs_logprobs:
         return False
     for token_id in grammar.forced_tokens():
         request.append_output_token(token_id)

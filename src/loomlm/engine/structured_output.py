@@ -148,6 +148,3 @@ class StructuredOutputManager:
         llguidance.torch.fill_next_token_bitmask_par(self._executor, [(s.matcher, i) for i, s in enumerate(states)],
                                                      mask)
         return mask
-
-    def shutdown(self) -> None:
-        self._compile_pool.shutdown(wait=False)

@@ -89,6 +89,8 @@ class Sampler:
         return logits
 
     def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Processed logits [num_rows, vocab_size] -> token ids [num_rows]: argmax for greedy rows, else a
+        draw after temperature, min-p, typical-p and top-k / top-p."""
         greedy_ids = logits.argmax(dim=-1)
         if meta.all_greedy:
             return greedy_ids

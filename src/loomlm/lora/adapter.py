@@ -31,10 +31,6 @@ class LoRAWeights:
     a_t: torch.Tensor  # [in_features, rank]
     b_t: torch.Tensor  # [rank, out_features], already multiplied by the scaling
 
-    @property
-    def rank(self) -> int:
-        return self.a_t.shape[1]
-
 
 @dataclass
 class LoRAAdapter:

@@ -105,4 +105,5 @@ class LoRAManager:
 
     @property
     def loaded(self) -> list[str]:
+        """Names of the installed adapters, least recently used first."""
         return list(self._slots)

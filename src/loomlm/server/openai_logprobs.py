@@ -10,6 +10,7 @@ characters from the start of the choice's text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from loomlm.outputs import Logprob, RequestOutput
@@ -28,8 +29,13 @@ def _clamp(logprob: float) -> float:
     return max(logprob, _MIN_LOGPROB)
 
 
+def _text(token_id: int, lp: Logprob | None, token_text: Callable[[int], str]) -> str:
+    """The entry's decoded token, else the token decoded on its own."""
+    return lp.decoded_token if lp is not None and lp.decoded_token is not None else token_text(token_id)
+
+
 def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob] | None], num_top: int,
-                        token_text, initial_text_offset: int = 0) -> CompletionLogProbs:
+                        token_text: Callable[[int], str], initial_text_offset: int = 0) -> CompletionLogProbs:
     """token_ids[i] with its entry logprobs[i] (None: no logprob, the first echoed prompt token).
 
     token_text(token_id) -> str decodes one token. Offsets start at `initial_text_offset` (characters).
@@ -37,7 +43,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob] 
     out = CompletionLogProbs()
     offset = initial_text_offset
     for token_id, entry in zip(token_ids, logprobs):
-        text = entry[token_id].decoded_token if entry and entry[token_id].decoded_token is not None else token_text(token_id)
+        text = _text(token_id, entry[token_id] if entry else None, token_text)
         out.tokens.append(text)
         out.text_offset.append(offset)
         offset += len(text)
@@ -50,22 +56,22 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob] 
         for i, (tid, lp) in enumerate(entry.items()):
             if i > num_top:  # the chosen token, then num_top alternatives
                 break
-            top.setdefault(lp.decoded_token if lp.decoded_token is not None else token_text(tid), _clamp(lp.logprob))
+            top.setdefault(_text(tid, lp, token_text), _clamp(lp.logprob))
         out.top_logprobs.append(top)
     return out
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], num_top: int,
-                  token_text) -> ChatCompletionLogProbs:
+                  token_text: Callable[[int], str]) -> ChatCompletionLogProbs:
     """Chat `logprobs.content`: one entry per generated token, `top_logprobs` its top `num_top` by rank."""
     content = []
     for token_id, entry in zip(token_ids, logprobs):
         chosen = entry[token_id]
-        text = chosen.decoded_token if chosen.decoded_token is not None else token_text(token_id)
+        text = _text(token_id, chosen, token_text)
         ranked = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= num_top)
         top = []
         for _, tid, lp in ranked:
-            top_text = lp.decoded_token if lp.decoded_token is not None else token_text(tid)
+            top_text = _text(tid, lp, token_text)
             top.append(ChatCompletionLogProb(token=top_text, logprob=_clamp(lp.logprob), bytes=list(top_text.encode())))
         content.append(ChatCompletionLogProbsContent(token=text, logprob=_clamp(chosen.logprob),
                                                      bytes=list(text.encode()), top_logprobs=top))

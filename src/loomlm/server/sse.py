@@ -18,7 +18,7 @@ from typing import TypeVar
 import anyio
 from starlette.requests import Request
 
-from loomlm.outputs import RequestOutput
+from loomlm.outputs import Logprob, RequestOutput
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ class TextDelta:
     stop_reason: int | str | None
     text_offset: int = 0  # characters of this choice sent before `text`
     token_ids: list[int] = field(default_factory=list)  # tokens generated since the previous delta
-    logprobs: list | None = None  # their logprob entries, when the request asked for logprobs
+    logprobs: list[dict[int, Logprob]] | None = None  # their logprob entries, when asked for
 
 
 @dataclass
