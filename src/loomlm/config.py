@@ -64,11 +64,14 @@ class CacheConfig:
         block_size: tokens per KV block.
         kv_cache_memory_bytes: memory budget for the KV block pool (bytes).
         num_gpu_blocks_override: exact number of blocks (vLLM's name; any device); wins over the budget.
+        enable_prefix_caching: share the KV blocks of cached prompt prefixes between requests
+            (vLLM's name and default).
     """
 
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
     num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -116,14 +119,24 @@ class LoRAConfig:
         enable_lora: accept requests that name an adapter.
         max_loras: adapters installed in the model at once (LoRAX's --max-active-adapters);
             an idle one is evicted, least recently used first, when another is needed.
+        max_cpu_loras: adapters kept in host memory, ready to install (None: max_loras).
+        lora_adapter_ids: adapters to load at start-up (LoRAX's --adapter-ids; see
+            `loomlm.lora.source.resolve_adapter` for what an id may be).
     """
 
     enable_lora: bool = False
     max_loras: int = 8
+    max_cpu_loras: int | None = None
+    lora_adapter_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be positive, got {self.max_loras}.")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras}).")
+        if self.lora_adapter_ids and not self.enable_lora:
+            raise ValueError("lora_adapter_ids needs enable_lora=True.")
+        object.__setattr__(self, "lora_adapter_ids", tuple(self.lora_adapter_ids))
 
 
 @dataclass(frozen=True)

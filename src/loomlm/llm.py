@@ -72,12 +72,8 @@ class LLM:
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt loses no work.
         encoded = [engine.encode_prompt(prompt, params) for prompt, params in zip(prompt_list, params_list)]
+        # More adapters than slots is fine: a request waits for a slot to free up.
         adapters = {lora.lora_name: lora for lora in lora_list if lora is not None}
-        max_loras = engine.config.lora_config.max_loras
-        if len(adapters) > max_loras:
-            # All of them are held until their requests finish: more than the slots cannot be queued.
-            raise ValueError(f"this call names {len(adapters)} adapters but max_loras is {max_loras}; "
-                             "raise max_loras or split the call.")
         for lora in adapters.values():
             engine.check_lora(lora)
         request_ids = []

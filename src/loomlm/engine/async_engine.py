@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.config import EngineConfig
 from loomlm.engine.llm_engine import EncodedPrompt, LLMEngine
+from loomlm.lora.request import LoRARequest
 from loomlm.outputs import RequestOutput
 from loomlm.sampling_params import SamplingParams
 
@@ -35,6 +36,8 @@ class _PendingAdd:
     prompt: EncodedPrompt
     params: SamplingParams | BeamSearchParams
     queue: asyncio.Queue
+    lora_request: LoRARequest | None = None
+    prompt_logprobs_from: int = 0
 
 
 class AsyncLLMEngine:
@@ -78,15 +81,47 @@ class AsyncLLMEngine:
             self._event_loop = asyncio.get_running_loop()
             self._loop_task = self._event_loop.create_task(self._run_loop())
 
+    async def lora_for_model(self, name: str | None) -> LoRARequest | None:
+        """What a request's model name selects (OpenAI `model=`, LLM Engine's endpoint name):
+        None for the served model (or no name), else the adapter of that id, resolved and
+        loaded in worker threads.
+
+        Raises LookupError: neither the served model nor an adapter; ValueError: the adapter
+        exists but fails to load.
+        """
+        if name is None or name == self.served_model_name:
+            return None
+        if self.engine.lora_manager is None:
+            raise LookupError(f"The model `{name}` does not exist.")
+        try:
+            lora = await asyncio.to_thread(self.engine.lora_request_for, name)
+        except ValueError as exc:
+            raise LookupError(f"The model `{name}` does not exist.") from exc
+        await self.load_lora(lora)
+        return lora
+
+    async def load_lora(self, lora_request: LoRARequest) -> None:
+        """Read the adapter into the engine's host cache in a worker thread (decoding goes on).
+
+        Raises ValueError: LoRA not enabled, or a bad adapter (see `LoRAManager.load`).
+        """
+        await asyncio.to_thread(self.engine.check_lora, lora_request)
+
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request: LoRARequest | None = None,
+                       prompt_logprobs_from: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield cumulative RequestOutputs for one request; the last has `finished=True`.
 
-        Raises ValueError before yielding anything when the prompt or parameters are invalid.
+        With `lora_request`, the adapter is loaded first (`load_lora`). `prompt_logprobs_from`:
+        see `LLMEngine.add_request`. Raises ValueError before yielding anything when the
+        prompt, the parameters or the adapter are invalid.
         """
         request_id = request_id or uuid.uuid4().hex
         # Validate here, in the caller's task, so bad input is reported to this caller only.
-        queue = self._submit(request_id, self.engine.encode_prompt(prompt, sampling_params), sampling_params)
+        encoded = self.engine.encode_prompt(prompt, sampling_params)
+        if lora_request is not None:
+            await self.load_lora(lora_request)
+        queue = self._submit(request_id, encoded, sampling_params, lora_request, prompt_logprobs_from)
         finished = False
         try:
             while True:
@@ -111,8 +146,8 @@ class AsyncLLMEngine:
             if self._wakeup is not None:
                 self._wakeup.set()
 
-    def _submit(self, request_id: str, encoded: EncodedPrompt, params: SamplingParams | BeamSearchParams
-                ) -> asyncio.Queue:
+    def _submit(self, request_id: str, encoded: EncodedPrompt, params: SamplingParams | BeamSearchParams,
+                lora_request: LoRARequest | None = None, prompt_logprobs_from: int = 0) -> asyncio.Queue:
         """Queue an add for the step loop; returns the queue its outputs will arrive on."""
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
@@ -121,7 +156,7 @@ class AsyncLLMEngine:
         self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._pending_adds.append(_PendingAdd(request_id, encoded, params, queue))
+        self._pending_adds.append(_PendingAdd(request_id, encoded, params, queue, lora_request, prompt_logprobs_from))
         self._wakeup.set()
         return queue
 
@@ -164,7 +199,8 @@ class AsyncLLMEngine:
                     if isinstance(add.params, BeamSearchParams):
                         engine.add_beam_search_request(add.request_id, add.prompt, add.params)
                     else:
-                        engine.add_request(add.request_id, add.prompt, add.params)
+                        engine.add_request(add.request_id, add.prompt, add.params, lora_request=add.lora_request,
+                                           prompt_logprobs_from=add.prompt_logprobs_from)
                 except ValueError as exc:
                     add.queue.put_nowait(exc)
             if aborts:
@@ -196,6 +232,8 @@ class AsyncLLMEngine:
         """Stop the background loop; safe to call from any thread."""
         self._stopped = True
         self._step_executor.shutdown(wait=False)
+        if self.engine.lora_manager is not None:
+            self.engine.lora_manager.shutdown()
         loop, task = self._event_loop, self._loop_task
         if loop is None or task is None or loop.is_closed():
             return

@@ -25,6 +25,7 @@ from loomlm.engine.scheduler import GrammarBitmask, Scheduler, SchedulerOutput
 from loomlm.engine.structured_output import StructuredOutputManager
 from loomlm.lora.manager import LoRAManager
 from loomlm.lora.request import LoRARequest
+from loomlm.lora.source import resolve_adapter
 from loomlm.models.loader import iter_weights, load_tokenizer, resolve_model
 from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from loomlm.sampling_params import SamplingParams
@@ -85,12 +86,19 @@ class LLMEngine:
             logger.warning("KV cache holds %d tokens < context window %d: capping max_model_len", capacity, max_len)
             max_len = capacity
         self.max_model_len = max_len
-        self.block_manager = BlockManager(self.model_runner.num_blocks, config.cache_config.block_size)
-        self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
-        self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, config.cache_config.block_size,
+                                          config.cache_config.enable_prefix_caching)
         lc = config.lora_config
-        self.lora_manager = (LoRAManager(self.model_runner.model, lc.max_loras, mc.torch_dtype, mc.torch_device)
-                             if lc.enable_lora else None)
+        self.lora_manager = (LoRAManager(self.model_runner.model, lc.max_loras, mc.torch_dtype, mc.torch_device,
+                                         lc.max_cpu_loras) if lc.enable_lora else None)
+        self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.lora_manager)
+        self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
+        self.lora_requests: dict[str, LoRARequest] = {}  # adapter id -> its request, for adapters named so far
+        for adapter_id in lc.lora_adapter_ids:  # LoRAX's --adapter-ids: loaded and installed now
+            lora = self.lora_request_for(adapter_id)
+            self.check_lora(lora)
+            if self.lora_manager.acquire(lora) is not None:
+                self.lora_manager.release(lora.lora_name)
         self.user_requests: dict[str, _UserRequest] = {}
         self._token_texts: dict[int, str] = {}
         self._structured_outputs: StructuredOutputManager | None = None
@@ -147,18 +155,42 @@ class LLMEngine:
                 f"{n} tokens, which leaves no room for the completion. Please reduce the length of the prompt.")
         return encoded
 
+    def lora_request_for(self, adapter_id: str, adapter_source: str | None = None,
+                         api_token: str | None = None) -> LoRARequest:
+        """The LoRARequest for an adapter id (LoRAX's adapter_id / adapter_source; see
+        `loomlm.lora.source`). Blocking (may read the Hugging Face cache or download from S3).
+
+        Raises ValueError: LoRA not enabled, or an id that resolves to no adapter.
+        """
+        if self.lora_manager is None:
+            raise ValueError("LoRA adapters need the engine argument enable_lora=True (loomlm serve --enable-lora).")
+        known = self.lora_requests.get(adapter_id)
+        if known is not None and adapter_source is None:
+            return known
+        path = resolve_adapter(adapter_id, adapter_source, api_token)
+        if known is not None and known.lora_path == path:
+            return known
+        lora = LoRARequest(adapter_id, len(self.lora_requests) + 1, path)
+        self.lora_requests.setdefault(adapter_id, lora)
+        return lora
+
     def check_lora(self, lora_request: LoRARequest | None) -> None:
-        """Load (or find) the adapter now, so a bad one raises ValueError before anything is queued."""
+        """Read the adapter into the host cache now (blocking; thread-safe), so a bad one raises
+        ValueError before anything is queued. Servers call it in a worker thread."""
         if lora_request is None:
             return
         if self.lora_manager is None:
             raise ValueError("LoRA adapters need the engine argument enable_lora=True.")
-        self.lora_manager.acquire(lora_request)
-        self.lora_manager.release(lora_request.lora_name)
+        self.lora_manager.load(lora_request)
 
     def add_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
-                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                    prompt_logprobs_from: int = 0) -> None:
         """Queue a request. Raises ValueError for bad input or a duplicate id (nothing is queued then).
+
+        `prompt_logprobs_from`: with `params.prompt_logprobs`, only positions from this one on
+        need logprobs (the others come back None), so the prefix cache may serve the prompt
+        before it: continuation scoring prefills a shared prompt once.
 
         `best_of > n` runs best_of sequences and returns the n with the highest cumulative
         logprob once all have finished (vLLM v0's semantics); no intermediate outputs then.
@@ -166,10 +198,8 @@ class LLMEngine:
         if request_id in self.user_requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids = self.encode_prompt(prompt, params)
-        lora_slot = None
-        if lora_request is not None:
-            self.check_lora(lora_request)
-            lora_slot = self.lora_manager.acquire(lora_request)  # released when the request ends
+        if lora_request is not None and self.lora_manager is None:
+            raise ValueError("LoRA adapters need the engine argument enable_lora=True.")
         arrival = arrival_time or time.time()
         max_tokens = self.max_model_len - len(token_ids)
         if params.max_tokens is not None:
@@ -190,16 +220,13 @@ class LLMEngine:
             if params.structured_outputs is not None:
                 seq.structured_output = self.structured_outputs.request_state(params.structured_outputs)
             seq.needs_logprobs = params.needs_sampled_logprob
-            seq.lora_slot = lora_slot
+            seq.lora_request = lora_request  # its slot is taken when the scheduler admits it
+            seq.prompt_logprobs_from = prompt_logprobs_from
             sequences.append(seq)
         self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival, params,
                                                       lora_request)
         for seq in sequences:
             self.scheduler.add_request(seq)
-
-    def _release_lora(self, user: _UserRequest) -> None:
-        if user.lora_request is not None:
-            self.lora_manager.release(user.lora_request.lora_name)
 
     def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each word tokenized bare and with a leading space (vLLM's bad_words), without duplicates."""
@@ -223,7 +250,6 @@ class LLMEngine:
             user = self.user_requests.pop(rid, None)
             if user is None:
                 continue
-            self._release_lora(user)
             for seq in user.sequences:
                 self.scheduler.abort(seq)
 
@@ -237,8 +263,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every user request that got new tokens."""
         scheduler_output = self.scheduler.schedule()
+        failed, self.scheduler.finished_by_scheduler = self.scheduler.finished_by_scheduler, []
         if scheduler_output.is_empty:
-            return []
+            if not failed:
+                # Everything waits on a background adapter load or grammar compile: do not spin.
+                time.sleep(0.002)
+            return self._make_outputs(failed)
         tables = {it.request.request_id: self.block_manager.block_table(it.request.request_id)
                   for it in scheduler_output.scheduled}
         constrained = [it.request for it in scheduler_output.scheduled
@@ -257,7 +287,7 @@ class LLMEngine:
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         if beam_candidates:
             self._advance_beam_searches(beam_candidates)
-        return self._make_outputs(updated)
+        return self._make_outputs(failed + updated)
 
     # -------------------------------------------------------------- beam search
     def add_beam_search_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt,
@@ -350,7 +380,6 @@ class LLMEngine:
                 continue
             if output.finished:
                 del self.user_requests[user.request_id]
-                self._release_lora(user)
             outputs.append(output)
         return outputs
 
@@ -384,7 +413,9 @@ class LLMEngine:
         return RequestOutput(request_id=user.request_id, prompt=user.prompt,
                              prompt_token_ids=user.prompt_token_ids,
                              prompt_logprobs=list(prompt_logprobs) if prompt_logprobs is not None else None,
-                             outputs=completions, finished=finished, metrics=metrics)
+                             outputs=completions, finished=finished, metrics=metrics,
+                             lora_request=user.lora_request,
+                             num_cached_tokens=user.sequences[0].num_cached_tokens)
 
 
 def _sliding_window(hf_config) -> int | None:

@@ -20,6 +20,7 @@ from loomlm.outputs import Logprob
 
 if TYPE_CHECKING:
     from loomlm.engine.structured_output import StructuredOutputRequest
+    from loomlm.lora.request import LoRARequest
 from loomlm.sampling_params import SamplingParams
 
 
@@ -69,6 +70,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.detokenizer = detokenizer
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.first_scheduled_time: float | None = None
@@ -82,7 +84,12 @@ class Request:
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if sampling_params.prompt_logprobs is not None else None)
-        # The adapter slot its tokens run with (None: the base model); set by the engine.
+        # Prompt logprobs are wanted from this position on (0: all); the prefix cache may serve
+        # the positions before it (set by the engine: continuation scoring).
+        self.prompt_logprobs_from = 0
+        # Its adapter (None: the base model), and the slot holding it while the request holds
+        # one (set by the scheduler at admission, cleared when the request finishes).
+        self.lora_request: LoRARequest | None = None
         self.lora_slot: int | None = None
         # Set by the engine for a constrained request (structured outputs).
         self.structured_output: StructuredOutputRequest | None = None

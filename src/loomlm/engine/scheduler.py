@@ -13,6 +13,7 @@ scheduler (`vllm/v1/core/sched/scheduler.py`), without its phases.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ import torch
 from loomlm.config import SchedulerConfig
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.request import Request, RequestStatus
+from loomlm.lora.manager import LoRAManager
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,12 +68,16 @@ class SchedulerOutput:
 class Scheduler:
     """Decides each step which requests run and how many tokens each computes (module docstring: policy)."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 lora_manager: LoRAManager | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.lora_manager = lora_manager  # adapter slots, taken when a request is admitted
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # since start; read by tests and metrics
+        # Requests the scheduler finished itself (an adapter that failed to load), not reported yet.
+        self.finished_by_scheduler: list[Request] = []
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -118,17 +126,42 @@ class Scheduler:
             break  # the request itself was preempted: it was the last running one
 
         # Admit waiting requests only if nobody was preempted this step (the pool is tight),
-        # in arrival order, passing over those whose grammar is still compiling.
+        # in arrival order, passing over those whose grammar is still compiling or whose
+        # adapter is loading or has no free slot yet.
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs or out.preempted_request_ids:
                 break
             if request.structured_output is not None and not request.structured_output.is_ready:
                 continue
-            num_new = self._chunk(request, budget)
-            if not bm.can_allocate(request.request_id, request.num_computed_tokens + num_new):
+            if request.lora_request is not None and request.lora_slot is None and not self._take_lora_slot(request):
+                continue
+            # Prefix caching: a request starting from scratch shares the cached blocks of its
+            # longest cached prefix and computes only the rest.
+            cached = []
+            if request.num_computed_tokens == 0:
+                # Prompt logprobs need the logits of every position they score (vLLM skips the
+                # cache for them): only the positions before `prompt_logprobs_from` may be hits.
+                lookup = request.all_token_ids
+                if request.sampling_params.prompt_logprobs is not None:
+                    lookup = lookup[:request.prompt_logprobs_from]
+                cached = bm.find_cached_prefix(lookup, _cache_extra(request))
+            num_computed = max(request.num_computed_tokens, len(cached) * bm.block_size)
+            num_new = min(request.num_tokens - num_computed, budget)
+            if self.config.long_prefill_token_threshold:
+                num_new = min(num_new, self.config.long_prefill_token_threshold)
+            if not (bm.can_allocate_with_prefix(cached, num_computed + num_new) if request.num_computed_tokens == 0
+                    else bm.can_allocate(request.request_id, num_computed + num_new)):
                 break
             self.waiting.remove(request)
-            bm.allocate(request.request_id, request.num_computed_tokens + num_new)
+            if request.num_computed_tokens == 0:
+                bm.take_cached_prefix(request.request_id, cached, request.num_tokens)
+                request.num_computed_tokens = num_computed
+                if request.prompt_logprobs is not None and num_computed + 1 > len(request.prompt_logprobs):
+                    # Positions 1..num_computed were served by the cache: no logprobs for them.
+                    request.prompt_logprobs.extend([None] * (num_computed + 1 - len(request.prompt_logprobs)))
+                if request.num_preemptions == 0:
+                    request.num_cached_tokens = num_computed
+            bm.allocate(request.request_id, num_computed + num_new)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
@@ -139,11 +172,26 @@ class Scheduler:
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return out
 
+    def _take_lora_slot(self, request: Request) -> bool:
+        """Give the request its adapter's slot; False when it must wait. A failed adapter load
+        finishes the request (aborted): it cannot run."""
+        try:
+            request.lora_slot = self.lora_manager.acquire(request.lora_request)
+        except ValueError as exc:
+            logger.error("request %s: adapter %s failed to load: %s", request.request_id,
+                         request.lora_request.lora_name, exc)
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+            self.finished_by_scheduler.append(request)
+            return False
+        return request.lora_slot is not None
+
     def fork(self, parent: Request, child_id: str) -> Request:
         """A copy of `parent` under `child_id` sharing its KV blocks (reference counts), queued
         right after it (running or waiting, as the parent is)."""
         child = parent.fork(child_id)
         self.block_manager.fork(parent.request_id, child_id)
+        if child.lora_slot is not None:  # the child holds the adapter's slot too
+            self.lora_manager.acquire(child.lora_request)
         queue = self.running if parent in self.running else self.waiting
         queue.insert(queue.index(parent) + 1, child)
         return child
@@ -166,6 +214,9 @@ class Scheduler:
         for item in scheduler_output.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
+            # Register blocks this step filled (before a stop frees them: a finished prompt is reusable).
+            self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids,
+                                                 request.num_computed_tokens, _cache_extra(request))
             token_id = sampled_token_ids.get(request.request_id)
             if token_id is None:
                 continue  # a prefill chunk that has not reached the end of the prompt yet
@@ -186,10 +237,18 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.block_manager.free(request.request_id)
+        if request.lora_slot is not None:
+            self.lora_manager.release(request.lora_request.lora_name)
+            request.lora_slot = None
 
     def abort(self, request: Request) -> None:
         if not request.is_finished:
             self.finish(request, RequestStatus.FINISHED_ABORTED)
+
+
+def _cache_extra(request: Request) -> str | None:
+    """What besides the tokens decides a block's KV: the adapter the request runs with."""
+    return request.lora_request.lora_name if request.lora_request is not None else None
 
 
 def check_stop(request: Request, token_id: int) -> bool:

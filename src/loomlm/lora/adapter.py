@@ -26,10 +26,22 @@ _KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+
 
 @dataclass
 class LoRAWeights:
-    """One projection's low-rank update: delta = x @ a_t @ b_t (scaling folded into b_t)."""
+    """One projection's low-rank update: delta = scaling * x @ a_t @ b_t.
+
+    `a_t` and `b_t` are PEFT's lora_A / lora_B weights transposed, unscaled (merging needs
+    them so: `loomlm.lora.merge`); `b_t_scaled` is what a slot holds.
+    """
 
     a_t: torch.Tensor  # [in_features, rank]
-    b_t: torch.Tensor  # [rank, out_features], already multiplied by the scaling
+    b_t: torch.Tensor  # [rank, out_features]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.a_t.shape[1]
+
+    def b_t_scaled(self) -> torch.Tensor:
+        return self.b_t * self.scaling
 
 
 @dataclass
@@ -62,12 +74,19 @@ def load_peft_adapter(name: str, path: str | Path, num_layers: int, dtype: torch
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
         raise ValueError(f"adapter {name!r}: no adapter_config.json + adapter_model.safetensors in {path}.")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"adapter {name!r}: adapter_config.json is not valid JSON: {exc}") from exc
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA.")
     alpha, use_rslora = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora", False))
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights_file)).items():
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error type for a corrupt file
+        raise ValueError(f"adapter {name!r}: cannot read {weights_file.name}: {exc}") from exc
+    for key, tensor in tensors.items():
         match = _KEY.search(key)
         if match is None:
             raise ValueError(f"adapter {name!r}: unsupported weight {key!r} (LoRA on {', '.join(SUPPORTED_TARGETS)} "
@@ -88,7 +107,7 @@ def load_peft_adapter(name: str, path: str | Path, num_layers: int, dtype: torch
         a = _pattern_value(config.get("alpha_pattern"), module_key, alpha)
         scaling = a / math.sqrt(r) if use_rslora else a / r
         weights[(layer, module)] = LoRAWeights(ab["A"].t().contiguous().to(dtype),
-                                               (ab["B"].t() * scaling).contiguous().to(dtype))
+                                               ab["B"].t().contiguous().to(dtype), scaling)
     if not weights:
         raise ValueError(f"adapter {name!r}: no LoRA weights found.")
     return LoRAAdapter(name, weights)

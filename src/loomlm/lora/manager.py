@@ -1,44 +1,162 @@
-"""Adapter slots: which adapters are installed in the model, loaded on demand, evicted LRU.
+"""Adapter slots and the adapter cache: which adapters are installed in the model, loaded off
+the step thread, evicted LRU.
 
-An adapter is loaded (PEFT format, `loomlm.lora.adapter`) the first time a
-request names it and installed in a free slot of every targeted `Linear`;
-`max_loras` slots exist. A slot whose adapter no unfinished request uses may
-be reused: the least recently used such adapter is evicted. Requests hold
-their adapter with `acquire` / `release`.
+Two levels, as in vLLM (`max_loras` on the device, `max_cpu_loras` in host memory) and LoRAX
+(`--max-active-adapters`):
+- host cache: adapters read from disk (PEFT format, `loomlm.lora.adapter`) or merged
+  (`loomlm.lora.merge`), LRU-bounded. `load()` fills it; it is thread-safe and is what the
+  server calls in a worker thread (`AsyncLLMEngine.load_lora`), so reading a file never
+  stalls decoding.
+- slots: `max_loras` adapters installed in every targeted `Linear`. The scheduler calls
+  `acquire()` when it admits a request: an installed adapter is a hit; a cached one is
+  installed into a free slot, evicting the least recently used adapter that no unfinished
+  request holds; one not cached yet is loaded in a background thread while the request
+  waits (other requests keep running). Requests hold a slot until they finish (`release`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from loomlm.lora.adapter import load_peft_adapter
+from loomlm.lora.adapter import LoRAAdapter, load_peft_adapter
 from loomlm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
 
 class LoRAManager:
-    """Owns the model's adapter slots (see the module docstring).
+    """Owns the model's adapter slots and the host cache (see the module docstring).
 
     Args:
         model: a Llama-family model (`layers[i].self_attn.qkv_proj`, ... and `_FUSED`).
-        max_loras: adapters installed at once.
+        max_loras: adapters installed at once (slots).
+        max_cpu_loras: adapters kept in host memory (at least max_loras).
+
+    Counters (read by /metrics): `num_loads` adapters installed into a slot, `num_hits`
+    requests that found their adapter installed, `num_evictions` adapters removed from a slot.
     """
 
-    def __init__(self, model, max_loras: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model, max_loras: int, dtype: torch.dtype, device: torch.device,
+                 max_cpu_loras: int | None = None) -> None:
         self.model = model
         self.max_loras = max_loras
+        self.max_cpu_loras = max(max_cpu_loras or 0, max_loras)
         self.dtype, self.device = dtype, device
         self.num_layers = len(model.layers)
         self._slots: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recently used first
-        self._paths: dict[str, str] = {}
-        self._users: dict[str, int] = {}  # adapter name -> unfinished requests using it
+        self._users: dict[str, int] = {}  # adapter name -> unfinished requests holding its slot
+        self._lock = threading.Lock()  # guards the host cache and the sources (load() runs in threads)
+        self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()  # host cache, least recently used first
+        self._sources: dict[str, str] = {}  # adapter name -> the path (or merge definition) it came from
+        self._loading: dict[str, Future] = {}  # background loads started by acquire()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loomlm-lora-load")
         self.num_loads = 0
         self.num_hits = 0
         self.num_evictions = 0
+
+    # ------------------------------------------------------------------ host cache
+    def load(self, request: LoRARequest) -> None:
+        """Read (or merge) the request's adapter into the host cache unless it is there already.
+
+        Thread-safe; blocking (reads files). Raises ValueError: a bad adapter, a merge peft
+        refuses, or a name already used for a different source.
+        """
+        name, source = request.lora_name, request.source
+        with self._lock:
+            known = self._sources.get(name)
+            if known is not None and known != source:
+                raise ValueError(f"adapter {name!r} is already loaded from {known}; use another name.")
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return
+        if request.merge_config is not None:
+            from loomlm.lora.merge import (
+                merge_adapters,  # peft's merge utilities load only when merging
+            )
+
+            for part in request.merged_from:
+                self.load(part)
+            with self._lock:
+                parts = [self._cache[part.lora_name] for part in request.merged_from]
+            # dare_* prune at random: seed from the definition so a merge evicted and redone is identical.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_stable_seed(source))
+                adapter = merge_adapters(name, parts, request.merge_config)
+        else:
+            adapter = load_peft_adapter(name, request.lora_path, self.num_layers, self.dtype)
+        self._check_fits(adapter)
+        with self._lock:
+            self._sources[name] = source
+            self._cache[name] = adapter
+            self._cache.move_to_end(name)
+            while len(self._cache) > self.max_cpu_loras:
+                self._cache.popitem(last=False)  # a request that needs it again reloads it
+
+    def _check_fits(self, adapter: LoRAAdapter) -> None:
+        """ValueError unless every projection's A / B shapes fit the model (checked at load time,
+        so a mismatched adapter is refused before its request is queued)."""
+        for (layer, module), w in adapter.weights.items():
+            linear, shard = self._target(layer, module)
+            start, end = linear.shard_offsets[shard]
+            if w.a_t.shape[0] != linear.in_features or w.b_t.shape[1] != end - start:
+                raise ValueError(f"adapter {adapter.name!r}: layer {layer} {module}: LoRA shapes "
+                                 f"{tuple(w.a_t.shape)} / {tuple(w.b_t.shape)} do not fit the model's "
+                                 f"[{linear.in_features} -> {end - start}] projection.")
+
+    def _cached(self, name: str) -> LoRAAdapter | None:
+        with self._lock:
+            adapter = self._cache.get(name)
+            if adapter is not None:
+                self._cache.move_to_end(name)
+            return adapter
+
+    # ----------------------------------------------------------------------- slots
+    def acquire(self, request: LoRARequest) -> int | None:
+        """The slot of the request's adapter, installing it if needed; None when the request must
+        wait (its adapter is loading in the background, or every slot is held by running requests).
+
+        Called by the scheduler (the step thread). Raises ValueError when a background load failed.
+        """
+        name = request.lora_name
+        if name in self._slots:
+            self._slots.move_to_end(name)
+            self.num_hits += 1
+            self._users[name] = self._users.get(name, 0) + 1
+            return self._slots[name]
+        adapter = self._cached(name)
+        if adapter is None:
+            future = self._loading.get(name)
+            if future is None:
+                self._loading[name] = self._executor.submit(self.load, request)
+                return None
+            if not future.done():
+                return None
+            del self._loading[name]
+            future.result()  # re-raises a failed load
+            adapter = self._cached(name)
+            if adapter is None:  # evicted from the host cache meanwhile: load again
+                return self.acquire(request)
+        slot = self._free_slot()
+        if slot is None:
+            return None
+        for (layer, module), w in adapter.weights.items():
+            linear, shard = self._target(layer, module)
+            linear.set_lora(slot, shard, w.a_t.to(self.device), w.b_t_scaled().to(self.device))
+        self._slots[name] = slot
+        self._users[name] = 1
+        self.num_loads += 1
+        logger.info("installed adapter %s (%d parameters) in slot %d", name, adapter.num_params, slot)
+        return slot
+
+    def release(self, name: str) -> None:
+        """One request holding `name`'s slot has finished."""
+        self._users[name] -= 1
 
     def _target(self, layer: int, module: str):
         """The Linear and shard holding HF projection `module` ("self_attn.q_proj") of a layer."""
@@ -48,41 +166,7 @@ class LoRAManager:
             linear = getattr(linear, attr)
         return linear, shard
 
-    def acquire(self, request: LoRARequest) -> int:
-        """The slot of the request's adapter, loading it (and evicting an idle one) if needed.
-
-        Raises ValueError: a bad adapter, a name reused for another path, or every slot in use.
-        """
-        name = request.lora_name
-        if name in self._slots:
-            if self._paths[name] != str(request.lora_path):
-                raise ValueError(f"adapter {name!r} is already loaded from {self._paths[name]}.")
-            self._slots.move_to_end(name)
-            self.num_hits += 1
-        else:
-            adapter = load_peft_adapter(name, request.lora_path, self.num_layers, self.dtype)
-            slot = self._free_slot()
-            installed = []
-            try:
-                for (layer, module), w in adapter.weights.items():
-                    linear, shard = self._target(layer, module)
-                    linear.set_lora(slot, shard, w.a_t.to(self.device), w.b_t.to(self.device))
-                    installed.append(linear)
-            except ValueError:
-                for linear in installed:
-                    linear.clear_lora(slot)
-                raise
-            self._slots[name], self._paths[name] = slot, str(request.lora_path)
-            self.num_loads += 1
-            logger.info("loaded adapter %s (%d parameters) into slot %d", name, adapter.num_params, slot)
-        self._users[name] = self._users.get(name, 0) + 1
-        return self._slots[name]
-
-    def release(self, name: str) -> None:
-        """One request using `name` has finished."""
-        self._users[name] -= 1
-
-    def _free_slot(self) -> int:
+    def _free_slot(self) -> int | None:
         used = set(self._slots.values())
         for slot in range(self.max_loras):
             if slot not in used:
@@ -91,11 +175,10 @@ class LoRAManager:
             if self._users.get(name, 0) == 0:
                 self._evict(name)
                 return slot
-        raise ValueError(f"all {self.max_loras} adapter slots are in use by running requests (max_loras).")
+        return None
 
     def _evict(self, name: str) -> None:
         slot = self._slots.pop(name)
-        self._paths.pop(name)
         self._users.pop(name, None)
         for module in self.model.modules():
             if hasattr(module, "clear_lora"):
@@ -107,3 +190,17 @@ class LoRAManager:
     def loaded(self) -> list[str]:
         """Names of the installed adapters, least recently used first."""
         return list(self._slots)
+
+    @property
+    def known(self) -> dict[str, str]:
+        """Every adapter loaded so far (installed, cached or evicted): name -> its source."""
+        with self._lock:
+            return dict(self._sources)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _stable_seed(text: str) -> int:
+    """A seed that depends only on `text` (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

@@ -300,6 +300,9 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now_s)
     owned_by: str = "loomlm"
     max_model_len: int | None = None
+    # vLLM's: where the weights come from, and for an adapter the base model it applies to.
+    root: str | None = None
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

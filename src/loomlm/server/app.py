@@ -6,16 +6,35 @@ test fixture) shuts it down after the server stops.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
-from loomlm.server.errors import install_error_handlers
-from loomlm.server.metrics import RequestAccountingMiddleware, ServerMetrics
+from loomlm.protocol.openai import TokenizeRequest as OpenAITokenizeRequest
+from loomlm.protocol.tgi import TokenizeRequest as TGITokenizeRequest
+from loomlm.server.auth import install_api_keys
+from loomlm.server.errors import (
+    BadRequestError,
+    install_error_handlers,
+    llmengine_error_response,
+    register_error_format,
+    tgi_error_response,
+)
+from loomlm.server.llmengine_router import LLMENGINE_PATH_PREFIX, build_llmengine_router
+from loomlm.server.metrics import (
+    RequestAccountingMiddleware,
+    ServerMetrics,
+    register_engine_metrics,
+)
 from loomlm.server.openai_router import build_openai_router
+from loomlm.server.tgi_router import TGI_PATHS, build_tgi_router
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
@@ -23,23 +42,58 @@ if TYPE_CHECKING:
 logger = logging.getLogger("loomlm.server")
 
 
-def build_app(engine: AsyncLLMEngine, chat_template: str | None = None) -> FastAPI:
-    """An app serving `engine` through the OpenAI-compatible API.
+def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_concurrent_requests: int = 128,
+              api_keys: Sequence[str] | None = None) -> FastAPI:
+    """An app serving `engine` through the OpenAI-, LoRAX / TGI- and Scale LLM Engine-compatible APIs.
 
-    Routes: `POST /v1/completions`, `POST /v1/chat/completions`,
-    `GET /v1/models`, `GET /health` (200 while serving), `GET /metrics`
-    (Prometheus text, from a registry owned by this app), `POST /tokenize`,
-    `POST /detokenize`. `chat_template` (Jinja text) replaces the model's. Every error uses the
-    OpenAI error body (see `loomlm.server.errors`). Each request is counted,
-    timed and logged in one line on the `loomlm.server` logger.
+    Routes: OpenAI `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
+    `POST /detokenize`; LoRAX / TGI `POST /`, `/generate`, `/generate_stream`, `GET /info`
+    (`loomlm.server.tgi_router`); LLM Engine `POST /v1/llm/completions-sync`, `-stream`,
+    `GET /v1/llm/model-endpoints[/{name}]` (`loomlm.server.llmengine_router`); `POST /tokenize`
+    in either family's form (TGI's when the body has `inputs`, vLLM's otherwise); `GET /health`
+    (200 while serving), `GET /metrics` (Prometheus text, from a registry owned by this app).
+    `chat_template` (Jinja text) replaces the model's. With `api_keys`, every route but
+    `/health` and `/metrics` needs one of them (`loomlm.server.auth`); without, the app is open and a warning
+    says so. Errors use each family's body (see `loomlm.server.errors`). Each request is
+    counted, timed and logged in one line on the `loomlm.server` logger.
+
+    Raises:
+        ValueError: an empty API key.
     """
-    app = FastAPI(title="loomlm", summary=f"OpenAI-compatible server for {engine.served_model_name}")
+    app = FastAPI(title="loomlm",
+                  summary=f"OpenAI-, LoRAX- and LLM Engine-compatible server for {engine.served_model_name}")
     metrics = ServerMetrics()
+    register_engine_metrics(metrics, engine.engine)
     app.state.engine = engine
     app.state.metrics = metrics
     install_error_handlers(app)
+    register_error_format(app, TGI_PATHS, tgi_error_response, 422)
+    register_error_format(app, (), llmengine_error_response, 400, prefixes=(LLMENGINE_PATH_PREFIX,))
+    install_api_keys(app, api_keys)  # before the accounting middleware, which then logs the 401s too
     app.add_middleware(RequestAccountingMiddleware, metrics=metrics)
-    app.include_router(build_openai_router(engine, metrics, chat_template))
+    openai_router, openai = build_openai_router(engine, metrics, chat_template)
+    app.include_router(openai_router)
+    tgi_router, tgi = build_tgi_router(engine, metrics, max_concurrent_requests)
+    app.include_router(tgi_router)
+    app.state.tgi = tgi  # its limits (max_concurrent_requests) can be changed while serving
+    llmengine_router, _ = build_llmengine_router(engine, metrics)
+    app.include_router(llmengine_router)
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize(raw_request: Request):
+        """TGI's `{"inputs"}` -> `[{id, text, start, stop}]`, or vLLM's `{"prompt" | "messages"}`."""
+        try:
+            body = json.loads(await raw_request.body())
+        except json.JSONDecodeError as exc:
+            raise BadRequestError(f"Invalid JSON body: {exc}") from exc
+        try:
+            if isinstance(body, dict) and "inputs" in body:
+                tokens = tgi.tokenize(TGITokenizeRequest.model_validate(body))
+                return JSONResponse([t.model_dump() for t in tokens])
+            result = await openai.tokenize(OpenAITokenizeRequest.model_validate(body))
+            return JSONResponse(result.model_dump())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
 
     @app.get("/health")
     async def health() -> Response:
@@ -62,25 +116,30 @@ def run_server(
     served_model_name: str | None = None,
     log_level: str = "info",
     chat_template: str | None = None,
+    max_concurrent_requests: int = 128,
+    api_keys: Sequence[str] | None = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` into an AsyncLLMEngine and serve it with uvicorn until interrupted.
 
-    `chat_template` is a Jinja chat template (text) replacing the model's.
+    `chat_template` is a Jinja chat template (text) replacing the model's. `api_keys`: the keys
+    every route but `/health` and `/metrics` requires (none: the server is open, and logs a warning saying so).
     `engine_kwargs` are engine arguments as in `EngineConfig.from_kwargs`
     (`max_model_len`, `kv_cache_memory_bytes`, `max_num_seqs`, ...).
 
     Raises:
-        ValueError: an engine argument is invalid.
+        ValueError: an engine argument or an API key is invalid.
     """
-    from loomlm.engine.async_engine import AsyncLLMEngine  # torch and the model load only here
+    from loomlm.engine.async_engine import (
+        AsyncLLMEngine,  # torch and the model load only here
+    )
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if served_model_name is not None:
         engine_kwargs["served_model_name"] = served_model_name
     engine = AsyncLLMEngine.from_engine_args(model=model, **engine_kwargs)
     try:
-        app = build_app(engine, chat_template)
+        app = build_app(engine, chat_template, max_concurrent_requests, api_keys)
         # uvicorn's access log would duplicate the accounting middleware's line.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         logger.info(

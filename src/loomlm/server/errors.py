@@ -1,19 +1,28 @@
-"""OpenAI-convention HTTP errors: `{"error": {"message", "type", "param", "code"}}`.
+"""HTTP errors in each API family's own format.
 
-Source: the OpenAI API error shape, with vLLM's type names (`BadRequestError`
-for 400, `NotFoundError` for 404). Invalid input of any kind, including
-bodies FastAPI cannot parse or validate (FastAPI's default is 422), is a 400,
-so the official `openai` client raises `openai.BadRequestError`.
+- OpenAI (the default): `{"error": {"message", "type", "param", "code"}}`, with vLLM's type
+  names (`BadRequestError` for 400, `NotFoundError` for 404). Invalid input of any kind,
+  including bodies FastAPI cannot parse or validate (FastAPI's default is 422), is a 400, so
+  the official `openai` client raises `openai.BadRequestError`.
+- LoRAX / TGI (`TGIError`, and every error on the paths a router registers with
+  `register_error_format`): `{"error", "error_type"}`; unparsable bodies are 422 validation.
+- Scale LLM Engine (the `/v1/llm/` paths): FastAPI's `{"detail": "..."}`; unparsable bodies
+  are 400, which the `llmengine` client raises as `BadRequestError`.
+
+`error_builder_for` tells code outside the routes (the API-key middleware) which format a
+path uses.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loomlm.protocol.openai import ErrorInfo, ErrorResponse
@@ -58,6 +67,77 @@ class ModelNotFoundError(OpenAIHTTPError):
         super().__init__(f"The model `{model}` does not exist.", 404, "model")
 
 
+class TGIError(Exception):
+    """An error the LoRAX / TGI routes answer with `{"error", "error_type"}`.
+
+    error_type: validation (422), generation (424), overloaded (429), incomplete_generation (500).
+    """
+
+    def __init__(self, message: str, status_code: int = 422, error_type: str = "validation") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+def tgi_error_response(message: str, status_code: int, param: str | None = None) -> JSONResponse:
+    """LoRAX / TGI's error body; bad input (4xx other than 401 and 429) is `validation`, as the routers say."""
+    if status_code == 429:
+        error_type = "overloaded"
+    elif status_code == 401:
+        # Not one of LoRAX's types, so clients choose the exception by the status (loomlm's client:
+        # AuthenticationError; lorax-client has no 401 class and raises UnknownError).
+        error_type = "authentication"
+    elif status_code in (424, 500) or status_code >= 500:
+        error_type = "generation" if status_code == 424 else "incomplete_generation"
+    else:
+        error_type = "validation"
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status_code)
+
+
+def llmengine_error_response(message: str, status_code: int, param: str | None = None) -> JSONResponse:
+    """Scale LLM Engine's error body, `{"detail": message}` (the model-engine server's
+    FastAPI `HTTPException`s); the `llmengine` client reads `detail` and picks its exception
+    by the status (400 BadRequestError, 401 UnauthorizedError, 404 NotFoundError, 5xx ServerError)."""
+    return JSONResponse({"detail": message}, status_code=status_code)
+
+
+# Builds an error response from (message, HTTP status, offending parameter or None).
+ErrorBuilder = Callable[[str, int, "str | None"], JSONResponse]
+
+
+def register_error_format(app: FastAPI, paths: tuple[str, ...], builder: ErrorBuilder,
+                          validation_status: int, prefixes: tuple[str, ...] = ()) -> None:
+    """Errors on `paths` (exact paths) and on every path starting with one of `prefixes` use
+    `builder`; bodies FastAPI cannot parse get `validation_status`. An exact path wins over a
+    prefix, a longer prefix over a shorter one. Unregistered paths use the OpenAI format (400
+    for bad bodies)."""
+    if not hasattr(app.state, "error_formats"):
+        app.state.error_formats = {}
+        app.state.error_format_prefixes = {}
+    for path in paths:
+        app.state.error_formats[path] = (builder, validation_status)
+    for prefix in prefixes:
+        app.state.error_format_prefixes[prefix] = (builder, validation_status)
+
+
+def error_builder_for(app: Starlette, path: str) -> tuple[ErrorBuilder, int]:
+    """The error builder and the bad-body status that `path` uses in `app` (see `register_error_format`)."""
+    state = app.state
+    exact = getattr(state, "error_formats", None) or {}
+    if path in exact:
+        return exact[path]
+    prefixes = getattr(state, "error_format_prefixes", None) or {}
+    matches = [prefix for prefix in prefixes if path.startswith(prefix)]
+    if matches:
+        return prefixes[max(matches, key=len)]
+    return error_response, 400
+
+
+def _format_for(request: Request) -> tuple[ErrorBuilder, int]:
+    return error_builder_for(request.app, request.url.path)
+
+
 def error_body(message: str, status_code: int, param: str | None = None) -> ErrorResponse:
     """The OpenAI error body for `status_code` (type from the status, `code` = the status)."""
     error_type = _TYPE_BY_STATUS.get(status_code) or HTTPStatus(status_code).phrase.replace(" ", "") + "Error"
@@ -92,21 +172,29 @@ async def _handle_openai_error(request: Request, exc: Exception) -> JSONResponse
     return error_response(exc.message, exc.status_code, exc.param)
 
 
+async def _handle_tgi_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TGIError)
+    return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status_code)
+
+
 async def _handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message, param = _validation_message(exc)
-    return error_response(message, 400, param)
+    builder, status = _format_for(request)
+    return builder(message, status, param)
 
 
 async def _handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(str(exc.detail), exc.status_code)
+    builder, _ = _format_for(request)
+    return builder(str(exc.detail), exc.status_code, None)
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug or an engine failure: the client gets a 500 in the usual shape, the log gets the traceback.
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(f"{type(exc).__name__}: {exc}", 500)
+    builder, _ = _format_for(request)
+    return builder(f"{type(exc).__name__}: {exc}", 500, None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -118,6 +206,7 @@ def install_error_handlers(app: FastAPI) -> None:
     other exception (500, logged with its traceback).
     """
     app.add_exception_handler(OpenAIHTTPError, _handle_openai_error)
+    app.add_exception_handler(TGIError, _handle_tgi_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
     app.add_exception_handler(Exception, _handle_unexpected)

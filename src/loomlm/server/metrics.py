@@ -10,6 +10,10 @@ Metric names (Prometheus text at `GET /metrics`):
 - `loomlm_prompt_tokens_total`, `loomlm_generation_tokens_total`: tokens of
   generation requests (prompts counted once each; generated tokens summed over choices).
 - `loomlm_requests_running`: generation requests in flight.
+- `loomlm_prefix_cache_queries_total`, `loomlm_prefix_cache_hits_total` (tokens),
+  `loomlm_prefix_cache_hit_rate`, `loomlm_num_preemptions_total`: the engine's counters.
+- `loomlm_lora_loads_total`, `loomlm_lora_hits_total`, `loomlm_lora_evictions_total`,
+  `loomlm_lora_active_adapters`: the adapter cache (`LoRAManager` counters), when LoRA is on.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -71,6 +82,41 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineCollector:
+    """Reads the engine's own counters at scrape time (they live in the engine, not here)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        bm = self.engine.block_manager
+        yield CounterMetricFamily("loomlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=bm.num_query_tokens)
+        yield CounterMetricFamily("loomlm_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=bm.num_hit_tokens)
+        yield GaugeMetricFamily("loomlm_prefix_cache_hit_rate", "Hit tokens / queried tokens since start.",
+                                value=bm.num_hit_tokens / bm.num_query_tokens if bm.num_query_tokens else 0.0)
+        yield CounterMetricFamily("loomlm_num_preemptions", "Requests preempted (recomputed later).",
+                                  value=self.engine.scheduler.num_preemptions)
+        m = self.engine.lora_manager
+        if m is None:
+            return
+        yield CounterMetricFamily("loomlm_lora_loads", "Adapters installed into a slot.", value=m.num_loads)
+        yield CounterMetricFamily("loomlm_lora_hits", "Requests that found their adapter installed.",
+                                  value=m.num_hits)
+        yield CounterMetricFamily("loomlm_lora_evictions", "Adapters evicted from a slot (LRU).",
+                                  value=m.num_evictions)
+        yield GaugeMetricFamily("loomlm_lora_active_adapters", "Adapters installed now.", value=len(m.loaded))
+
+
+def register_engine_metrics(metrics: ServerMetrics, engine) -> None:
+    """Expose an `LLMEngine`'s counters in `metrics`: prefix cache, preemptions, and the adapter
+    cache (`LoRAManager` loads / hits / evictions) when LoRA is on."""
+    metrics.registry.register(_EngineCollector(engine))
 
 
 def record_usage(request: Request, metrics: ServerMetrics, prompt_tokens: int, completion_tokens: int) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 from fastapi import Request
 
+from loomlm.lora.request import LoRARequest
 from loomlm.outputs import RequestOutput
 from loomlm.protocol.openai import UsageInfo
 from loomlm.sampling_params import SamplingParams
@@ -46,8 +47,12 @@ class Generation:
         request_id: str,
         echo_texts: list[str] | None = None,
         keep_generated: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.serving = serving
+        self.lora_request = lora_request
+        # Responses name the adapter when one was asked for (vLLM answers with the requested model).
+        self.model_name = lora_request.lora_name if lora_request is not None else serving.served_model_name
         # echo: each prompt's text is prepended to its choices; keep_generated False is `max_tokens: 0`.
         self.echo_texts = echo_texts
         self.keep_generated = keep_generated
@@ -83,7 +88,7 @@ class Generation:
         metrics.requests_running.inc()
         try:
             streams = [
-                engine.generate(prompt, params, rid)
+                engine.generate(prompt, params, rid, self.lora_request)
                 for prompt, params, rid in zip(self.prompts, self.params, self.request_ids, strict=True)
             ]
             async with aclosing(merge_async_iterators(streams)) as merged:

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from loomlm.beam_search import BeamSearchParams
 from loomlm.chat_utils import render_chat
+from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, RequestOutput
 from loomlm.protocol.openai import (
     ChatCompletionChoice,
@@ -109,13 +110,18 @@ class OpenAIServing:
     # -- routes ---------------------------------------------------------------------------
 
     async def list_models(self) -> ModelList:
-        """`GET /v1/models`: the one served model, with its context window in tokens."""
+        """`GET /v1/models`: the served model, with its context window in tokens, then the adapters
+        named so far (preloaded with --adapter-ids or used by a request), each with `parent` set
+        to the base model (vLLM's listing)."""
         card = ModelCard(id=self.served_model_name, created=self.created_s, max_model_len=self.max_model_len)
-        return ModelList(data=[card])
+        adapters = [ModelCard(id=name, created=self.created_s, max_model_len=self.max_model_len,
+                              root=lora.lora_path, parent=self.served_model_name)
+                    for name, lora in self.engine.engine.lora_requests.items()]
+        return ModelList(data=[card, *adapters])
 
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/completions`. Errors: 400 invalid input, 404 unknown model."""
-        self._check_model(body.model)
+        lora = await self._lora_for_model(body.model)
         if body.suffix:
             raise BadRequestError("suffix is not supported.", "suffix")
         n = body.n or 1
@@ -130,11 +136,11 @@ class OpenAIServing:
                                        best_of=body.best_of, prompt_logprobs=prompt_logprobs)
         prompts, texts = self._completion_prompts(body.prompt)
         return await self._serve(body, raw_request, prompts, params, f"cmpl-{uuid.uuid4().hex}", is_chat=False,
-                                 echo_texts=texts if body.echo else None, keep_generated=not echo_only)
+                                 echo_texts=texts if body.echo else None, keep_generated=not echo_only, lora=lora)
 
     async def create_chat_completion(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/chat/completions`, prompt from the model's chat template. Errors: 400, 404."""
-        self._check_model(body.model)
+        lora = await self._lora_for_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
         params = self._sampling_params(body, body.requested_max_tokens,
@@ -142,13 +148,26 @@ class OpenAIServing:
         prompt_text = self._render_chat(body)
         # The template already wrote the special tokens (vLLM chat: add_special_tokens=False).
         prompts = [self.tokenizer.encode(prompt_text, add_special_tokens=False)]
-        return await self._serve(body, raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", is_chat=True)
+        return await self._serve(body, raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", is_chat=True,
+                                 lora=lora)
 
     # -- request -> engine ----------------------------------------------------------------
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
+        """404 unless `model` is the served model or an adapter named so far (same tokenizer)."""
+        if model is not None and model != self.served_model_name and model not in self.engine.engine.lora_requests:
             raise ModelNotFoundError(model)
+
+    async def _lora_for_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter `model` names (LoRAX / vLLM: `model=<adapter id>`), loaded; None for the
+        served model. 404 for a name that is no model and no adapter, 400 for an adapter that
+        fails to load."""
+        try:
+            return await self.engine.lora_for_model(model)
+        except LookupError as exc:
+            raise ModelNotFoundError(model) from exc
+        except ValueError as exc:
+            raise BadRequestError(str(exc), "model") from exc
 
     def _sampling_params(self, body: SamplingRequestFields, max_tokens: int | None, **extra: Any) -> SamplingParams:
         kwargs: dict[str, Any] = {
@@ -281,6 +300,7 @@ class OpenAIServing:
         is_chat: bool,
         echo_texts: list[str] | None = None,
         keep_generated: bool = True,
+        lora: LoRARequest | None = None,
     ) -> Response:
         per_prompt_params = []
         for prompt in prompts:
@@ -290,10 +310,13 @@ class OpenAIServing:
                 per_prompt_params.append(params.clone(max_tokens=max_tokens))
             except ValueError as exc:  # e.g. min_tokens above what the context window leaves
                 raise BadRequestError(str(exc)) from exc
-        generation = Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated)
+        generation = Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated,
+                                lora)
         created_s = int(time.time())
         try:
             if body.use_beam_search:
+                if lora is not None:
+                    raise BadRequestError("beam search with an adapter is not supported.", "use_beam_search")
                 if body.stream:
                     raise BadRequestError("Streaming is not supported with beam search.", "use_beam_search")
                 await run_until_disconnect(raw_request, self._beam_search(body, generation))
@@ -356,7 +379,7 @@ class OpenAIServing:
                 for i, c, _ in results
             ]
             return ChatCompletionResponse(
-                id=request_id, created=created_s, model=self.served_model_name, choices=chat_choices, usage=usage,
+                id=request_id, created=created_s, model=generation.model_name, choices=chat_choices, usage=usage,
                 prompt_logprobs=prompt_logprobs_json(views[0].prompt_logprobs),
             )
         choices = [
@@ -369,7 +392,7 @@ class OpenAIServing:
             for i, c, view in results
         ]
         return CompletionResponse(
-            id=request_id, created=created_s, model=self.served_model_name, choices=choices, usage=usage
+            id=request_id, created=created_s, model=generation.model_name, choices=choices, usage=usage
         )
 
     async def _stream_response(
@@ -384,7 +407,7 @@ class OpenAIServing:
 
         def make_chunk(choices: list[Any], usage: UsageInfo | None = None) -> BaseModel:
             return chunk_cls(
-                id=generation.request_id, created=created_s, model=self.served_model_name, choices=choices, usage=usage
+                id=generation.request_id, created=created_s, model=generation.model_name, choices=choices, usage=usage
             )
 
         num_top = generation.params[0].logprobs or 0
@@ -474,13 +497,14 @@ def _message_for_template(message: ChatMessage) -> dict[str, Any]:
     return data
 
 
-def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None) -> APIRouter:
-    """The OpenAI routes for `engine`, counting tokens into `metrics`; `chat_template` overrides the model's."""
+def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None
+                        ) -> tuple[APIRouter, OpenAIServing]:
+    """The OpenAI routes for `engine`, counting tokens into `metrics`; `chat_template` overrides the model's.
+    (vLLM's `/tokenize` form is dispatched by the app, through the returned serving object.)"""
     serving = OpenAIServing(engine, metrics, chat_template)
     router = APIRouter()
     router.add_api_route("/v1/models", serving.list_models, methods=["GET"], response_model=ModelList)
     router.add_api_route("/v1/completions", serving.create_completion, methods=["POST"], response_model=None)
     router.add_api_route("/v1/chat/completions", serving.create_chat_completion, methods=["POST"], response_model=None)
-    router.add_api_route("/tokenize", serving.tokenize, methods=["POST"], response_model=TokenizeResponse)
     router.add_api_route("/detokenize", serving.detokenize, methods=["POST"], response_model=DetokenizeResponse)
-    return router
+    return router, serving

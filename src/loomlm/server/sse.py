@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -173,3 +174,20 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     if work_task.cancelled():
         raise ClientDisconnected()
     return work_task.result()
+
+
+async def last_output(request: Request, outputs: AsyncIterator[T]) -> T | None:
+    """The last item of `outputs` (an engine stream: the final RequestOutput), or None if it
+    yields nothing; the stream is closed (its request aborted) if the client disconnects first.
+
+    Raises:
+        ClientDisconnected: the client went away.
+    """
+    async def drain() -> T | None:
+        last = None
+        async with aclosing(outputs) as stream:
+            async for item in stream:
+                last = item
+        return last
+
+    return await run_until_disconnect(request, drain())

@@ -1,0 +1,120 @@
+"""The clients' two transports: an `ApiRequest` in, a JSON payload (or an iterator of
+stream-event JSON documents) out. They only do I/O, on httpx and httpx-sse; reading an
+answer's bytes into a payload or a typed error is `core.py`'s job, shared by both.
+
+Each transport owns one `httpx.Client` / `httpx.AsyncClient` (connection pooling across
+calls). Tests inject an `httpx.MockTransport` (or, async, an `httpx.ASGITransport`)
+through `transport=`; without one, the client talks to `base_url` over the network,
+e.g. a live `http://127.0.0.1:PORT`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Generator
+from typing import Any
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse, connect_sse
+
+from loomlm.client.core import (
+    ApiRequest,
+    decode_event,
+    decode_payload,
+    error_from_answer,
+    error_from_non_event_stream,
+    is_success,
+    join_url,
+)
+
+Timeout = float | httpx.Timeout | None
+
+
+class SyncTransport:
+    """Blocking I/O for `Client`, on `httpx.Client`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str] | None = None,
+        cookies: dict[str, str] | None = None,
+        timeout: Timeout = 60,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(headers=headers, cookies=cookies, timeout=timeout, transport=transport)
+
+    def request_json(self, request: ApiRequest) -> Any:
+        """Perform `request`; return its answer's JSON payload.
+
+        Raises:
+            LoomlmClientError: the typed error for a non-2xx answer or a non-JSON body.
+            httpx.HTTPError: the connection failed or timed out.
+        """
+        answer = self._http.request(request.method, join_url(self.base_url, request.path), json=request.json_body)
+        if not is_success(answer.status_code):
+            raise error_from_answer(answer.status_code, answer.content)
+        return decode_payload(answer.content)
+
+    def stream_json(self, request: ApiRequest) -> Generator[Any, None, None]:
+        """Perform `request`; yield the JSON document of each server-sent event as it arrives.
+
+        The request is sent on the first `next()`; leaving the loop early closes the stream.
+
+        Raises:
+            LoomlmClientError: the typed error for a non-2xx answer; `UnknownError` for an
+                answer that is not an event stream or an event that is not JSON.
+            httpx.HTTPError: the connection failed or timed out.
+        """
+        url = join_url(self.base_url, request.path)
+        with connect_sse(self._http, request.method, url, json=request.json_body) as event_source:
+            answer = event_source.response
+            if not is_success(answer.status_code):
+                raise error_from_answer(answer.status_code, answer.read())
+            try:
+                for event in event_source.iter_sse():
+                    yield decode_event(answer.status_code, event.data)
+            except SSEError as exc:  # raised before the first event: the answer is not an SSE stream
+                content_type = answer.headers.get("content-type", "")
+                raise error_from_non_event_stream(answer.status_code, content_type, answer.read()) from exc
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class AsyncTransport:
+    """Non-blocking I/O for `AsyncClient`, on `httpx.AsyncClient` (the same steps as `SyncTransport`)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str] | None = None,
+        cookies: dict[str, str] | None = None,
+        timeout: Timeout = 60,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self._http = httpx.AsyncClient(headers=headers, cookies=cookies, timeout=timeout, transport=transport)
+
+    async def request_json(self, request: ApiRequest) -> Any:
+        """As `SyncTransport.request_json`, awaited."""
+        answer = await self._http.request(request.method, join_url(self.base_url, request.path), json=request.json_body)
+        if not is_success(answer.status_code):
+            raise error_from_answer(answer.status_code, answer.content)
+        return decode_payload(answer.content)
+
+    async def stream_json(self, request: ApiRequest) -> AsyncGenerator[Any, None]:
+        """As `SyncTransport.stream_json`, as an async iterator."""
+        url = join_url(self.base_url, request.path)
+        async with aconnect_sse(self._http, request.method, url, json=request.json_body) as event_source:
+            answer = event_source.response
+            if not is_success(answer.status_code):
+                raise error_from_answer(answer.status_code, await answer.aread())
+            try:
+                async for event in event_source.aiter_sse():
+                    yield decode_event(answer.status_code, event.data)
+            except SSEError as exc:  # raised before the first event: the answer is not an SSE stream
+                content_type = answer.headers.get("content-type", "")
+                raise error_from_non_event_stream(answer.status_code, content_type, await answer.aread()) from exc
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
