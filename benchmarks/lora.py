@@ -58,7 +58,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(args.model, Path(tmp), args.adapters)
-        llm = LLM(args.model, enable_lora=True, max_loras=args.adapters, max_num_seqs=args.requests)
+        # No prefix caching: the repeated base run would find its prompts cached, the adapter run not.
+        llm = LLM(args.model, enable_lora=True, max_loras=args.adapters, max_num_seqs=args.requests,
+                  enable_prefix_caching=False)
         prompts = make_prompts(args.requests, args.prompt_len, llm.llm_engine.hf_config.vocab_size, seed=3)
         loras = [LoRARequest(f"adapter-{i % args.adapters}", i % args.adapters + 1, str(paths[i % args.adapters]))
                  for i in range(args.requests)]

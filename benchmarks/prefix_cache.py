@@ -44,6 +44,27 @@ def main() -> None:
         del llm
     assert results[True][1] == results[False][1], "prefix caching changed the output"
     print(f"speed-up with the prefix cache: {results[False][0] / results[True][0]:.2f}x (same tokens)")
+    chat_second_turn_ttft(args.model)
+
+
+def chat_second_turn_ttft(model: str) -> None:
+    """A multi-turn chat: the second turn's prompt is the first turn's conversation plus one
+    message. Time to first token of that turn (a 1-token generation), cache on vs off."""
+    system = "You are a helpful assistant. " + " ".join(f"Rule {i}: answer briefly and politely." for i in range(40))
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "Name three rivers in Europe."}]
+    ttft = {}
+    for caching in (False, True):
+        llm = LLM(model, enable_prefix_caching=caching)
+        reply = llm.chat(first, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0]
+        second = first + [{"role": "assistant", "content": reply.outputs[0].text},
+                          {"role": "user", "content": "Which one is the longest?"}]
+        start = time.perf_counter()
+        out = llm.chat(second, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+        ttft[caching] = time.perf_counter() - start
+        print(f"chat turn 2 ({len(out.prompt_token_ids)} prompt tokens, {out.num_cached_tokens} from cache): "
+              f"time to first token {ttft[caching] * 1000:.0f} ms with the prefix cache {'on' if caching else 'off'}")
+        del llm
+    print(f"turn-2 time to first token: {ttft[False] / ttft[True]:.2f}x faster with the prefix cache")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from loomlm.server.metrics import (
     register_engine_metrics,
 )
 from loomlm.server.openai_router import build_openai_router
+from loomlm.server.score_router import build_score_router
 from loomlm.server.tgi_router import TGI_PATHS, build_tgi_router
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     Routes: OpenAI `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
     `POST /detokenize`; LoRAX / TGI `POST /`, `/generate`, `/generate_stream`, `GET /info`
     (`loomlm.server.tgi_router`); LLM Engine `POST /v1/llm/completions-sync`, `-stream`,
-    `GET /v1/llm/model-endpoints[/{name}]` (`loomlm.server.llmengine_router`); `POST /tokenize`
+    `GET /v1/llm/model-endpoints[/{name}]` (`loomlm.server.llmengine_router`); loomlm's
+    continuation scoring `POST /score` (`loomlm.server.score_router`); `POST /tokenize`
     in either family's form (TGI's when the body has `inputs`, vLLM's otherwise); `GET /health`
     (200 while serving), `GET /metrics` (Prometheus text, from a registry owned by this app).
     `chat_template` (Jinja text) replaces the model's. With `api_keys`, every route but
@@ -78,6 +80,7 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     app.state.tgi = tgi  # its limits (max_concurrent_requests) can be changed while serving
     llmengine_router, _ = build_llmengine_router(engine, metrics)
     app.include_router(llmengine_router)
+    app.include_router(build_score_router(engine, metrics))  # errors in the OpenAI format (the default)
 
     @app.post("/tokenize", response_model=None)
     async def tokenize(raw_request: Request):
