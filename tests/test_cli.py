@@ -73,3 +73,21 @@ def test_generate_prints_the_greedy_completion() -> None:
     expected = output.outputs[0].text
     assert expected.strip()
     assert result.stdout == expected + "\n"
+
+
+def test_score_prints_each_value_with_its_log_probability() -> None:
+    import loomlm
+
+    result = subprocess.run(
+        [*_loomlm(), "score", "The capital of France is", " Paris", " Berlin", "--agg", "sum"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = loomlm.model(MODEL).score_sync("The capital of France is", [" Paris", " Berlin"]).scores("sum")
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"loomlm.ScoringResult(model='{MODEL}')"
+    printed = [float(line.rsplit(": ", 1)[1]) for line in lines[1:]]
+    assert [line.split(":")[0] for line in lines[1:]] == ["- Paris", "- Berlin"]
+    assert printed == [round(float(s), 4) for s in expected] and printed[0] > printed[1]

@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (default: -1, off)")
     generate.add_argument("--seed", type=int, default=None, help="seed of this request's sampling")
     _add_engine_flags(generate)
+    score = commands.add_parser(
+        "score", parents=[common], help="score continuations of a prompt (log probabilities, prompt prefilled once)"
+    )
+    score.add_argument("prompt", help="the prompt text")
+    score.add_argument("values", nargs="+", help="the continuations to score")
+    score.add_argument("--model", default=DEFAULT_MODEL, help=f"{_MODEL_HELP} or a server URL (default: {DEFAULT_MODEL})")
+    score.add_argument("--agg", default="sum", choices=["sum", "mean", "normalized"],
+                       help="aggregate over each value's tokens (default: sum)")
+    _add_engine_flags(score)
     return parser
 
 
@@ -165,6 +174,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    """`ScoringResult`'s text form with the chosen aggregate: one `-value: score` line per value."""
+    import loomlm
+
+    result = loomlm.model(args.model, **_engine_kwargs(args)).score_sync(args.prompt, args.values)
+    lines = [f"loomlm.ScoringResult(model='{result.model_identifier}')"]
+    lines += [f"-{value}: {score:.4f}" for value, score in zip(result.continuations, result.scores(args.agg))]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `loomlm` command; returns the exit status.
 
@@ -178,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    handlers = {"serve": _serve, "generate": _generate, "models": _models}
+    handlers = {"serve": _serve, "generate": _generate, "models": _models, "score": _score}
     try:
         return handlers[args.command](args)
     except ValueError as exc:
