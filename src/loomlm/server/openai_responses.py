@@ -1,0 +1,176 @@
+"""OpenAI responses from a `Generation`: the whole response, or the SSE stream of chunks.
+
+Source: the OpenAI API reference for the shapes (choices, logprobs, usage, `[DONE]`), vLLM's
+`serving_completion.py` / `serving_chat.py` for the extras (`stop_reason`, `prompt_logprobs`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from loomlm.outputs import RequestOutput
+from loomlm.protocol.openai import (
+    ChatCompletionChoice,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    SamplingRequestFields,
+    UsageInfo,
+)
+from loomlm.server.errors import BadRequestError, error_body
+from loomlm.server.openai_generation import Generation
+from loomlm.server.openai_logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs_json,
+)
+from loomlm.server.sse import (
+    SSE_DONE,
+    TextDelta,
+    TextDeltaTracker,
+    run_until_disconnect,
+    sse_event,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def full_response(generation: Generation, created_s: int, is_chat: bool, token_text: Callable[[int], str]
+                  ) -> BaseModel:
+    """The whole (non-streamed) completion or chat completion of `generation`, OpenAI's shape."""
+    request_id = generation.request_id
+    params = generation.params[0]
+    n = params.n
+    views = [generation.view(i, generation.latest[i]) for i in range(len(generation.prompts))]
+    results = [
+        (prompt_index * n + c.index, c, view)
+        for prompt_index, view in enumerate(views)
+        for c in sorted(view.outputs, key=lambda c: c.index)
+    ]
+    usage = generation.usage()
+    if is_chat:
+        chat_choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=chat_logprobs(c.token_ids, c.logprobs, params.logprobs or 0, token_text)
+                if c.logprobs is not None else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for i, c, _ in results
+        ]
+        return ChatCompletionResponse(
+            id=request_id, created=created_s, model=generation.model_name, choices=chat_choices, usage=usage,
+            prompt_logprobs=prompt_logprobs_json(views[0].prompt_logprobs),
+        )
+    choices = [
+        CompletionChoice(
+            index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            logprobs=completion_logprobs(c.token_ids, c.logprobs, params.logprobs or 0, token_text)
+            if c.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs_json(view.prompt_logprobs),
+        )
+        for i, c, view in results
+    ]
+    return CompletionResponse(
+        id=request_id, created=created_s, model=generation.model_name, choices=choices, usage=usage
+    )
+
+async def stream_response(
+    body: SamplingRequestFields,
+    raw_request: Request,
+    generation: Generation,
+    created_s: int,
+    is_chat: bool,
+    token_text: Callable[[int], str],
+) -> StreamingResponse:
+    """`generation` as OpenAI's SSE stream of chunks (completion or chat), after its first output
+    (so that input the engine rejects is still a plain HTTP 400)."""
+    chunk_cls = ChatCompletionStreamResponse if is_chat else CompletionStreamResponse
+
+    def make_chunk(choices: list[Any], usage: UsageInfo | None = None) -> BaseModel:
+        return chunk_cls(
+            id=generation.request_id, created=created_s, model=generation.model_name, choices=choices, usage=usage
+        )
+
+    num_top = generation.params[0].logprobs or 0
+
+    def make_choice(delta: TextDelta) -> BaseModel:
+        if not is_chat:
+            logprobs = None if delta.logprobs is None else completion_logprobs(
+                delta.token_ids, delta.logprobs, num_top, token_text, delta.text_offset)
+            return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                                    finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        # The finishing chunk of a choice carries an empty delta `{}` when no text is left, as OpenAI's.
+        message = DeltaMessage(content=delta.text) if delta.text or delta.finish_reason is None else DeltaMessage()
+        logprobs = None if delta.logprobs is None else chat_logprobs(
+            delta.token_ids, delta.logprobs, num_top, token_text)
+        return ChatCompletionStreamChoice(index=delta.index, delta=message, logprobs=logprobs,
+                                          finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+
+    opening: list[BaseModel] = []
+    if is_chat:
+        # OpenAI opens each chat choice with the role and an empty content.
+        num_choices = len(generation.prompts) * generation.params[0].n
+        opening = [
+            make_chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            for i in range(num_choices)
+        ]
+    outputs = generation.outputs()
+    # Wait for the first output before answering, so that an input the engine rejects
+    # still gets a plain HTTP 400 instead of an error inside a 200 stream.
+    try:
+        first = await run_until_disconnect(raw_request, anext(outputs, None))
+    except BaseException:
+        await outputs.aclose()
+        raise
+    events = _sse_events(outputs, first, generation, opening, make_chunk, make_choice, body.include_usage_in_stream)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _sse_events(
+    outputs: AsyncGenerator[tuple[int, RequestOutput], None],
+    first: tuple[int, RequestOutput] | None,
+    generation: Generation,
+    opening: list[BaseModel],
+    make_chunk: Callable[..., BaseModel],
+    make_choice: Callable[[TextDelta], BaseModel],
+    include_usage: bool,
+) -> AsyncGenerator[str, None]:
+    """SSE text of a stream: the opening chunks, one chunk per text delta of a
+    choice (its last one with the finish_reason), the usage chunk if asked
+    for, then `[DONE]`. Closing it aborts the generation.
+    """
+    # Per OpenAI, with include_usage every chunk carries "usage": null except the last.
+    exclude = None if include_usage else {"usage"}
+    tracker = TextDeltaTracker(generation.params[0].n)
+    try:
+        async with aclosing(outputs):
+            for chunk in opening:
+                yield sse_event(chunk.model_dump_json(exclude=exclude))
+            item = first
+            while item is not None:
+                for delta in tracker.deltas(*item):
+                    yield sse_event(make_chunk([make_choice(delta)]).model_dump_json(exclude=exclude))
+                item = await anext(outputs, None)
+        if include_usage:
+            yield sse_event(make_chunk([], generation.usage()).model_dump_json())
+    except BadRequestError as exc:
+        yield sse_event(error_body(exc.message, 400).model_dump_json())
+    except Exception as exc:  # headers are sent: the error can only travel inside the stream
+        logger.exception("stream %s failed", generation.request_id)
+        yield sse_event(error_body(f"{type(exc).__name__}: {exc}", 500).model_dump_json())
+    yield SSE_DONE
