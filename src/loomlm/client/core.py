@@ -36,6 +36,7 @@ def join_url(base_url: str, path: str) -> str:
 
 
 def is_success(status_code: int) -> bool:
+    """Whether an HTTP status is a 2xx."""
     return 200 <= status_code < 300
 
 

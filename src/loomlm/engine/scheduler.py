@@ -85,8 +85,11 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _chunk(self, request: Request, budget: int) -> int:
-        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+    def _chunk(self, request: Request, budget: int, num_computed: int | None = None) -> int:
+        """Tokens the request computes this step from `num_computed` (default: its counter)."""
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
+        num_new = min(request.num_tokens - num_computed, budget)
         if self.config.long_prefill_token_threshold:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
@@ -146,9 +149,7 @@ class Scheduler:
                     lookup = lookup[:request.prompt_logprobs_from]
                 cached = bm.find_cached_prefix(lookup, _cache_extra(request))
             num_computed = max(request.num_computed_tokens, len(cached) * bm.block_size)
-            num_new = min(request.num_tokens - num_computed, budget)
-            if self.config.long_prefill_token_threshold:
-                num_new = min(num_new, self.config.long_prefill_token_threshold)
+            num_new = self._chunk(request, budget, num_computed)
             if not (bm.can_allocate_with_prefix(cached, num_computed + num_new) if request.num_computed_tokens == 0
                     else bm.can_allocate(request.request_id, num_computed + num_new)):
                 break
@@ -191,7 +192,7 @@ class Scheduler:
         child = parent.fork(child_id)
         self.block_manager.fork(parent.request_id, child_id)
         if child.lora_slot is not None:  # the child holds the adapter's slot too
-            self.lora_manager.acquire(child.lora_request)
+            self.lora_manager.retain(child.lora_request.lora_name)
         queue = self.running if parent in self.running else self.waiting
         queue.insert(queue.index(parent) + 1, child)
         return child

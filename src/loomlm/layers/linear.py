@@ -54,21 +54,27 @@ class Linear(nn.Module):
                 raise ValueError(f"shard {shard!r}: unexpected bias of shape {tuple(bias.shape)}")
             self.bias.data[start:end].copy_(bias)
 
-    def set_lora(self, slot: int, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
-        """Install an adapter's update of `shard` in `slot`: a_t [in, r], b_t [r, shard size] (scaled).
-
-        Raises ValueError on a shape mismatch or an unknown shard.
-        """
+    def check_lora(self, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
+        """ValueError unless a_t [in, r] / b_t [r, shard size] fit shard `shard` (which must exist)."""
         if shard not in self.shard_offsets:
             raise ValueError(f"unknown shard {shard!r}; expected one of {list(self.shard_offsets)}")
         start, end = self.shard_offsets[shard]
         if a_t.shape[0] != self.in_features or b_t.shape != (a_t.shape[1], end - start):
             raise ValueError(f"shard {shard!r}: LoRA shapes {tuple(a_t.shape)} / {tuple(b_t.shape)} do not fit "
                              f"[{self.in_features}, r] / [r, {end - start}]")
+
+    def set_lora(self, slot: int, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
+        """Install an adapter's update of `shard` in `slot`: a_t [in, r], b_t [r, shard size] (scaled).
+
+        Raises ValueError on a shape mismatch or an unknown shard (`check_lora`).
+        """
+        self.check_lora(shard, a_t, b_t)
+        start, end = self.shard_offsets[shard]
         shards = self.lora_slots[slot].shards if slot in self.lora_slots else []
         self.lora_slots[slot] = SlotLoRA.fuse(shards + [ShardLoRA(start, end, a_t, b_t)], self.out_features)
 
     def clear_lora(self, slot: int) -> None:
+        """Remove whatever adapter `slot` holds (nothing if empty)."""
         self.lora_slots.pop(slot, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,11 @@ class LoRAWeights:
 
     @property
     def rank(self) -> int:
+        """r, the update's rank."""
         return self.a_t.shape[1]
 
     def b_t_scaled(self) -> torch.Tensor:
+        """[rank, out_features]: b_t times the scaling (what a slot holds)."""
         return self.b_t * self.scaling
 
 

@@ -103,11 +103,10 @@ class LoRAManager:
         so a mismatched adapter is refused before its request is queued)."""
         for (layer, module), w in adapter.weights.items():
             linear, shard = self._target(layer, module)
-            start, end = linear.shard_offsets[shard]
-            if w.a_t.shape[0] != linear.in_features or w.b_t.shape[1] != end - start:
-                raise ValueError(f"adapter {adapter.name!r}: layer {layer} {module}: LoRA shapes "
-                                 f"{tuple(w.a_t.shape)} / {tuple(w.b_t.shape)} do not fit the model's "
-                                 f"[{linear.in_features} -> {end - start}] projection.")
+            try:
+                linear.check_lora(shard, w.a_t, w.b_t)
+            except ValueError as exc:
+                raise ValueError(f"adapter {adapter.name!r}: layer {layer} {module}: {exc}") from exc
 
     def _cached(self, name: str) -> LoRAAdapter | None:
         with self._lock:
@@ -154,6 +153,10 @@ class LoRAManager:
         logger.info("installed adapter %s (%d parameters) in slot %d", name, adapter.num_params, slot)
         return slot
 
+    def retain(self, name: str) -> None:
+        """One more request holds installed adapter `name`'s slot (a forked sequence)."""
+        self._users[name] += 1
+
     def release(self, name: str) -> None:
         """One request holding `name`'s slot has finished."""
         self._users[name] -= 1
@@ -198,6 +201,7 @@ class LoRAManager:
             return dict(self._sources)
 
     def shutdown(self) -> None:
+        """Stop the background loader (loads not started are dropped)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -122,6 +122,8 @@ class InputToken(BaseModel):
 
 
 class AlternativeToken(BaseModel):
+    """One of a generated token's k most likely alternatives (LoRAX's return_k_alternatives)."""
+
     id: int
     text: str
     logprob: float
@@ -141,6 +143,8 @@ class Token(BaseModel):
 
 
 class BestOfSequence(BaseModel):
+    """A sequence best_of generated but did not answer with (`details.best_of_sequences`)."""
+
     generated_text: str
     finish_reason: FinishReason
     generated_tokens: int
@@ -151,6 +155,8 @@ class BestOfSequence(BaseModel):
 
 
 class Details(BaseModel):
+    """`details` of a non-streamed answer; token logprobs are natural logs."""
+
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
@@ -164,11 +170,15 @@ class Details(BaseModel):
 
 
 class GenerateResponse(BaseModel):
+    """The answer of `/generate` (`POST /` wraps it in a one-element list)."""
+
     generated_text: str
     details: Details | None = Field(default=None, exclude_if=_omit_none)
 
 
 class StreamDetails(BaseModel):
+    """`details` of a stream's last event."""
+
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
