@@ -20,7 +20,9 @@ from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
+from loomlm.layers.linear import Linear
 from loomlm.layers.lora import LoRABatch
+from loomlm.layers.packed_gemm import packed_gemm_available
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
 from loomlm.models.llama import head_dim_of
 from loomlm.models.registry import model_class_for
@@ -68,7 +70,14 @@ class ModelRunner:
             if hasattr(module, "cos_cached"):
                 module.cos_cached = module.cos_cached.float()
                 module.sin_cached = module.sin_cached.float()
-        logger.info("loaded weights in %.1f s", time.perf_counter() - start)
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        self.packed_gemm = packed_gemm_available(self.device, self.dtype,
+                                                 {(m.in_features, m.out_features) for m in linears})
+        if self.packed_gemm:
+            for linear in linears:
+                linear.pack()
+        logger.info("loaded weights in %.1f s (MKL packed GEMM: %s)", time.perf_counter() - start,
+                    "on" if self.packed_gemm else "off")
 
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         head_dim = head_dim_of(hf_config)

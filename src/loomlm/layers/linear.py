@@ -13,6 +13,7 @@ from torch import nn
 
 from loomlm.layers.forward_context import current_lora_batch
 from loomlm.layers.lora import ShardLoRA, SlotLoRA, add_lora
+from loomlm.layers.packed_gemm import pack_weight, packed_linear
 
 
 class Linear(nn.Module):
@@ -36,6 +37,8 @@ class Linear(nn.Module):
         self.shard_offsets = offsets
         # LoRA adapters installed in slots (loomlm.lora.manager): slot -> its shard updates.
         self.lora_slots: dict[int, SlotLoRA] = {}
+        # MKL's packed copy of weight_t (`pack()`, packed_gemm.py); None: plain matmuls.
+        self.packed_weight: torch.Tensor | None = None
 
     def load_shard(self, shard: str, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         """Copy an HF weight ([out, in], as in nn.Linear) and/or bias ([out]) into shard `shard`.
@@ -45,6 +48,7 @@ class Linear(nn.Module):
         if shard not in self.shard_offsets:
             raise ValueError(f"unknown shard {shard!r}; expected one of {list(self.shard_offsets)}")
         start, end = self.shard_offsets[shard]
+        self.packed_weight = None  # stale once the weight changes; `pack()` again after loading
         if weight is not None:
             if tuple(weight.shape) != (end - start, self.in_features):
                 raise ValueError(f"shard {shard!r}: weight shape {tuple(weight.shape)} != {(end - start, self.in_features)}")
@@ -53,6 +57,13 @@ class Linear(nn.Module):
             if self.bias is None or tuple(bias.shape) != (end - start,):
                 raise ValueError(f"shard {shard!r}: unexpected bias of shape {tuple(bias.shape)}")
             self.bias.data[start:end].copy_(bias)
+
+    def pack(self) -> None:
+        """Pack the loaded weight for MKL's packed GEMM (CPU, float32; see `packed_gemm_available`).
+
+        Call after the last `load_shard`: later writes to weight_t would not reach the packed copy.
+        """
+        self.packed_weight = pack_weight(self.weight_t.data)
 
     def check_lora(self, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
         """ValueError unless a_t [in, r] / b_t [r, shard size] fit shard `shard` (which must exist)."""
@@ -79,9 +90,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
-        y = x @ self.weight_t
-        if self.bias is not None:
-            y = y + self.bias
+        if self.packed_weight is not None:
+            y = packed_linear(x, self.packed_weight, self.weight_t, self.bias)
+        else:
+            y = x @ self.weight_t
+            if self.bias is not None:
+                y = y + self.bias
         if self.lora_slots:
             batch = current_lora_batch()
             if batch is not None:
