@@ -37,11 +37,14 @@ def make_meta(backend, tables, lens, kvh, num_pool_blocks, bs, d):
 
 @pytest.mark.parametrize("backend", sorted(DECODE_BACKENDS))
 @pytest.mark.parametrize("kvh,group,d", [(3, 3, 64), (2, 1, 16), (1, 4, 128), (2, 2, 24)])
-def test_decode_backends_match_reference(backend, kvh, group, d):
+@pytest.mark.parametrize("bs,q_scale", [(4, 1.0), (16, 1.0), (2, 1.0), (8, 30.0)])
+def test_decode_backends_match_reference(backend, kvh, group, d, bs, q_scale):
+    # bs 4/16/8: the native kernel's vector path for d 64/128 (4 rows at a time); bs 2: its generic path.
+    # q_scale 30: peaked softmaxes whose small weights underflow, as the kernel's exp clamps them.
     if backend == "cpu_native" and paged_decode_cpu() is None:
         pytest.skip("no C++ toolchain to build the native kernel")
     g = torch.Generator().manual_seed(kvh * 10 + group)
-    num_pool_blocks, bs, seqs = 40, 4, 6
+    num_pool_blocks, seqs = 64, 6
     k_cache = torch.randn(kvh, num_pool_blocks, bs, d, generator=g)
     v_cache = torch.randn(kvh, num_pool_blocks, bs, d, generator=g)
     lens = torch.tensor([1, 3, 4, 5, 17, 9])  # partial blocks, a single token, block boundaries
@@ -49,7 +52,7 @@ def test_decode_backends_match_reference(backend, kvh, group, d):
     perm = torch.randperm(num_pool_blocks, generator=g)[: seqs * num_blocks].view(seqs, num_blocks)
     # rows past a sequence's context point at block 0 (padding), which holds someone else's data
     tables = torch.where(torch.arange(num_blocks)[None, :] * bs < lens[:, None], perm, torch.zeros_like(perm))
-    q = torch.randn(seqs, kvh * group, d, generator=g)
+    q = torch.randn(seqs, kvh * group, d, generator=g) * q_scale
     scale = 1 / math.sqrt(d)
     meta = make_meta(backend, tables.contiguous(), lens, kvh, num_pool_blocks, bs, d)
     ours = DECODE_BACKENDS[backend](q, k_cache, v_cache, meta, scale)

@@ -2,10 +2,11 @@
 // from the block pool (no gathered copy), one pass over K and one over V.
 // Layout as loomlm.layers.attention: pool [num_kv_heads, num_blocks, block_size, head_dim].
 // Work item = (sequence, kv head): its G query heads share every K/V row they read.
-// The head dimension is a template parameter for the common sizes so the inner loops
-// fully unroll into vector FMAs (0 = runtime size).
+// Head sizes 64 and 128 run `attend_vec` (explicit vectors); others `attend_generic`.
 #include <torch/extension.h>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -22,50 +23,216 @@ struct Problem {
   float scale;
 };
 
-template <int64_t kDim>
-void attend(const Problem& p, int64_t s, int64_t kh, std::vector<float>& scores) {
-  const int64_t D = kDim ? kDim : p.D;
+// exp(x) for x <= 0 (scores minus their max), written as plain arithmetic so loops over it
+// vectorize: Cephes' expf range reduction and polynomial (relative error ~2e-7), 2^n built
+// from the exponent bits. Inputs below -87 return exp(-87) ~ 1.6e-38, which vanishes next to
+// the max term (exp(0) = 1) in every softmax sum.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float t = x * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  const int32_t exponent = (bits - 0x4B400000 + 127) << 23;  // n + bias, in the exponent field
+  float scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  return poly * scale;
+}
+
+// scores [G, L] -> their exponentials exp(score - max); inv_sum [G] = 1 / their row sums.
+void softmax_rows(float* __restrict scores, const float* mx, float* inv_sum, int64_t G, int64_t L) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* __restrict sg = scores + g * L;
+    const float m = mx[g];
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < L; ++t) {
+      sg[t] = exp_nonpositive(sg[t] - m);
+      sum += sg[t];
+    }
+    inv_sum[g] = 1.f / sum;
+  }
+}
+
+// Any head size and block size: one dot product per (row, query head).
+void attend_generic(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buffer) {
+  const int64_t D = p.D;
   const int64_t L = p.lens[s], G = p.G, BS = p.BS;
-  scores.resize(G * L);
-  const float* qs = p.q + (s * p.H + kh * G) * D;  // its G query heads, contiguous
+  buffer.resize(G * L + 2 * G * D + 2 * G);
+  float* __restrict scores = buffer.data();  // [G, L]
+  float* __restrict qs = scores + G * L;     // [G, D]: its G query heads, pre-scaled
+  float* __restrict acc = qs + G * D;        // [G, D]: output accumulators
+  float* __restrict mx = acc + G * D;        // [G]: running max score
+  float* __restrict inv_sum = mx + G;        // [G]: 1 / softmax denominator
+  const float* q = p.q + (s * p.H + kh * G) * D;
+  for (int64_t i = 0; i < G * D; ++i) {
+    qs[i] = q[i] * p.scale;
+    acc[i] = 0.f;
+  }
   const int64_t* table = p.tables + s * p.max_blocks;
+  for (int64_t g = 0; g < G; ++g) mx[g] = -std::numeric_limits<float>::infinity();
   for (int64_t t0 = 0; t0 < L; t0 += BS) {  // block by block: a block's rows are contiguous
-    const float* kblock = p.k + (kh * p.NB + table[t0 / BS]) * BS * D;
+    const float* __restrict kblock = p.k + (kh * p.NB + table[t0 / BS]) * BS * D;
     const int64_t n = L - t0 < BS ? L - t0 : BS;
     for (int64_t j = 0; j < n; ++j) {
+      const float* __restrict krow = kblock + j * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* __restrict qg = qs + g * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * krow[d];
+        scores[g * L + t0 + j] = dot;
+        mx[g] = dot > mx[g] ? dot : mx[g];
+      }
+    }
+  }
+  softmax_rows(scores, mx, inv_sum, G, L);
+  for (int64_t t0 = 0; t0 < L; t0 += BS) {
+    const float* __restrict vblock = p.v + (kh * p.NB + table[t0 / BS]) * BS * D;
+    const int64_t n = L - t0 < BS ? L - t0 : BS;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* __restrict vrow = vblock + j * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = scores[g * L + t0 + j];
+        float* __restrict ag = acc + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ag[d] += w * vrow[d];
+      }
+    }
+  }
+  float* out = p.out + (s * p.H + kh * G) * D;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv_sum[g];
+  }
+}
+
+
+// Head sizes that are a multiple of 16 (kVecs vectors of 16 floats) and block sizes that are a
+// multiple of 4. GCC/Clang vector types lower to whatever the target has (two AVX2 registers or
+// one AVX-512 register per vector). Scores of four rows at a time, reduced together (`sum4`),
+// and output accumulators held in registers across the whole V pass.
+typedef float vec16 __attribute__((vector_size(64)));
+
+inline vec16 load16(const float* ptr) {
+  vec16 v;
+  std::memcpy(&v, ptr, sizeof(v));
+  return v;
+}
+
+inline void store16(float* ptr, vec16 v) { std::memcpy(ptr, &v, sizeof(v)); }
+
+// The sums of the lanes of a, b, c and d, in lanes 0..3 of the result (12 shuffles, 6 adds
+// instead of four separate horizontal sums).
+inline vec16 sum4(vec16 a, vec16 b, vec16 c, vec16 d) {
+  const vec16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vec16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // [a | b | c | d], four partial sums each
+  const vec16 quads = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                      __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // lanes 0..7: [a | b | c | d], two partial sums each
+  const vec16 pairs = __builtin_shufflevector(quads, quads, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
+                      __builtin_shufflevector(quads, quads, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
+         __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+}
+
+inline void prefetch_block(const float* block, int64_t num_floats) {
+  for (int64_t i = 0; i < num_floats; i += 16) __builtin_prefetch(block + i);  // one 64-byte line each
+}
+
+template <int kVecs>
+void attend_vec(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buffer) {
+  constexpr int64_t D = 16 * kVecs;
+  const int64_t L = p.lens[s], G = p.G, BS = p.BS;
+  buffer.resize(G * L + G * D + 2 * G);
+  float* __restrict scores = buffer.data();  // [G, L]
+  float* __restrict qs = scores + G * L;     // [G, D]: its G query heads, pre-scaled
+  float* __restrict mx = qs + G * D;         // [G]: max score
+  float* __restrict inv_sum = mx + G;        // [G]: 1 / softmax denominator
+  const float* q = p.q + (s * p.H + kh * G) * D;
+  for (int64_t i = 0; i < G * D; ++i) qs[i] = q[i] * p.scale;
+  for (int64_t g = 0; g < G; ++g) mx[g] = -std::numeric_limits<float>::infinity();
+  const int64_t* table = p.tables + s * p.max_blocks;
+  const int64_t num_blocks = (L + BS - 1) / BS;
+  const int64_t head_base = kh * p.NB;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t t0 = b * BS;
+    const float* kblock = p.k + (head_base + table[b]) * BS * D;
+    if (b + 1 < num_blocks) prefetch_block(p.k + (head_base + table[b + 1]) * BS * D, BS * D);
+    const int64_t n = L - t0 < BS ? L - t0 : BS;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* rows = kblock + j * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qs + g * D;
+        vec16 d0 = {}, d1 = {}, d2 = {}, d3 = {};
+#pragma GCC unroll 8
+        for (int v = 0; v < kVecs; ++v) {
+          const vec16 qv = load16(qg + 16 * v);
+          d0 += qv * load16(rows + 16 * v);
+          d1 += qv * load16(rows + D + 16 * v);
+          d2 += qv * load16(rows + 2 * D + 16 * v);
+          d3 += qv * load16(rows + 3 * D + 16 * v);
+        }
+        const vec16 dots = sum4(d0, d1, d2, d3);
+        float* dst = scores + g * L + t0 + j;
+        for (int i = 0; i < 4; ++i) {
+          dst[i] = dots[i];
+          mx[g] = dots[i] > mx[g] ? dots[i] : mx[g];
+        }
+      }
+    }
+    for (; j < n; ++j) {  // the last block's tail
       const float* krow = kblock + j * D;
       for (int64_t g = 0; g < G; ++g) {
         const float* qg = qs + g * D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += qg[d] * krow[d];
-        scores[g * L + t0 + j] = acc * p.scale;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * krow[d];
+        scores[g * L + t0 + j] = dot;
+        mx[g] = dot > mx[g] ? dot : mx[g];
       }
     }
   }
+  softmax_rows(scores, mx, inv_sum, G, L);
+  float* out = p.out + (s * p.H + kh * G) * D;
   for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores.data() + g * L;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < L; ++t) mx = sg[t] > mx ? sg[t] : mx;
-    float sum = 0.f;
-    for (int64_t t = 0; t < L; ++t) { sg[t] = std::exp(sg[t] - mx); sum += sg[t]; }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
-    float* og = p.out + (s * p.H + kh * G + g) * D;
-    for (int64_t d = 0; d < D; ++d) og[d] = 0.f;
-  }
-  for (int64_t t0 = 0; t0 < L; t0 += BS) {
-    const float* vblock = p.v + (kh * p.NB + table[t0 / BS]) * BS * D;
-    const int64_t n = L - t0 < BS ? L - t0 : BS;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* vrow = vblock + j * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float w = scores[g * L + t0 + j];
-        float* og = p.out + (s * p.H + kh * G + g) * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) og[d] += w * vrow[d];
+    const float* wg = scores + g * L;
+    vec16 even[kVecs] = {}, odd[kVecs] = {};  // two accumulator sets: two rows in flight
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const int64_t t0 = b * BS;
+      const float* vblock = p.v + (head_base + table[b]) * BS * D;
+      if (g == 0 && b + 1 < num_blocks) prefetch_block(p.v + (head_base + table[b + 1]) * BS * D, BS * D);
+      const int64_t n = L - t0 < BS ? L - t0 : BS;
+      int64_t j = 0;
+      for (; j + 2 <= n; j += 2) {
+        const float w0 = wg[t0 + j], w1 = wg[t0 + j + 1];
+#pragma GCC unroll 8
+        for (int v = 0; v < kVecs; ++v) {
+          even[v] += w0 * load16(vblock + j * D + 16 * v);
+          odd[v] += w1 * load16(vblock + (j + 1) * D + 16 * v);
+        }
+      }
+      if (j < n) {
+        const float w0 = wg[t0 + j];
+#pragma GCC unroll 8
+        for (int v = 0; v < kVecs; ++v) even[v] += w0 * load16(vblock + j * D + 16 * v);
       }
     }
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) store16(out + g * D + 16 * v, (even[v] + odd[v]) * inv_sum[g]);
   }
 }
 
@@ -91,14 +258,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D] f
             static_cast<float>(scale)};
 #pragma omp parallel
   {
-    std::vector<float> scores;
+    std::vector<float> buffer;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t s = 0; s < S; ++s) {
       for (int64_t kh = 0; kh < KVH; ++kh) {
-        switch (p.D) {
-          case 64: attend<64>(p, s, kh, scores); break;
-          case 128: attend<128>(p, s, kh, scores); break;
-          default: attend<0>(p, s, kh, scores);
+        if (p.BS % 4 == 0 && p.D == 64) {
+          attend_vec<4>(p, s, kh, buffer);
+        } else if (p.BS % 4 == 0 && p.D == 128) {
+          attend_vec<8>(p, s, kh, buffer);
+        } else {
+          attend_generic(p, s, kh, buffer);
         }
       }
     }
