@@ -64,6 +64,19 @@ void softmax_rows(float* __restrict scores, const float* mx, float* inv_sum, int
   }
 }
 
+// The G scores of one K row (scores[g * L] for each query head g), folded into the running max.
+inline void score_row(const float* __restrict qs, const float* __restrict krow, int64_t D, int64_t G,
+                      float* scores, int64_t L, float* mx) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = qs + g * D;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += qg[d] * krow[d];
+    scores[g * L] = dot;
+    mx[g] = dot > mx[g] ? dot : mx[g];
+  }
+}
+
 // Any head size and block size: one dot product per (row, query head).
 void attend_generic(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buffer) {
   const int64_t D = p.D;
@@ -84,17 +97,7 @@ void attend_generic(const Problem& p, int64_t s, int64_t kh, std::vector<float>&
   for (int64_t t0 = 0; t0 < L; t0 += BS) {  // block by block: a block's rows are contiguous
     const float* __restrict kblock = p.k + (kh * p.NB + table[t0 / BS]) * BS * D;
     const int64_t n = L - t0 < BS ? L - t0 : BS;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* __restrict krow = kblock + j * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* __restrict qg = qs + g * D;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * krow[d];
-        scores[g * L + t0 + j] = dot;
-        mx[g] = dot > mx[g] ? dot : mx[g];
-      }
-    }
+    for (int64_t j = 0; j < n; ++j) score_row(qs, kblock + j * D, D, G, scores + t0 + j, L, mx);
   }
   softmax_rows(scores, mx, inv_sum, G, L);
   for (int64_t t0 = 0; t0 < L; t0 += BS) {
@@ -194,17 +197,7 @@ void attend_vec(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buf
         }
       }
     }
-    for (; j < n; ++j) {  // the last block's tail
-      const float* krow = kblock + j * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qs + g * D;
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * krow[d];
-        scores[g * L + t0 + j] = dot;
-        mx[g] = dot > mx[g] ? dot : mx[g];
-      }
-    }
+    for (; j < n; ++j) score_row(qs, kblock + j * D, D, G, scores + t0 + j, L, mx);  // the last block's tail
   }
   softmax_rows(scores, mx, inv_sum, G, L);
   float* out = p.out + (s * p.H + kh * G) * D;
