@@ -70,12 +70,11 @@ class ModelRunner:
             if hasattr(module, "cos_cached"):
                 module.cos_cached = module.cos_cached.float()
                 module.sin_cached = module.sin_cached.float()
-        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
-        self.packed_gemm = packed_gemm_available(self.device, self.dtype,
-                                                 {(m.in_features, m.out_features) for m in linears})
+        self.packed_gemm = packed_gemm_available(self.device, self.dtype)
         if self.packed_gemm:
-            for linear in linears:
-                linear.pack()
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.pack()
         logger.info("loaded weights in %.1f s (MKL packed GEMM: %s)", time.perf_counter() - start,
                     "on" if self.packed_gemm else "off")
 
