@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loomlm.layers.decode_attention import DECODE_BACKENDS, DecodeMetadata
-from loomlm.layers.kernels import paged_decode_cpu
+from loomlm.layers.kernels import cpu_kernels
 
 
 def reference_decode(q, k_cache, v_cache, tables, lens, scale):
@@ -41,7 +41,7 @@ def make_meta(backend, tables, lens, kvh, num_pool_blocks, bs, d):
 def test_decode_backends_match_reference(backend, kvh, group, d, bs, q_scale):
     # bs 4/16/8: the native kernel's vector path for d 64/128 (4 rows at a time); bs 2: its generic path.
     # q_scale 30: peaked softmaxes whose small weights underflow, as the kernel's exp clamps them.
-    if backend == "cpu_native" and paged_decode_cpu() is None:
+    if backend == "cpu_native" and cpu_kernels() is None:
         pytest.skip("no C++ toolchain to build the native kernel")
     g = torch.Generator().manual_seed(kvh * 10 + group)
     num_pool_blocks, seqs = 64, 6

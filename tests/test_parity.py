@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loomlm import LLM, SamplingParams
-from loomlm.layers.kernels import paged_decode_cpu
+from loomlm.layers.kernels import cpu_kernels
 
 CHAT = [
     "What is the capital of France?",
@@ -79,7 +79,7 @@ def test_tiny_random_models_match_transformers(make_tiny_model_dir, model_type):
     runner = llm.llm_engine.model_runner
     vocab = reference.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    backends = ["torch"] + (["cpu_native"] if paged_decode_cpu() is not None else [])
+    backends = ["torch"] + (["cpu_native"] if cpu_kernels() is not None else [])
     for length in (1, 5, 40):
         ids = torch.randint(0, vocab, (length,), generator=g).tolist()
         with torch.inference_mode():

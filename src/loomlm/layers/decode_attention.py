@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loomlm.layers.kernels import paged_decode_cpu
+from loomlm.layers.kernels import cpu_kernels
 
 
 @dataclass
@@ -72,7 +72,7 @@ def decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def decode_cpu_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
                       scale: float) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]. float32, CPU."""
-    kernel = paged_decode_cpu()
+    kernel = cpu_kernels()
     return kernel.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
                                          scale)
 
@@ -93,7 +93,7 @@ def select_decode_backend(device: torch.device, dtype: torch.dtype) -> str:
     if forced:
         if forced not in DECODE_BACKENDS:
             raise ValueError(f"LOOMLM_ATTENTION_BACKEND={forced!r}: expected one of {sorted(DECODE_BACKENDS)}")
-        if forced == "cpu_native" and not (native_ok and paged_decode_cpu() is not None):
+        if forced == "cpu_native" and not (native_ok and cpu_kernels() is not None):
             raise ValueError("the cpu_native attention backend needs float32 on CPU and a C++ compiler")
         return forced
-    return "cpu_native" if native_ok and paged_decode_cpu() is not None else "torch"
+    return "cpu_native" if native_ok and cpu_kernels() is not None else "torch"

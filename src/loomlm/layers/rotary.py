@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loomlm.layers.kernels import cpu_kernels_for
+
 
 def rope_parameters(config) -> dict:
     """The rope settings of an HF config as one dict with at least `rope_type` and `rope_theta`.
@@ -56,14 +58,22 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [num_tokens] -> (cos, sin), each [num_tokens, 1, head_dim]."""
-        return (self.cos_cached[positions].unsqueeze(1).to(dtype),
-                self.sin_cached[positions].unsqueeze(1).to(dtype))
+        """positions: [num_tokens] -> (cos, sin), each [num_tokens, head_dim]."""
+        return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, num_heads, head_dim] (q heads, k heads, or both side by side); cos/sin from `cos_sin`."""
-    return x * cos + _rotate_half(x) * sin
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int) -> None:
+    """Rotate, in place, the first num_heads heads of each row of x: [num_tokens, >= num_heads * head_dim].
+
+    x is typically a fused QKV projection (q and k heads side by side, then v, left alone);
+    cos/sin from `cos_sin`. float32 on the CPU runs the native kernel; elsewhere PyTorch ops.
+    """
+    native = cpu_kernels_for(x)
+    if native is not None and x.stride(-1) == 1:
+        native.rotary_(x, cos, sin, num_heads, head_dim)
+        return
+    heads = x[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim))  # [T, num_heads, head_dim], a view
+    heads.copy_(heads * cos.unsqueeze(1) + _rotate_half(heads) * sin.unsqueeze(1))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

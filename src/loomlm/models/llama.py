@@ -17,7 +17,7 @@ from loomlm.layers.activation import silu_and_mul
 from loomlm.layers.attention import PagedAttention
 from loomlm.layers.linear import Linear
 from loomlm.layers.norm import RMSNorm
-from loomlm.layers.rotary import RotaryEmbedding, apply_rotary
+from loomlm.layers.rotary import RotaryEmbedding, apply_rotary_
 
 
 def head_dim_of(config) -> int:
@@ -41,14 +41,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_tokens, hidden_size]; rope: (cos, sin) of this step's positions
-        qkv = self.qkv_proj(hidden)
-        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # q and k heads side by side, rotated in one pass: [num_tokens, num_heads + num_kv_heads, head_dim]
-        qk = apply_rotary(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, KVH, D]
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        # q and k heads sit side by side at the front of each row: rotated in place, in one pass
+        apply_rotary_(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        out = self.attn(q.unflatten(1, (self.num_heads, self.head_dim)),  # [T, H, D]
+                        k.unflatten(1, (self.num_kv_heads, self.head_dim)),  # [T, KVH, D]
+                        v.unflatten(1, (self.num_kv_heads, self.head_dim)))
+        return self.o_proj(out.reshape(-1, self.q_size))  # out: [T, H, D]
 
 
 class LlamaMLP(nn.Module):
@@ -71,9 +71,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(rope, self.input_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, residual: the stream before it (None at the first layer).
+
+        Returns (this layer's output, the stream before it): the block h = h + attn(norm(h));
+        h = h + mlp(norm(h)), with each residual add fused into the norm that follows it (as vLLM).
+        """
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(rope, x), residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -112,11 +122,13 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        rope = self.rotary.cos_sin(positions, h.dtype)  # computed once, used by every layer
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        rope = self.rotary.cos_sin(positions, x.dtype)  # computed once, used by every layer
+        residual = None
         for layer in self.layers:
-            h = layer(rope, h)
-        return self.norm(h)
+            x, residual = layer(rope, x, residual)
+        x, _ = self.norm(x, residual)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [n, vocab_size]

@@ -1,31 +1,54 @@
-"""Optional native kernels, compiled on first use with torch's cpp_extension (cached on disk).
+"""Optional native CPU kernels (float32), compiled on first use with torch's cpp_extension.
 
-`paged_decode_cpu()` returns the compiled module, or None when it cannot be built
-(no compiler, no ninja, `LOOMLM_NATIVE_KERNELS=0`): callers then use the pure
-PyTorch path, which computes the same thing.
+`cpu_kernels()` returns the compiled module, or None when it cannot be built (no
+compiler, no ninja, `LOOMLM_NATIVE_KERNELS=0`): callers then use the pure
+PyTorch path, which computes the same thing. The module holds:
+- `paged_decode_attention` (paged_decode_cpu.cpp), the "cpu_native" decode backend;
+- `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_` (fused_ops_cpu.cpp),
+  reached through `loomlm.layers.fused_ops`.
+The build is cached on disk under a name that carries a digest of the sources,
+so an edited kernel (or header) is rebuilt rather than loaded stale.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+_DIR = Path(__file__).parent
+_SOURCES = ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp")
+_HEADERS = ("vec_math.h",)
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
 
 @functools.cache
-def paged_decode_cpu():
+def cpu_kernels():
     if os.environ.get("LOOMLM_NATIVE_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("paged_decode_cpu.cpp")
-        logger.info("loading the native paged decode kernel (compiled on first use, about a minute)")
-        return load(name="loomlm_paged_decode_cpu", sources=[str(source)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        digest = hashlib.sha256()
+        for name in _SOURCES + _HEADERS:
+            digest.update((_DIR / name).read_bytes())
+        digest.update(" ".join(_CFLAGS).encode())
+        logger.info("loading the native CPU kernels (compiled on first use, about a minute)")
+        return load(name=f"loomlm_cpu_kernels_{digest.hexdigest()[:12]}", sources=[str(_DIR / s) for s in _SOURCES],
+                    extra_include_paths=[str(_DIR)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # any build failure falls back to the PyTorch path
-        logger.warning("native paged decode kernel unavailable (%s); using the PyTorch path", exc)
+        logger.warning("native CPU kernels unavailable (%s); using the PyTorch path", exc)
         return None
+
+
+def cpu_kernels_for(x):
+    """The native module when tensor `x` is float32 on the CPU and the kernels are built, else None."""
+    import torch
+
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    return cpu_kernels()

@@ -10,6 +10,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 struct Problem {
@@ -23,32 +25,6 @@ struct Problem {
   float scale;
 };
 
-// exp(x) for x <= 0 (scores minus their max), written as plain arithmetic so loops over it
-// vectorize: Cephes' expf range reduction and polynomial (relative error ~2e-7), 2^n built
-// from the exponent bits. Inputs below -87 return exp(-87) ~ 1.6e-38, which vanishes next to
-// the max term (exp(0) = 1) in every softmax sum.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const float t = x * 1.44269504088896341f + magic;
-  const float n = t - magic;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  const int32_t exponent = (bits - 0x4B400000 + 127) << 23;  // n + bias, in the exponent field
-  float scale;
-  std::memcpy(&scale, &exponent, sizeof(scale));
-  return poly * scale;
-}
-
 // scores [G, L] -> their exponentials exp(score - max); inv_sum [G] = 1 / their row sums.
 void softmax_rows(float* __restrict scores, const float* mx, float* inv_sum, int64_t G, int64_t L) {
   for (int64_t g = 0; g < G; ++g) {
@@ -57,7 +33,7 @@ void softmax_rows(float* __restrict scores, const float* mx, float* inv_sum, int
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < L; ++t) {
-      sg[t] = exp_nonpositive(sg[t] - m);
+      sg[t] = loomlm::exp_nonpositive(sg[t] - m);
       sum += sg[t];
     }
     inv_sum[g] = 1.f / sum;
@@ -268,6 +244,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D] f
   return out;
 }
 
+// fused_ops_cpu.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t head_dim);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU, float32)");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual), in place (CPU, float32)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused gate+up projection (CPU, float32)");
+  m.def("rotary_", &rotary_, "rotate-half RoPE in place on the leading heads of each row (CPU, float32)");
 }

@@ -1,0 +1,80 @@
+"""Native fused CPU ops (kernels/fused_ops_cpu.cpp) equal the PyTorch reference paths they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loomlm.layers.activation import silu_and_mul
+from loomlm.layers.kernels import cpu_kernels
+from loomlm.layers.norm import RMSNorm
+from loomlm.layers.rotary import apply_rotary_
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ toolchain to build the native kernels")
+
+ROWS = [1, 3, 32, 300]  # 300 rows x 576 spans several parallel tasks
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_rms_norm_and_fused_residual_add(rows):
+    g = _gen(rows)
+    norm = RMSNorm(576, eps=1e-5)
+    norm.weight.data = torch.rand(576, generator=g) + 0.5
+    x = torch.randn(rows, 576, generator=g) * 3
+    residual = torch.randn(rows, 576, generator=g)
+    torch.testing.assert_close(cpu_kernels().rms_norm(x, norm.weight, 1e-5),
+                               F.rms_norm(x, (576,), norm.weight, 1e-5), rtol=1e-6, atol=1e-6)
+    expected_sum = x + residual
+    expected = F.rms_norm(expected_sum, (576,), norm.weight, 1e-5)
+    out, new_residual = norm(x.clone(), residual.clone())
+    torch.testing.assert_close(new_residual, expected_sum, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_silu_and_mul(rows):
+    # wide range: large |gate| exercises both branches of the sigmoid and its saturation
+    gate_up = torch.randn(rows, 2 * 1536, generator=_gen(rows)) * 12
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_rotary_in_place_on_leading_heads(rows):
+    heads, kv_heads, head_dim = 9, 3, 64
+    g = _gen(rows)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g)
+    angles = torch.rand(rows, head_dim // 2, generator=g) * 100
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    rotated = heads + kv_heads
+    x = qkv[:, : rotated * head_dim].view(rows, rotated, head_dim)
+    half = head_dim // 2
+    expected = x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
+    ours = qkv.clone()
+    apply_rotary_(ours, cos, sin, rotated, head_dim)
+    torch.testing.assert_close(ours[:, : rotated * head_dim].view_as(x), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours[:, rotated * head_dim:], qkv[:, rotated * head_dim:])  # v untouched
+
+
+def test_torch_fallbacks_match_native():
+    """float64 takes the PyTorch paths: same results as the native float32 kernels."""
+    g = _gen(7)
+    x, residual = torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g)
+    norm = RMSNorm(64)
+    out64, res64 = norm.double()(x.double(), residual.double())
+    out32, res32 = RMSNorm(64)(x.clone(), residual.clone())
+    torch.testing.assert_close(out64.float(), out32, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res64.float(), res32)
+    gate_up = torch.randn(5, 32, generator=g) * 5
+    torch.testing.assert_close(silu_and_mul(gate_up.double()).float(), silu_and_mul(gate_up), rtol=1e-5, atol=1e-5)
+    qkv = torch.randn(5, 3 * 16, generator=g)
+    cos, sin = torch.rand(5, 16, generator=g), torch.rand(5, 16, generator=g)
+    a, b = qkv.double(), qkv.clone()
+    apply_rotary_(a, cos.double(), sin.double(), 2, 16)
+    apply_rotary_(b, cos, sin, 2, 16)
+    torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5)
