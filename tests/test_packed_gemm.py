@@ -34,13 +34,12 @@ def test_packed_linear_equals_plain_at_every_row_count(bias):
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_loading_a_shard_drops_the_stale_packed_weight():
-    layer = _linear(bias=False)
+def test_packing_releases_the_plain_weight_and_refuses_later_loads():
+    layer = _linear(bias=True)
     layer.pack()
-    layer.load_shard("k", weight=torch.zeros(16, 48))
-    assert layer.packed_weight is None
-    x = torch.randn(4, 48)
-    assert torch.equal(layer(x)[:, 32:48], torch.zeros(4, 16))
+    assert layer.weight_t.shape == (48, 80) and layer.weight_t.untyped_storage().nbytes() == 4
+    with pytest.raises(RuntimeError, match="packed"):
+        layer.load_shard("k", weight=torch.zeros(16, 48))
 
 
 def test_packing_is_off_where_it_does_not_apply(monkeypatch):

@@ -13,7 +13,7 @@ from torch import nn
 
 from loomlm.layers.forward_context import current_lora_batch
 from loomlm.layers.lora import ShardLoRA, SlotLoRA, add_lora
-from loomlm.layers.packed_gemm import pack_weight, packed_linear
+from loomlm.layers.packed_gemm import pack_weight, packed_linear, release_storage
 
 
 class Linear(nn.Module):
@@ -47,8 +47,9 @@ class Linear(nn.Module):
         """
         if shard not in self.shard_offsets:
             raise ValueError(f"unknown shard {shard!r}; expected one of {list(self.shard_offsets)}")
+        if self.packed_weight is not None:
+            raise RuntimeError("the weight is packed (and its plain copy released): load shards before pack()")
         start, end = self.shard_offsets[shard]
-        self.packed_weight = None  # stale once the weight changes; `pack()` again after loading
         if weight is not None:
             if tuple(weight.shape) != (end - start, self.in_features):
                 raise ValueError(f"shard {shard!r}: weight shape {tuple(weight.shape)} != {(end - start, self.in_features)}")
@@ -61,9 +62,11 @@ class Linear(nn.Module):
     def pack(self) -> None:
         """Pack the loaded weight for MKL's packed GEMM (CPU, float32; see `packed_gemm_available`).
 
-        Call after the last `load_shard`: later writes to weight_t would not reach the packed copy.
+        The packed copy is all `forward` reads from then on, so weight_t keeps its shape but
+        releases its storage (no second copy of the model in memory). Call after the last `load_shard`.
         """
         self.packed_weight = pack_weight(self.weight_t.data)
+        self.weight_t.data = release_storage(self.weight_t.data)
 
     def check_lora(self, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
         """ValueError unless a_t [in, r] / b_t [r, shard size] fit shard `shard` (which must exist)."""

@@ -42,6 +42,12 @@ def pack_weight(weight_t: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight_t.t().contiguous(), PACK_ROWS)
 
 
+def release_storage(weight_t: torch.Tensor) -> torch.Tensor:
+    """A tensor of weight_t's shape and dtype backed by one element: the placeholder `_mkl_linear` takes
+    for the plain weight it never reads when given the input's own row count."""
+    return torch.empty(1, dtype=weight_t.dtype, device=weight_t.device).expand(weight_t.shape)
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight_t: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x: [num_rows, in_features] -> [num_rows, out_features], equal to `x @ weight_t (+ bias)`."""
