@@ -22,7 +22,7 @@ from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.linear import Linear
 from loomlm.layers.lora import LoRABatch
-from loomlm.layers.packed_gemm import packed_gemm_available
+from loomlm.layers.packed_gemm import packed_gemm_available, return_freed_memory
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
 from loomlm.models.llama import head_dim_of
 from loomlm.models.registry import model_class_for
@@ -75,6 +75,7 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Linear):
                     module.pack()
+            return_freed_memory()
         logger.info("loaded weights in %.1f s (MKL packed GEMM: %s)", time.perf_counter() - start,
                     "on" if self.packed_gemm else "off")
 

@@ -22,9 +22,11 @@ device is not the CPU, the dtype is not float32, or LOOMLM_PACKED_GEMM=0).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
+import sys
 
 import torch
 
@@ -46,6 +48,20 @@ def release_storage(weight_t: torch.Tensor) -> torch.Tensor:
     """A tensor of weight_t's shape and dtype backed by one element: the placeholder `_mkl_linear` takes
     for the plain weight it never reads when given the input's own row count."""
     return torch.empty(1, dtype=weight_t.dtype, device=weight_t.device).expand(weight_t.shape)
+
+
+def return_freed_memory() -> None:
+    """Hand the pages freed by `release_storage` back to the OS (glibc's malloc_trim; no-op elsewhere).
+
+    Why: the released plain weights (a few MB each) sit in the malloc heap between packed
+    copies, where glibc keeps them: without this, a packed model holds twice its size.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight_t: torch.Tensor,
