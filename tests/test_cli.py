@@ -85,7 +85,8 @@ def test_score_prints_each_value_with_its_log_probability() -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    expected = loomlm.model(MODEL).score_sync("The capital of France is", [" Paris", " Berlin"]).scores("sum")
+    with loomlm.model(MODEL) as model:
+        expected = model.score_sync("The capital of France is", [" Paris", " Berlin"]).scores("sum")
     lines = result.stdout.splitlines()
     assert lines[0] == f"loomlm.ScoringResult(model='{MODEL}')"
     printed = [float(line.rsplit(": ", 1)[1]) for line in lines[1:]]

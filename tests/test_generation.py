@@ -3,8 +3,11 @@ concurrent calls, the default model, remote handles against a real server, bad i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncio
 import threading
+import time
 
 import pytest
 from server_utils import offline
@@ -19,13 +22,15 @@ PROMPTS = ["The sky is", "My favourite food is", "In 1492, Columbus", "def fibon
 
 
 @pytest.fixture(scope="module")
-def model() -> loomlm.Model:
-    return loomlm.model(DEFAULT_MODEL)
+def model() -> Iterator[loomlm.Model]:
+    with loomlm.model(DEFAULT_MODEL) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")
-def remote(server) -> loomlm.Model:
-    return loomlm.model(server.base_url)
+def remote(server) -> Iterator[loomlm.Model]:
+    with loomlm.model(server.base_url) as handle:
+        yield handle
 
 
 def beam_texts(llm, prompt: str, width: int, max_tokens: int, temperature: float = 0.0) -> list[str]:
@@ -48,13 +53,34 @@ def beam_texts(llm, prompt: str, width: int, max_tokens: int, temperature: float
 
 
 def test_handles_of_one_model_share_one_engine(model, make_tiny_model_dir):
-    assert loomlm.model(DEFAULT_MODEL).engine is model.engine
+    with loomlm.model(DEFAULT_MODEL) as again:
+        assert again.engine is model.engine
+    assert model.engine.engine.model_runner.model is not None  # another handle is still open
     tiny = str(make_tiny_model_dir("llama"))
-    first = loomlm.model(tiny)
-    assert loomlm.model(tiny).engine is first.engine
-    assert loomlm.model(tiny, max_model_len=128).engine is not first.engine
-    assert loomlm.model(tiny, max_model_len=128).engine.max_model_len == 128
+    with loomlm.model(tiny) as first, loomlm.model(tiny) as second, loomlm.model(tiny, max_model_len=128) as other:
+        assert second.engine is first.engine
+        assert other.engine is not first.engine and other.engine.max_model_len == 128
     assert repr(model) == f"loomlm.Model('{DEFAULT_MODEL}')" and not model.is_remote
+
+
+def test_closing_the_last_handle_frees_the_engine(make_tiny_model_dir):
+    tiny = str(make_tiny_model_dir("llama"))
+    # max_model_len: engine arguments of its own, so no other test's handle shares this engine
+    first, second = loomlm.model(tiny, max_model_len=96), loomlm.model(tiny, max_model_len=96)
+    engine = first.engine
+    first.close()
+    first.close()  # a second close does nothing
+    with pytest.raises(RuntimeError, match="closed"):
+        first.generate_sync(PROMPT, max_tokens=2)
+    assert len(second.generate_sync(PROMPT, max_tokens=2)) > 0  # the engine serves the open handle
+    second.close()
+    deadline = time.monotonic() + 10
+    while engine.engine.model_runner.model is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # released on the engine's step thread
+    assert engine.engine.model_runner.model is None and engine.engine.model_runner.kv_cache is None
+    with loomlm.model(tiny, max_model_len=96) as fresh:  # loads anew
+        assert fresh.engine is not engine
+        assert len(fresh.generate_sync(PROMPT, max_tokens=2)) > 0
 
 
 def test_generate_returns_only_the_completion_and_equals_offline_greedy(model, llm):
@@ -225,7 +251,8 @@ def test_top_level_functions_use_the_default_model(model, make_tiny_model_dir, m
         assert str(loomlm.score_sync("The capital of France is", [" Paris", " Rome"])) == str(
             asyncio.run(loomlm.score("The capital of France is", [" Paris", " Rome"], model=DEFAULT_MODEL)))
         loomlm.set_default_model(tiny)
-        assert get_default_model().engine is loomlm.model(tiny).engine
+        with loomlm.model(tiny) as handle:
+            assert get_default_model().engine is handle.engine
         with pytest.raises(ValueError, match="expected a loomlm.Model"):
             loomlm.set_default_model(3)
     finally:

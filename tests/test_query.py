@@ -3,6 +3,8 @@ the engine's stop strings / max tokens / structured outputs, output writers, bad
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncio
 import io
 import itertools
@@ -20,8 +22,9 @@ QUESTION = "Q: What is the capital of France?\nA:"
 
 
 @pytest.fixture(scope="module")
-def model() -> loomlm.Model:
-    return loomlm.model(DEFAULT_MODEL)
+def model() -> Iterator[loomlm.Model]:
+    with loomlm.model(DEFAULT_MODEL) as handle:
+        yield handle
 
 
 def greedy(llm, prompt, **kwargs) -> str:

@@ -3,6 +3,8 @@ transformers, prefix-cache reuse, local vs remote, the OpenAI echo route, bad in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import asyncio
 
 import httpx
@@ -24,8 +26,9 @@ BATCH_OF_20 = [" " + word for word in (
 
 
 @pytest.fixture(scope="module")
-def model() -> loomlm.Model:
-    return loomlm.model(DEFAULT_MODEL)
+def model() -> Iterator[loomlm.Model]:
+    with loomlm.model(DEFAULT_MODEL) as handle:
+        yield handle
 
 
 def reference_value_scores(reference, tokenizer, prompt: str, value: str) -> np.ndarray:

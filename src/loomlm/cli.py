@@ -178,7 +178,8 @@ def _score(args: argparse.Namespace) -> int:
     """`ScoringResult`'s text form with the chosen aggregate: one `-value: score` line per value."""
     import loomlm
 
-    result = loomlm.model(args.model, **_engine_kwargs(args)).score_sync(args.prompt, args.values)
+    with loomlm.model(args.model, **_engine_kwargs(args)) as model:
+        result = model.score_sync(args.prompt, args.values)
     lines = [f"loomlm.ScoringResult(model='{result.model_identifier}')"]
     lines += [f"-{value}: {score:.4f}" for value, score in zip(result.continuations, result.scores(args.agg))]
     sys.stdout.write("\n".join(lines) + "\n")

@@ -108,7 +108,7 @@ class LocalModel:
         return await score_on_engine(self.engine, prompt, values)
 
     async def aclose(self) -> None:
-        self.engine.shutdown()
+        await self.engine.aclose()
 
 
 def _beam_text(engine: AsyncLLMEngine, generated: list[int], finish_reason: str | None) -> str:
@@ -126,6 +126,7 @@ class _Runtime:
 
 
 _registry: dict[tuple, _Runtime] = {}
+_open_handles: dict[tuple, int] = {}  # registry key -> handles not yet closed
 _registry_lock = threading.Lock()
 
 
@@ -175,7 +176,20 @@ def model(identifier: str, **kwargs: Any) -> Model:
         runtime = _registry.get(key)
         if runtime is None:
             runtime = _registry[key] = _make_runtime(identifier, kwargs)
-    return Model(identifier, runtime)
+        _open_handles[key] = _open_handles.get(key, 0) + 1
+    return Model(identifier, runtime, key)
+
+
+def _stop_runtime(runtime: _Runtime) -> None:
+    """Shut the backend down (engine memory freed, HTTP client closed), then its event loop."""
+    if threading.current_thread() is runtime.loop.thread:  # cannot wait on our own loop
+        runtime.loop.submit(runtime.backend.aclose())
+    else:
+        try:
+            runtime.loop.submit(runtime.backend.aclose()).result(timeout=5)
+        except Exception:  # a stuck loop must not block the caller
+            logger.debug("closing %s failed", runtime.backend.identifier, exc_info=True)
+    runtime.loop.close()
 
 
 class Model:
@@ -184,9 +198,43 @@ class Model:
     Calls are safe from any thread and any event loop; concurrent calls batch in the engine.
     """
 
-    def __init__(self, identifier: str, runtime: _Runtime) -> None:
+    def __init__(self, identifier: str, runtime: _Runtime, registry_key: tuple) -> None:
         self.identifier = identifier
-        self._runtime = runtime
+        self._shared: _Runtime | None = runtime
+        self._registry_key = registry_key
+
+    @property
+    def _runtime(self) -> _Runtime:
+        if self._shared is None:
+            raise RuntimeError(f"this handle on {self.identifier!r} is closed; call loomlm.model(...) again")
+        return self._shared
+
+    def close(self) -> None:
+        """Release this handle. The engine it shares (or its HTTP client) stops when the last open
+        handle on it closes, which frees the engine's weights and KV cache; a later
+        `loomlm.model(...)` loads the model again. Calls on a closed handle raise RuntimeError.
+        Closing twice does nothing. Also `with loomlm.model(...) as m:`.
+        """
+        runtime, self._shared = self._shared, None
+        if runtime is None:
+            return
+        key = self._registry_key
+        with _registry_lock:
+            if key not in _open_handles:  # everything was shut down at exit
+                return
+            _open_handles[key] -= 1
+            last = _open_handles[key] == 0
+            if last:
+                del _open_handles[key]
+                del _registry[key]
+        if last:
+            _stop_runtime(runtime)
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def is_remote(self) -> bool:
@@ -333,9 +381,6 @@ def _shutdown_all() -> None:
     with _registry_lock:
         runtimes = list(_registry.values())
         _registry.clear()
+        _open_handles.clear()
     for runtime in runtimes:
-        try:
-            runtime.loop.submit(runtime.backend.aclose()).result(timeout=5)
-        except Exception:  # exiting anyway: a stuck loop must not block the exit
-            logger.debug("closing %s failed", runtime.backend.identifier, exc_info=True)
-        runtime.loop.close()
+        _stop_runtime(runtime)

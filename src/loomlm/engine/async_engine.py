@@ -228,16 +228,31 @@ class AsyncLLMEngine:
                 if queue is not None:
                     queue.put_nowait(result)
 
+    async def aclose(self) -> None:
+        """`shutdown()`, then, from the event loop the step loop runs in, wait for it to end."""
+        self.shutdown()
+        task = self._loop_task
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
+            await asyncio.gather(task, return_exceptions=True)
+
     def shutdown(self) -> None:
-        """Stop the background loop; safe to call from any thread."""
+        """Stop the background loop and free the model's weights and KV cache; safe from any thread.
+
+        The release runs on the step thread after any step in flight, so no step loses its tensors.
+        """
+        if self._stopped:
+            return
         self._stopped = True
-        self._step_executor.shutdown(wait=False)
         if self.engine.lora_manager is not None:
             self.engine.lora_manager.shutdown()
         loop, task = self._event_loop, self._loop_task
-        if loop is None or task is None or loop.is_closed():
-            return
+        if loop is not None and task is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # the loop stopped meanwhile
         try:
-            loop.call_soon_threadsafe(task.cancel)
+            self._step_executor.submit(self.engine.model_runner.release)
         except RuntimeError:
-            pass  # the loop stopped meanwhile
+            pass  # interpreter exit: executors take no more work, and the memory goes with the process
+        self._step_executor.shutdown(wait=False)

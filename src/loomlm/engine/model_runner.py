@@ -99,6 +99,16 @@ class ModelRunner:
         logger.info("decode attention backend: %s", self.decode_backend)
         self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
 
+    def release(self) -> None:
+        """Free the weights and the KV pool (at engine shutdown): memory goes back at once, even
+        while something still holds the engine object. Any later `execute` raises RuntimeError."""
+        for attn in self.model.attention_layers() if self.model is not None else []:
+            attn.k_cache = attn.v_cache = None
+        self.kv_cache = None
+        self._gather_buffer = None
+        self.model = None  # last: `model is None` means everything is released
+        return_freed_memory()
+
     def _decode_metadata(self, tables: list[list[int]], context_lens: list[int]) -> DecodeMetadata | None:
         """Decode metadata for sequences with these block tables and context lengths (None if none)."""
         if not tables:
@@ -127,7 +137,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
-        """Run one step. block_tables: request_id -> its blocks (covering the scheduled tokens)."""
+        """Run one step. block_tables: request_id -> its blocks (covering the scheduled tokens).
+
+        Raises RuntimeError after `release()`.
+        """
+        if self.model is None:
+            raise RuntimeError("the engine has been shut down (its weights and KV cache are released)")
         if scheduler_output.blocks_to_copy:
             self.copy_blocks(scheduler_output.blocks_to_copy)
         items = sorted(scheduler_output.scheduled, key=lambda it: it.num_new_tokens != 1)  # decodes first
