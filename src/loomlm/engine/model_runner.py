@@ -157,14 +157,13 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         spans: list[PrefillSpan] = []
-        lora_rows: dict[int, list[int]] = {}  # adapter slot -> flat-batch rows of its tokens
+        token_slots: list[int] = []  # each flat-batch token's adapter slot, -1 for the base model
         for item in items:
             req = item.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
             table = block_tables[req.request_id]
             first = len(input_ids)
-            if req.lora_slot is not None:
-                lora_rows.setdefault(req.lora_slot, []).extend(range(first, first + item.num_new_tokens))
+            token_slots.extend([-1 if req.lora_slot is None else req.lora_slot] * item.num_new_tokens)
             input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -194,8 +193,8 @@ class ModelRunner:
             num_decode_tokens=num_decode,
             decode=self._decode_metadata(decode_tables, decode_lens),
             prefill_spans=spans,
-            lora=LoRABatch([(slot, torch.tensor(rows, dtype=torch.int64, device=dev))
-                            for slot, rows in lora_rows.items()]) if lora_rows else None,
+            lora=LoRABatch(torch.tensor(token_slots, dtype=torch.int64, device=dev))
+            if any(slot >= 0 for slot in token_slots) else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):

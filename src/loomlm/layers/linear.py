@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from loomlm.layers.forward_context import current_lora_batch
-from loomlm.layers.lora import ShardLoRA, SlotLoRA, add_lora
+from loomlm.layers.lora import ShardLoRA, SlotLoRA, StackedLoRA, add_lora
 from loomlm.layers.packed_gemm import pack_weight, packed_linear, release_storage
 
 
@@ -39,6 +39,7 @@ class Linear(nn.Module):
         self.shard_offsets = offsets
         # LoRA adapters installed in slots (loomlm.lora.manager): slot -> its shard updates.
         self.lora_slots: dict[int, SlotLoRA] = {}
+        self._lora_stack: StackedLoRA | None = None  # all of lora_slots side by side; rebuilt after a change
         # MKL's packed copy of weight_t (`pack()`, packed_gemm.py); None: plain matmuls.
         self.packed_weight: torch.Tensor | None = None
 
@@ -88,10 +89,12 @@ class Linear(nn.Module):
         start, end = self.shard_offsets[shard]
         shards = self.lora_slots[slot].shards if slot in self.lora_slots else []
         self.lora_slots[slot] = SlotLoRA.fuse(shards + [ShardLoRA(start, end, a_t, b_t)], self.out_features)
+        self._lora_stack = None
 
     def clear_lora(self, slot: int) -> None:
         """Remove whatever adapter `slot` holds (nothing if empty)."""
         self.lora_slots.pop(slot, None)
+        self._lora_stack = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
@@ -104,5 +107,7 @@ class Linear(nn.Module):
         if self.lora_slots:
             batch = current_lora_batch()
             if batch is not None:
-                y = add_lora(x, y, self.lora_slots, batch)
+                if self._lora_stack is None:
+                    self._lora_stack = StackedLoRA.stack(self.lora_slots)
+                y = add_lora(x, y, self._lora_stack, batch)
         return y
