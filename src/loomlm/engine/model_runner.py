@@ -158,11 +158,13 @@ class ModelRunner:
         decode_lens: list[int] = []
         spans: list[PrefillSpan] = []
         token_slots: list[int] = []  # each flat-batch token's adapter slot, -1 for the base model
+        uses_lora = False
         for item in items:
             req = item.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
             table = block_tables[req.request_id]
             first = len(input_ids)
+            uses_lora = uses_lora or req.lora_slot is not None
             token_slots.extend([-1 if req.lora_slot is None else req.lora_slot] * item.num_new_tokens)
             input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
@@ -193,8 +195,7 @@ class ModelRunner:
             num_decode_tokens=num_decode,
             decode=self._decode_metadata(decode_tables, decode_lens),
             prefill_spans=spans,
-            lora=LoRABatch(torch.tensor(token_slots, dtype=torch.int64, device=dev))
-            if any(slot >= 0 for slot in token_slots) else None,
+            lora=LoRABatch(torch.tensor(token_slots, dtype=torch.int64, device=dev)) if uses_lora else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):

@@ -18,6 +18,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
@@ -45,10 +47,8 @@ def cpu_kernels():
         return None
 
 
-def cpu_kernels_for(x):
+def cpu_kernels_for(x: torch.Tensor):
     """The native module when tensor `x` is float32 on the CPU and the kernels are built, else None."""
-    import torch
-
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     return cpu_kernels()
