@@ -34,7 +34,7 @@ def test_local_paths(tmp_path):
         resolve_adapter("some/adapter", "pbase")
 
 
-def test_hub_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
+def test_hub_resolves_from_the_local_cache_first(tmp_path, monkeypatch):
     # The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/files}.
     commit = "0" * 40
     repo = tmp_path / "hub" / "models--acme--tiny-lora"
@@ -46,8 +46,33 @@ def test_hub_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
     assert path == repo / "snapshots" / commit and (path / "adapter_config.json").read_bytes() == FILES[
         "adapter_config.json"]
     assert resolve_adapter("acme/tiny-lora") == str(path)  # no source: the hub cache
-    with pytest.raises(ValueError, match="not in .*does not download"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="not in .*could not be downloaded .HF_HUB_OFFLINE is set"):
         resolve_adapter("acme/absent-lora", "hub")
+
+
+def test_hub_downloads_only_the_adapter_files_when_online(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from loomlm.lora import source
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            return real(repo_id, **kwargs)  # a cache miss
+        target = tmp_path / "downloaded"
+        write_adapter(target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve_adapter("acme/new-lora", "hub") == str(tmp_path / "downloaded")
+    assert calls[0]["local_files_only"] is True
+    assert calls[1]["allow_patterns"] == source._ADAPTER_FILES  # never a whole model repository
 
 
 class FakeS3:
@@ -85,6 +110,16 @@ def test_s3_downloads_once_into_the_cache(tmp_path, monkeypatch):
         resolve_adapter("s3://bucket/loras/none", "s3")
     with pytest.raises(ValueError, match="s3://bucket/prefix"):
         resolve_adapter("s3://bucket-only", "s3")
+    # A request's id never steers a read or a write outside the S3 cache.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "adapter_config.json").write_bytes(b"{}")
+    for escaping in ("s3://bucket/../../../elsewhere", "s3://../elsewhere/x", "s3://bucket/loras/../../.."):
+        with pytest.raises(ValueError, match="may not contain"):
+            resolve_adapter(escaping, "s3")
+    fake.objects["bucket/loras/evil/../../../../elsewhere/adapter_config.json"] = b"{}"
+    with pytest.raises(ValueError, match="leaves the adapter's directory"):
+        resolve_adapter("s3://bucket/loras/evil", "s3")
+    assert (tmp_path / "elsewhere" / "adapter_config.json").read_bytes() == b"{}"
 
 
 def test_s3_without_boto3_is_a_clear_error(monkeypatch):

@@ -37,8 +37,10 @@ def adapters(smollm2_reference_dir: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="module")
 def lorax_server(adapters: dict[str, Path]) -> Iterator[RunningServer]:
     # --adapter-ids: the first adapter is preloaded under its path.
+    # --adapter-root: requests may name the adapters under it by path.
     with serve_engine(model="smollm2-135m-instruct", enable_lora=True, max_loras=2,
-                      lora_adapter_ids=(str(adapters["attn-r8"]),)) as running:
+                      lora_adapter_ids=(str(adapters["attn-r8"]),),
+                      adapter_roots=(str(adapters["attn-r8"].parent),)) as running:
         yield running
 
 
@@ -160,10 +162,10 @@ def test_structured_output_through_both_clients(lorax_client, tgi_client):
     assert answer.details.finish_reason == "eos_token"
 
 
-def test_errors_are_422_with_error_type_and_lose_nothing(lorax_server, lorax_client, adapters, tmp_path):
+def test_errors_are_422_with_error_type_and_lose_nothing(lorax_server, lorax_client, adapters):
     with pytest.raises(lorax.errors.ValidationError, match="not in"):
         lorax_client.generate(PROMPT, adapter_id="nobody/no-such-adapter", max_new_tokens=2)
-    broken = tmp_path / "broken"
+    broken = adapters["attn-r8"].parent / "broken"  # under the adapter root
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{}")
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")

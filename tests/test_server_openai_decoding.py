@@ -13,6 +13,10 @@ import openai
 import pytest
 import torch
 from openai import OpenAI
+from server_utils import serve_app
+
+from loomlm.server.app import build_app
+from loomlm.server.limits import ServerLimits
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
@@ -167,19 +171,33 @@ def test_tokenize_detokenize(server) -> None:
         assert chat["tokens"] == tok.encode(rendered, add_special_tokens=False)
         assert chat["token_strs"] == tok.convert_ids_to_tokens(chat["tokens"])
         template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
-        custom = http.post("/tokenize", json={"messages": MESSAGES, "chat_template": template}).json()
-        assert custom["tokens"] == tok.encode("<<What is the capital of France?>>", add_special_tokens=False)
-        for path, payload in (("/detokenize", {"tokens": [10**9]}), ("/tokenize", {}),
-                              ("/tokenize", {"messages": MESSAGES, "chat_template": "{% if %}"})):
+        # A request's own chat template needs --trust-request-chat-template (vLLM's flag).
+        refused = http.post("/tokenize", json={"messages": MESSAGES, "chat_template": template})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template"
+        assert "--trust-request-chat-template" in refused.json()["error"]["message"]
+        for path, payload in (("/detokenize", {"tokens": [10**9]}), ("/tokenize", {})):
             r = http.post(path, json=payload)
             assert r.status_code == 400 and r.json()["error"]["code"] == 400
+    trusting = build_app(server.engine, limits=ServerLimits(trust_request_chat_template=True))
+    with serve_app(trusting, server.engine) as trusted, httpx.Client(base_url=trusted.base_url, timeout=60) as http:
+        custom = http.post("/tokenize", json={"messages": MESSAGES, "chat_template": template}).json()
+        assert custom["tokens"] == tok.encode("<<What is the capital of France?>>", add_special_tokens=False)
+        r = http.post("/tokenize", json={"messages": MESSAGES, "chat_template": "{% if %}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == 400
 
 
 def test_chat_template_fields_reach_the_prompt(client: OpenAI, server) -> None:
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    out = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=5, temperature=0,
-        extra_body={"chat_template": template, "add_generation_prompt": False})
+    # Request templates need a server started with --trust-request-chat-template.
+    trusting = build_app(server.engine, limits=ServerLimits(trust_request_chat_template=True))
+    with serve_app(trusting, server.engine) as trusted:
+        trusted_client = OpenAI(base_url=f"{trusted.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+        out = trusted_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=5, temperature=0,
+            extra_body={"chat_template": template, "add_generation_prompt": False})
+    with pytest.raises(openai.BadRequestError, match="trust-request-chat-template"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=5,
+                                       extra_body={"chat_template": template})
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
     # The template renders the bare text; completions add no BOS for this tokenizer either.
     assert server.tokenizer.encode(PROMPT) == server.tokenizer.encode(PROMPT, add_special_tokens=False)
@@ -189,7 +207,8 @@ def test_chat_template_fields_reach_the_prompt(client: OpenAI, server) -> None:
 def test_server_chat_template_replaces_the_models(server) -> None:
     from loomlm.server.app import build_app
 
-    app = build_app(server.engine, chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    app = build_app(server.engine, chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+                    limits=ServerLimits(trust_request_chat_template=True))
 
     async def tokenize(payload: dict[str, Any]) -> dict[str, Any]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loomlm") as http:

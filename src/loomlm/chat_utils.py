@@ -8,6 +8,10 @@ template errors reported as `ValueError`.
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +31,54 @@ def load_chat_template(value: str | None) -> str | None:
     raise ValueError(f"chat template {value!r} is neither a file nor a Jinja template.")
 
 
+class ChatTemplateTimeout(Exception):
+    """A chat template ran past its time limit (raised inside the rendering thread)."""
+
+
+@contextmanager
+def _deadline(timeout_s: float) -> Iterator[None]:
+    """Raise ChatTemplateTimeout in this thread's Python code once `timeout_s` have passed.
+
+    A trace function (this thread only) checks the clock on every line and call, so a template
+    looping without output (`{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}...`)
+    is stopped too; raising from it unsets it. Rendering under it runs a few times slower, which
+    only request-supplied templates pay.
+    """
+    deadline = time.monotonic() + timeout_s
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise ChatTemplateTimeout(f"the chat template took longer than {timeout_s:g} s to render.")
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template: str | None = None,
-                add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                timeout_s: float | None = None) -> str:
     """The conversation as prompt text (special tokens included, so encode it without adding more).
 
-    chat_template None uses the tokenizer's (the model's). Raises ValueError: no messages,
-    no template, or an error raised while rendering.
+    chat_template None uses the tokenizer's (the model's). `timeout_s`: the rendering time
+    allowed (for templates sent by clients); blocking, so servers call it in a worker thread.
+    Raises ValueError: no messages, no template, an error raised while rendering, or the time
+    limit passed.
     """
     if not messages:
         raise ValueError("messages must not be empty.")
+    limit = _deadline(timeout_s) if timeout_s is not None else nullcontext()
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, chat_template=chat_template,
-            add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message)
+        with limit:
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message)
+    except ChatTemplateTimeout as exc:
+        raise ValueError(f"Cannot apply the chat template: {exc}") from None
     except Exception as exc:  # jinja errors and template-raised exceptions are the caller's input
         raise ValueError(f"Cannot apply the chat template: {exc}") from exc

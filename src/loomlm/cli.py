@@ -52,6 +52,40 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
 
 
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `ServerLimits` field (`--max-n`, `--max-request-body-bytes`, ...)."""
+    from dataclasses import MISSING, fields
+
+    from loomlm.server.limits import ServerLimits
+
+    group = parser.add_argument_group("request limits (each request is refused with a 4xx beyond them)")
+    for f in fields(ServerLimits):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "trust_request_chat_template":
+            group.add_argument(flag, dest=f.name, action="store_true", default=None,
+                               help="accept `chat_template` in request bodies (rendered with a time limit)")
+        elif f.name == "max_process_memory_bytes":
+            group.add_argument("--max-process-memory", dest=f.name, default=None, metavar="SIZE",
+                               help="refuse new requests (503; 429 on LoRAX routes) while the process's resident "
+                                    "memory is above this: bytes, 20GiB, or 90%% (default: 90%% of the machine)")
+        else:
+            default = f.default if f.default is not MISSING else None
+            group.add_argument(flag, dest=f.name, type=type(default), default=None, metavar="N",
+                               help=f"(default: {default})")
+
+
+def _limits(args: argparse.Namespace):
+    """The `ServerLimits` of the flags given (the others keep their defaults)."""
+    from dataclasses import fields
+
+    from loomlm.server.limits import ServerLimits, parse_memory_size
+
+    given = {f.name: getattr(args, f.name) for f in fields(ServerLimits) if getattr(args, f.name, None) is not None}
+    if "max_process_memory_bytes" in given:
+        given["max_process_memory_bytes"] = parse_memory_size(given["max_process_memory_bytes"])
+    return ServerLimits(**given)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `loomlm` (subcommands `serve`, `generate` and `models`)."""
     parser = argparse.ArgumentParser(prog="loomlm", description="An LLM inference and serving engine.")
@@ -78,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="adapters kept in host memory (default: --max-loras)")
     lora.add_argument("--adapter-ids", dest="lora_adapter_ids", nargs="+", default=None, metavar="ID",
                       help="adapters to load at start-up: local paths or Hugging Face ids in the local cache")
+    lora.add_argument("--adapter-root", dest="adapter_roots", action="append", default=None, metavar="DIR",
+                      help="a directory under which requests may name local adapters (repeatable; without it, "
+                           "requests may name only Hugging Face / S3 adapters and the --adapter-ids ones)")
+    _add_limit_flags(serve)
     serve.add_argument("--max-concurrent-requests", type=int, default=128,
                        help="LoRAX/TGI routes answer 429 beyond this many requests in flight (default: 128)")
     serve.add_argument("--chat-template", default=None,
@@ -123,10 +161,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     api_keys = load_api_keys(args.api_keys, args.api_key_file)  # before the model loads: fail fast
     engine_kwargs = _engine_kwargs(args)
-    for name in ("enable_lora", "max_loras", "max_cpu_loras", "lora_adapter_ids"):
+    limits = _limits(args)
+    for name in ("enable_lora", "max_loras", "max_cpu_loras", "lora_adapter_ids", "adapter_roots"):
         if getattr(args, name) is not None:
             engine_kwargs[name] = getattr(args, name)
-    if args.lora_adapter_ids:
+    if args.lora_adapter_ids or args.adapter_roots:
         engine_kwargs["enable_lora"] = True
     run_server(
         args.model,
@@ -137,6 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
         chat_template=load_chat_template(args.chat_template),
         max_concurrent_requests=args.max_concurrent_requests,
         api_keys=api_keys,
+        limits=limits,
         **engine_kwargs,
     )
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -121,13 +122,17 @@ class LoRAConfig:
             an idle one is evicted, least recently used first, when another is needed.
         max_cpu_loras: adapters kept in host memory, ready to install (None: max_loras).
         lora_adapter_ids: adapters to load at start-up (LoRAX's --adapter-ids; see
-            `loomlm.lora.source.resolve_adapter` for what an id may be).
+            `loomlm.lora.source.resolve_adapter` for what an id may be); any local path.
+        adapter_roots: directories under which adapter ids sent in requests may name local
+            adapters (`loomlm serve --adapter-root`); none: requests may name hub / s3 adapters
+            and the preloaded ones only. Stored as real paths.
     """
 
     enable_lora: bool = False
     max_loras: int = 8
     max_cpu_loras: int | None = None
     lora_adapter_ids: tuple[str, ...] = ()
+    adapter_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
@@ -137,6 +142,13 @@ class LoRAConfig:
         if self.lora_adapter_ids and not self.enable_lora:
             raise ValueError("lora_adapter_ids needs enable_lora=True.")
         object.__setattr__(self, "lora_adapter_ids", tuple(self.lora_adapter_ids))
+        if isinstance(self.adapter_roots, str):
+            raise ValueError("adapter_roots must be a sequence of directories, not one string.")
+        roots = tuple(os.path.realpath(os.path.expanduser(root)) for root in self.adapter_roots)
+        missing = [root for root in roots if not os.path.isdir(root)]
+        if missing:
+            raise ValueError(f"adapter root {missing[0]!r} is not a directory.")
+        object.__setattr__(self, "adapter_roots", roots)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Source: vLLM `vllm/sampling_params.py` (v0.8 signature); see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
     from loomlm.watermark import WatermarkParams
 
 _SAMPLING_EPS = 1e-5
+# Float parameters that must be finite (NaN slips through range checks; inf poisons the logits).
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
 
 
 @dataclass
@@ -174,6 +178,12 @@ class SamplingParams:
         self.all_stop_token_ids = set(self.stop_token_ids)
 
     def _verify(self) -> None:
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.logit_bias and any(not math.isfinite(v) for v in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be finite numbers.")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if self.best_of is not None:
@@ -210,6 +220,9 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            # torch.Generator.manual_seed's range.
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}.")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
         if not 0.0 < self.typical_p <= 1.0:

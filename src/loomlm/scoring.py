@@ -146,14 +146,21 @@ async def score_on_engine(engine: AsyncLLMEngine, prompt: str, values: str | Seq
     values = normalize_values(values)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("the prompt must be a non-empty string (its first token is the context of the first one scored).")
-    tokenizer = engine.tokenizer
-    prompt_ids = tokenizer.encode(prompt)
-    value_ids = [tokenizer.encode(value, add_special_tokens=False) for value in values]
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-    for value, ids in zip(values, value_ids):
-        if not ids:
-            raise ValueError(f"value {value!r} has no tokens.")
-        engine.engine.encode_prompt(prompt_ids + ids, params)  # context-window check before any work
+
+    def encode_all() -> tuple[list[int], list[list[int]]]:
+        # Tokenizing (and the context-window checks) before any work, in a worker thread.
+        prompt_ids = engine.engine.encode_prompt(prompt).token_ids
+        value_ids = []
+        for value in values:
+            ids = engine.engine.encode_prompt(value, add_special_tokens=False).token_ids if value else []
+            if not ids:
+                raise ValueError(f"value {value!r} has no tokens.")
+            engine.engine.encode_prompt(prompt_ids + ids, params)
+            value_ids.append(ids)
+        return prompt_ids, value_ids
+
+    prompt_ids, value_ids = await asyncio.to_thread(encode_all)
     # The prompt alone first, so its full blocks are in the cache when the values arrive;
     # it also yields the prompt's own token logprobs.
     prompt_output = await _last(engine.generate(prompt_ids, params, lora_request=lora_request))

@@ -100,6 +100,12 @@ class AsyncLLMEngine:
         await self.load_lora(lora)
         return lora
 
+    async def encode(self, prompt: str | list[int] | EncodedPrompt, params: SamplingParams | None = None,
+                     add_special_tokens: bool = True) -> EncodedPrompt:
+        """`LLMEngine.encode_prompt` in a worker thread: tokenizing a long prompt or compiling a new
+        grammar never blocks the event loop. Raises ValueError as `encode_prompt` does."""
+        return await asyncio.to_thread(self.engine.encode_prompt, prompt, params, add_special_tokens)
+
     async def load_lora(self, lora_request: LoRARequest) -> None:
         """Read the adapter into the engine's host cache in a worker thread (decoding goes on).
 
@@ -118,7 +124,7 @@ class AsyncLLMEngine:
         """
         request_id = request_id or uuid.uuid4().hex
         # Validate here, in the caller's task, so bad input is reported to this caller only.
-        encoded = self.engine.encode_prompt(prompt, sampling_params)
+        encoded = await self.encode(prompt, sampling_params)
         if lora_request is not None:
             await self.load_lora(lora_request)
         queue = self._submit(request_id, encoded, sampling_params, lora_request, prompt_logprobs_from)
@@ -167,7 +173,7 @@ class AsyncLLMEngine:
         Raises ValueError for bad input; cancelling the call aborts the search.
         """
         request_id = request_id or uuid.uuid4().hex
-        queue = self._submit(request_id, self.engine.encode_prompt(prompt), params)
+        queue = self._submit(request_id, await self.encode(prompt), params)
         finished = False
         try:
             item = await queue.get()
@@ -203,6 +209,9 @@ class AsyncLLMEngine:
                                            prompt_logprobs_from=add.prompt_logprobs_from)
                 except ValueError as exc:
                     add.queue.put_nowait(exc)
+                except Exception as exc:  # a bug must fail its request, not stop the loop serving the others
+                    logger.exception("adding request %s failed", add.request_id)
+                    add.queue.put_nowait(RuntimeError(f"the engine could not add the request: {exc}"))
             if aborts:
                 engine.abort_request(aborts)
             if not engine.has_unfinished_requests():

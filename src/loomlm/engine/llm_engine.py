@@ -9,8 +9,11 @@ with `n > 1` fans out into n sequences (ids `"{i}_{request_id}"`, seeds
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -93,15 +96,23 @@ class LLMEngine:
                                          lc.max_cpu_loras) if lc.enable_lora else None)
         self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.lora_manager)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
-        self.lora_requests: dict[str, LoRARequest] = {}  # adapter id -> its request, for adapters named so far
+        self.max_token_chars = _max_token_chars(self.tokenizer)
+        # Adapter id -> its request, for adapters loaded so far (least recently used first): what
+        # /v1/models lists. Bounded by max_cpu_loras; the preloaded ones are pinned.
+        self.lora_requests: OrderedDict[str, LoRARequest] = OrderedDict()
+        self._lora_lock = threading.Lock()  # lora_request_for / check_lora run in worker threads
+        self._lora_int_ids = itertools.count(1)
+        self._pinned_loras: set[str] = set()
         for adapter_id in lc.lora_adapter_ids:  # LoRAX's --adapter-ids: loaded and installed now
-            lora = self.lora_request_for(adapter_id)
+            lora = self._new_lora_request(adapter_id, resolve_adapter(adapter_id))  # the operator's: any path
+            self._pinned_loras.add(adapter_id)
             self.check_lora(lora)
             if self.lora_manager.acquire(lora) is not None:
                 self.lora_manager.release(lora.lora_name)
         self.user_requests: dict[str, _UserRequest] = {}
         self._token_texts: dict[int, str] = {}
         self._structured_outputs: StructuredOutputManager | None = None
+        self._structured_outputs_lock = threading.Lock()
         self.beam_searches: dict[str, BeamSearchGroup] = {}
         self._beam_owner: dict[str, str] = {}  # live beam request id -> its beam search's id
         self.finished_beam_searches: dict[str, BeamSearchOutput] = {}  # taken by the caller
@@ -109,8 +120,9 @@ class LLMEngine:
     @property
     def structured_outputs(self) -> StructuredOutputManager:
         """The constraint compiler, made on first use (converting the tokenizer takes ~0.5 s)."""
-        if self._structured_outputs is None:
-            self._structured_outputs = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size)
+        with self._structured_outputs_lock:  # encode_prompt runs in worker threads
+            if self._structured_outputs is None:
+                self._structured_outputs = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size)
         return self._structured_outputs
 
     @classmethod
@@ -120,24 +132,39 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- requests
     def encode_prompt(self, prompt: str | list[int] | EncodedPrompt,
-                      params: SamplingParams | None = None) -> EncodedPrompt:
-        """Tokenize and validate a prompt (and the parameters it will run with) once.
+                      params: SamplingParams | None = None, add_special_tokens: bool = True) -> EncodedPrompt:
+        """Tokenize and validate a prompt (and the parameters it will run with) once. Thread-safe.
 
         With `params`, the prompt is truncated to `truncate_prompt_tokens` and the parameters'
         token ids and logprob counts are checked against the model. `add_request` accepts the
-        result as is. Raises ValueError: empty prompt, token ids outside the vocabulary, a
-        prompt that leaves no room to generate within `max_model_len`, or invalid parameters.
+        result as is. `add_special_tokens` False: text that already holds them (a rendered chat).
+        A text prompt with more characters than `max_model_len` tokens can cover is refused
+        before it is tokenized (unless it is to be truncated).
+
+        Raises ValueError: empty prompt, token ids outside the vocabulary, a prompt that leaves
+        no room to generate within `max_model_len`, or invalid parameters.
         """
         if isinstance(prompt, EncodedPrompt):
             encoded = prompt
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("The prompt cannot be empty.")
-            encoded = EncodedPrompt(prompt, self.tokenizer.encode(prompt))
+            truncating = params is not None and params.truncate_prompt_tokens is not None
+            if not truncating and len(prompt) > self.max_model_len * self.max_token_chars:
+                # Every token covers at most max_token_chars characters: this cannot fit.
+                raise ValueError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                    f"{len(prompt)} characters, more than {self.max_model_len} tokens can hold. Please reduce the "
+                    "length of the prompt.")
+            encoded = EncodedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         else:
             token_ids = list(prompt)
             if not token_ids:
                 raise ValueError("The prompt cannot be empty.")
+            if len(token_ids) > self.max_model_len and (params is None or params.truncate_prompt_tokens is None):
+                raise ValueError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                    f"{len(token_ids)} tokens. Please reduce the length of the prompt.")
             vocab = self.hf_config.vocab_size
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}).")
@@ -157,31 +184,58 @@ class LLMEngine:
 
     def lora_request_for(self, adapter_id: str, adapter_source: str | None = None,
                          api_token: str | None = None) -> LoRARequest:
-        """The LoRARequest for an adapter id (LoRAX's adapter_id / adapter_source; see
-        `loomlm.lora.source`). Blocking (may read the Hugging Face cache or download from S3).
+        """The LoRARequest for an adapter id sent in a request (LoRAX's adapter_id / adapter_source;
+        see `loomlm.lora.source`): local ids only under `LoRAConfig.adapter_roots`. Not listed in
+        `lora_requests` until `check_lora` has loaded it. Blocking (may read the Hugging Face cache
+        or download from S3); thread-safe.
 
-        Raises ValueError: LoRA not enabled, or an id that resolves to no adapter.
+        Raises ValueError: LoRA not enabled, or an id that resolves to no allowed adapter.
         """
         if self.lora_manager is None:
             raise ValueError("LoRA adapters need the engine argument enable_lora=True (loomlm serve --enable-lora).")
-        known = self.lora_requests.get(adapter_id)
+        with self._lora_lock:
+            known = self.lora_requests.get(adapter_id)
         if known is not None and adapter_source is None:
             return known
-        path = resolve_adapter(adapter_id, adapter_source, api_token)
+        path = resolve_adapter(adapter_id, adapter_source, api_token,
+                               allowed_roots=self.config.lora_config.adapter_roots)
         if known is not None and known.lora_path == path:
             return known
-        lora = LoRARequest(adapter_id, len(self.lora_requests) + 1, path)
-        self.lora_requests.setdefault(adapter_id, lora)
-        return lora
+        return self._new_lora_request(adapter_id, path)
+
+    def _new_lora_request(self, adapter_id: str, path: str) -> LoRARequest:
+        with self._lora_lock:
+            return LoRARequest(adapter_id, next(self._lora_int_ids), path)
+
+    def registered_loras(self) -> list[LoRARequest]:
+        """The adapters loaded so far (a snapshot, least recently used first); thread-safe."""
+        with self._lora_lock:
+            return list(self.lora_requests.values())
+
+    def is_registered_lora(self, adapter_id: str | None) -> bool:
+        """Whether `adapter_id` names an adapter loaded so far; thread-safe."""
+        with self._lora_lock:
+            return adapter_id in self.lora_requests
 
     def check_lora(self, lora_request: LoRARequest | None) -> None:
         """Read the adapter into the host cache now (blocking; thread-safe), so a bad one raises
-        ValueError before anything is queued. Servers call it in a worker thread."""
+        ValueError before anything is queued, then list it in `lora_requests` (a failed one
+        never is). Servers call it in a worker thread."""
         if lora_request is None:
             return
         if self.lora_manager is None:
             raise ValueError("LoRA adapters need the engine argument enable_lora=True.")
         self.lora_manager.load(lora_request)
+        with self._lora_lock:
+            for lora in lora_request.merged_from or (lora_request,):  # a merge itself is per request
+                self.lora_requests.setdefault(lora.lora_name, lora)
+                self.lora_requests.move_to_end(lora.lora_name)
+            limit = max(self.lora_manager.max_cpu_loras, len(self._pinned_loras))
+            for name in list(self.lora_requests):
+                if len(self.lora_requests) <= limit:
+                    break
+                if name not in self._pinned_loras:
+                    del self.lora_requests[name]
 
     def add_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
                     arrival_time: float | None = None, lora_request: LoRARequest | None = None,
@@ -436,3 +490,18 @@ def _eos_token_ids(tokenizer, hf_config) -> set[int]:
     elif isinstance(cfg, (list, tuple)):
         ids.update(cfg)
     return ids
+
+
+def _max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters of text one token covers.
+
+    A vocabulary key has at least as many characters as the text it stands for (byte-level
+    keys spell each UTF-8 byte as one character; SentencePiece keys spell the text itself, with
+    "▁" for a space). A normalizer may compose up to three characters into one (NFKC: Hangul
+    jamo), hence the factor.
+    """
+    longest = max((len(key) for key in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(backend, "normalizer", None) is not None:
+        longest *= 3
+    return max(longest, 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 # JSON as json.dumps writes it (", " and ": "): the spacing models saw most in training, so
 # forcing it disturbs them least; no other whitespace, which a small model can pad forever.
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+# Compiled constraints kept for reuse (least recently used evicted).
+MAX_CACHED_GRAMMARS = 256
 
 
 def grammar_of(params: StructuredOutputsParams) -> str:
@@ -100,8 +104,11 @@ class StructuredOutputManager:
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
         self._executor = llguidance.LLExecutor()
         self._compile_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loomlm-grammar")
-        self._cache: dict[tuple, Future] = {}
+        # Constraint key -> its compile, least recently used first; bounded, since every request
+        # may bring a new schema (a request holding an evicted one keeps its own matcher).
+        self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._lock = threading.Lock()
+        self._validated: OrderedDict[tuple, None] = OrderedDict()  # keys of valid constraints, oldest first
         self.num_compiles = 0  # distinct constraints compiled (cache misses)
         self.num_cache_hits = 0
         self.num_forced_tokens = 0  # tokens appended by jump-forward instead of sampled
@@ -110,8 +117,9 @@ class StructuredOutputManager:
         """Raises ValueError with the compiler's message when the constraint is invalid."""
         from llguidance import LLMatcher
 
-        if params.key in self._cache:
-            return
+        key = params.key
+        if key in self._cache or key in self._validated:
+            return  # checked before: the engine validates once off the event loop, then again on adding
         try:
             grammar = grammar_of(params)
         except Exception as exc:  # llguidance reports bad input as ValueError / RuntimeError
@@ -119,6 +127,10 @@ class StructuredOutputManager:
         error = LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
         if error:
             raise ValueError(f"invalid structured output constraint: {error}")
+        with self._lock:
+            self._validated[key] = None
+            while len(self._validated) > MAX_CACHED_GRAMMARS:
+                self._validated.popitem(last=False)
 
     def request_state(self, params: StructuredOutputsParams) -> StructuredOutputRequest:
         """A new sequence's state; compiles the constraint in the worker thread unless cached."""
@@ -128,7 +140,10 @@ class StructuredOutputManager:
             if future is None:
                 self.num_compiles += 1
                 future = self._cache[key] = self._compile_pool.submit(self._compile, params)
+                while len(self._cache) > MAX_CACHED_GRAMMARS:
+                    self._cache.popitem(last=False)
             else:
+                self._cache.move_to_end(key)
                 self.num_cache_hits += 1
         return StructuredOutputRequest(future, self)
 

@@ -96,7 +96,9 @@ class LoRAManager:
             self._cache[name] = adapter
             self._cache.move_to_end(name)
             while len(self._cache) > self.max_cpu_loras:
-                self._cache.popitem(last=False)  # a request that needs it again reloads it
+                evicted, _ = self._cache.popitem(last=False)  # a request that needs it again reloads it
+                if evicted not in self._slots:
+                    self._sources.pop(evicted, None)  # bounded with the cache: merged names are unbounded
 
     def _check_fits(self, adapter: LoRAAdapter) -> None:
         """ValueError unless every projection's A / B shapes fit the model (checked at load time,

@@ -27,6 +27,7 @@ from loomlm.server.errors import (
     register_error_format,
     tgi_error_response,
 )
+from loomlm.server.limits import RequestLimitsMiddleware, ServerLimits
 from loomlm.server.llmengine_router import LLMENGINE_PATH_PREFIX, build_llmengine_router
 from loomlm.server.metrics import (
     RequestAccountingMiddleware,
@@ -44,7 +45,7 @@ logger = logging.getLogger("loomlm.server")
 
 
 def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_concurrent_requests: int = 128,
-              api_keys: Sequence[str] | None = None) -> FastAPI:
+              api_keys: Sequence[str] | None = None, limits: ServerLimits | None = None) -> FastAPI:
     """An app serving `engine` through the OpenAI-, LoRAX / TGI- and Scale LLM Engine-compatible APIs.
 
     Routes: OpenAI `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
@@ -57,7 +58,9 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     `chat_template` (Jinja text) replaces the model's. With `api_keys`, every route but
     `/health` and `/metrics` needs one of them (`loomlm.server.auth`); without, the app is open and a warning
     says so. Errors use each family's body (see `loomlm.server.errors`). Each request is
-    counted, timed and logged in one line on the `loomlm.server` logger.
+    counted, timed and logged in one line on the `loomlm.server` logger. `limits` bound every
+    request (body size, JSON depth, counts, memory ceiling; `loomlm.server.limits`), default
+    `ServerLimits()`.
 
     Raises:
         ValueError: an empty API key.
@@ -66,21 +69,25 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
                   summary=f"OpenAI-, LoRAX- and LLM Engine-compatible server for {engine.served_model_name}")
     metrics = ServerMetrics()
     register_engine_metrics(metrics, engine.engine)
+    limits = limits or ServerLimits()
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.limits = limits
     install_error_handlers(app)
     register_error_format(app, TGI_PATHS, tgi_error_response, 422)
     register_error_format(app, (), llmengine_error_response, 400, prefixes=(LLMENGINE_PATH_PREFIX,))
+    # Middleware added last runs first: accounting, then API keys, then the limits.
+    app.add_middleware(RequestLimitsMiddleware, limits=limits, metrics=metrics)
     install_api_keys(app, api_keys)  # before the accounting middleware, which then logs the 401s too
     app.add_middleware(RequestAccountingMiddleware, metrics=metrics)
-    openai_router, openai = build_openai_router(engine, metrics, chat_template)
+    openai_router, openai = build_openai_router(engine, metrics, chat_template, limits)
     app.include_router(openai_router)
-    tgi_router, tgi = build_tgi_router(engine, metrics, max_concurrent_requests)
+    tgi_router, tgi = build_tgi_router(engine, metrics, max_concurrent_requests, limits)
     app.include_router(tgi_router)
     app.state.tgi = tgi  # its limits (max_concurrent_requests) can be changed while serving
-    llmengine_router, _ = build_llmengine_router(engine, metrics)
+    llmengine_router, _ = build_llmengine_router(engine, metrics, limits)
     app.include_router(llmengine_router)
-    app.include_router(build_score_router(engine, metrics))  # errors in the OpenAI format (the default)
+    app.include_router(build_score_router(engine, metrics, limits))  # errors in the OpenAI format (the default)
 
     @app.post("/tokenize", response_model=None)
     async def tokenize(raw_request: Request):
@@ -91,7 +98,7 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
             raise BadRequestError(f"Invalid JSON body: {exc}") from exc
         try:
             if isinstance(body, dict) and "inputs" in body:
-                tokens = tgi.tokenize(TGITokenizeRequest.model_validate(body))
+                tokens = await tgi.tokenize(TGITokenizeRequest.model_validate(body))
                 return JSONResponse([t.model_dump() for t in tokens])
             result = await openai.tokenize(OpenAITokenizeRequest.model_validate(body))
             return JSONResponse(result.model_dump())
@@ -121,12 +128,14 @@ def run_server(
     chat_template: str | None = None,
     max_concurrent_requests: int = 128,
     api_keys: Sequence[str] | None = None,
+    limits: ServerLimits | None = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` into an AsyncLLMEngine and serve it with uvicorn until interrupted.
 
     `chat_template` is a Jinja chat template (text) replacing the model's. `api_keys`: the keys
     every route but `/health` and `/metrics` requires (none: the server is open, and logs a warning saying so).
+    `limits`: what one request may ask for (`loomlm.server.limits.ServerLimits`).
     `engine_kwargs` are engine arguments as in `EngineConfig.from_kwargs`
     (`max_model_len`, `kv_cache_memory_bytes`, `max_num_seqs`, ...).
 
@@ -142,7 +151,7 @@ def run_server(
         engine_kwargs["served_model_name"] = served_model_name
     engine = AsyncLLMEngine.from_engine_args(model=model, **engine_kwargs)
     try:
-        app = build_app(engine, chat_template, max_concurrent_requests, api_keys)
+        app = build_app(engine, chat_template, max_concurrent_requests, api_keys, limits)
         # uvicorn's access log would duplicate the accounting middleware's line.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         logger.info(

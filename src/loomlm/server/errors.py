@@ -16,7 +16,8 @@ path uses.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -58,6 +59,15 @@ class BadRequestError(OpenAIHTTPError):
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message, 400, param)
+
+
+@contextmanager
+def bad_request_on_value_error(param: str | None = None) -> Iterator[None]:
+    """A ValueError raised inside becomes a `BadRequestError` (400) naming `param`."""
+    try:
+        yield
+    except ValueError as exc:
+        raise BadRequestError(str(exc), param) from exc
 
 
 class ModelNotFoundError(OpenAIHTTPError):

@@ -43,6 +43,7 @@ from loomlm.protocol.llmengine import (
 )
 from loomlm.protocol.structured_outputs import from_llmengine
 from loomlm.sampling_params import SamplingParams
+from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.sse import ClientDisconnected, last_output, sse_event
 
@@ -84,9 +85,10 @@ def split_text(new_text: str, token_texts: list[str]) -> list[str]:
 class LLMEngineServing:
     """Serves the LLM Engine routes for one engine (see the module docstring)."""
 
-    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.limits = limits or ServerLimits()
 
     # ------------------------------------------------------------------ routes
     async def completions_sync(self, body: CompletionV1Request, raw_request: Request,
@@ -136,7 +138,7 @@ class LLMEngineServing:
         """`GET /v1/llm/model-endpoints`: the served model, then the adapters named so far
         (preloaded with --adapter-ids or used by a request), as `GET /v1/models` lists them."""
         base = self.engine.served_model_name
-        names = [base, *list(self.engine.engine.lora_requests)]
+        names = [base, *(lora.lora_name for lora in self.engine.engine.registered_loras())]
         return ListLLMEndpointsResponse(model_endpoints=[self._endpoint(name) for name in names])
 
     async def get_model_endpoint(self, name: str) -> GetLLMEndpointResponse:
@@ -146,10 +148,10 @@ class LLMEngineServing:
         `llmengine` client builds URLs with `urljoin`, which drops it (`endpoints//tmp/a` ->
         `endpoints/tmp/a`).
         """
-        known = self.engine.engine.lora_requests
-        if name == self.engine.served_model_name or name in known:
+        is_known = self.engine.engine.is_registered_lora
+        if name == self.engine.served_model_name or is_known(name):
             return self._endpoint(name)
-        if "/" + name in known:
+        if is_known("/" + name):
             return self._endpoint("/" + name)
         raise _not_found(name)
 
@@ -157,10 +159,15 @@ class LLMEngineServing:
     async def _prepare(self, body: CompletionV1Request, model_endpoint_name: str
                        ) -> tuple[EncodedPrompt, SamplingParams, LoRARequest | None]:
         """Resolve the endpoint (404), then validate the parameters and the prompt (400)."""
+        try:
+            self.limits.check_name("model_endpoint_name", model_endpoint_name)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
         lora = await self._lora_for(model_endpoint_name)
         try:
             params = self._sampling_params(body)
-            encoded = self.engine.engine.encode_prompt(body.prompt, params)
+            self.limits.check_params(params)
+            encoded = await self.engine.encode(body.prompt, params)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
         limit = self.engine.max_model_len
@@ -284,9 +291,10 @@ def stream_event(request_id: str, output: CompletionStreamOutput | None = None, 
     return sse_event(json.dumps(data))
 
 
-def build_llmengine_router(engine: AsyncLLMEngine, metrics: ServerMetrics) -> tuple[APIRouter, LLMEngineServing]:
-    """The LLM Engine routes for `engine`."""
-    serving = LLMEngineServing(engine, metrics)
+def build_llmengine_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limits: ServerLimits | None = None
+                          ) -> tuple[APIRouter, LLMEngineServing]:
+    """The LLM Engine routes for `engine`; `limits` bound each request (default `ServerLimits()`)."""
+    serving = LLMEngineServing(engine, metrics, limits)
     router = APIRouter()
     router.add_api_route("/v1/llm/completions-sync", serving.completions_sync, methods=["POST"], response_model=None)
     router.add_api_route("/v1/llm/completions-stream", serving.completions_stream, methods=["POST"],

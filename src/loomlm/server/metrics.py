@@ -12,6 +12,9 @@ Metric names (Prometheus text at `GET /metrics`):
 - `loomlm_requests_running`: generation requests in flight.
 - `loomlm_prefix_cache_queries_total`, `loomlm_prefix_cache_hits_total` (tokens),
   `loomlm_prefix_cache_hit_rate`, `loomlm_num_preemptions_total`: the engine's counters.
+- `loomlm_requests_refused_total{reason}`: requests refused by the limits before any work
+  (`memory`: the process was near its memory ceiling; `body_too_large`; `invalid_body`).
+- `loomlm_process_resident_memory_bytes`: this process's resident memory, read at scrape time.
 - `loomlm_lora_loads_total`, `loomlm_lora_hits_total`, `loomlm_lora_evictions_total`,
   `loomlm_lora_active_adapters`: the adapter cache (`LoRAManager` counters), when LoRA is on.
 """
@@ -78,6 +81,17 @@ class ServerMetrics:
         self.requests_running = Gauge(
             "loomlm_requests_running", "Generation requests in flight.", registry=self.registry
         )
+        self.requests_refused = Counter(
+            "loomlm_requests_refused_total", "Requests refused by the server's limits before any work, by reason.",
+            ["reason"], registry=self.registry,
+        )
+        self.process_rss_bytes = Gauge(
+            "loomlm_process_resident_memory_bytes", "Resident memory of the server process in bytes.",
+            registry=self.registry,
+        )
+        from loomlm.server.limits import process_rss_bytes  # limits imports the error formats, not metrics
+
+        self.process_rss_bytes.set_function(process_rss_bytes)
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its content type."""

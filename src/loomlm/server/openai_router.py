@@ -40,7 +40,8 @@ from loomlm.protocol.openai import (
 )
 from loomlm.protocol.structured_outputs import from_openai
 from loomlm.sampling_params import SamplingParams
-from loomlm.server.errors import BadRequestError, ModelNotFoundError
+from loomlm.server.errors import BadRequestError, ModelNotFoundError, bad_request_on_value_error
+from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_generation import Generation, drain
 from loomlm.server.openai_responses import full_response, stream_response
@@ -51,6 +52,7 @@ from loomlm.server.sse import (
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
+    from loomlm.engine.llm_engine import EncodedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +79,12 @@ _OPTIONAL_SAMPLING_FIELDS = (
 class OpenAIServing:
     """Serves the OpenAI routes for one engine (its served model name, tokenizer, context window)."""
 
-    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None) -> None:
+    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None,
+                 limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.chat_template = chat_template  # the server default (--chat-template); None: the model's
         self.metrics = metrics
+        self.limits = limits or ServerLimits()
         self.tokenizer = engine.tokenizer
         self.served_model_name: str = engine.served_model_name
         self.max_model_len: int = engine.max_model_len
@@ -94,14 +98,16 @@ class OpenAIServing:
         named so far (preloaded with --adapter-ids or used by a request), each with `parent` set
         to the base model (vLLM's listing)."""
         card = ModelCard(id=self.served_model_name, created=self.created_s, max_model_len=self.max_model_len)
-        adapters = [ModelCard(id=name, created=self.created_s, max_model_len=self.max_model_len,
+        adapters = [ModelCard(id=lora.lora_name, created=self.created_s, max_model_len=self.max_model_len,
                               root=lora.lora_path, parent=self.served_model_name)
-                    for name, lora in self.engine.engine.lora_requests.items()]
+                    for lora in self.engine.engine.registered_loras()]
         return ModelList(data=[card, *adapters])
 
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/completions`. Errors: 400 invalid input, 404 unknown model."""
         lora = await self._lora_for_model(body.model)
+        with bad_request_on_value_error("prompt"):
+            self.limits.check_count("prompt", _num_prompts(body.prompt), self.limits.max_prompts_per_request, "prompts")
         if body.suffix:
             raise BadRequestError("suffix is not supported.", "suffix")
         n = body.n or 1
@@ -114,34 +120,50 @@ class OpenAIServing:
             prompt_logprobs = max(body.logprobs, prompt_logprobs or 0)
         params = self._sampling_params(body, 1 if echo_only else body.max_tokens, logprobs=body.logprobs,
                                        best_of=body.best_of, prompt_logprobs=prompt_logprobs)
-        prompts, texts = self._completion_prompts(body.prompt)
+        prompts, texts = await self._completion_prompts(body.prompt, params, need_texts=bool(body.echo))
         return await self._serve(body, raw_request, prompts, params, f"cmpl-{uuid.uuid4().hex}", is_chat=False,
                                  echo_texts=texts if body.echo else None, keep_generated=not echo_only, lora=lora)
 
     async def create_chat_completion(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/chat/completions`, prompt from the model's chat template. Errors: 400, 404."""
         lora = await self._lora_for_model(body.model)
+        with bad_request_on_value_error("messages"):
+            self.limits.check_count("messages", len(body.messages), self.limits.max_messages, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
         params = self._sampling_params(body, body.requested_max_tokens,
                                        logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-        prompt_text = self._render_chat(body)
+        prompt_text = await self._render_chat(body)
         # The template already wrote the special tokens (vLLM chat: add_special_tokens=False).
-        prompts = [self.tokenizer.encode(prompt_text, add_special_tokens=False)]
+        encoded = await self._encode(prompt_text, params, add_special_tokens=False, param="messages")
+        prompts = [encoded.token_ids]
         return await self._serve(body, raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", is_chat=True,
                                  lora=lora)
 
     # -- request -> engine ----------------------------------------------------------------
 
+
+    async def _encode(self, prompt: str | list[int], params: SamplingParams | None, add_special_tokens: bool = True,
+                      param: str = "prompt") -> EncodedPrompt:
+        """The prompt tokenized and checked in a worker thread; ValueError -> 400 naming `param`."""
+        try:
+            return await self.engine.encode(prompt, params, add_special_tokens)
+        except ValueError as exc:
+            raise BadRequestError(str(exc), param) from exc
+
     def _check_model(self, model: str | None) -> None:
         """404 unless `model` is the served model or an adapter named so far (same tokenizer)."""
-        if model is not None and model != self.served_model_name and model not in self.engine.engine.lora_requests:
+        with bad_request_on_value_error("model"):
+            self.limits.check_name("model", model)
+        if model is not None and model != self.served_model_name and not self.engine.engine.is_registered_lora(model):
             raise ModelNotFoundError(model)
 
     async def _lora_for_model(self, model: str | None) -> LoRARequest | None:
         """The adapter `model` names (LoRAX / vLLM: `model=<adapter id>`), loaded; None for the
         served model. 404 for a name that is no model and no adapter, 400 for an adapter that
-        fails to load."""
+        fails to load (or a name too long to be one)."""
+        with bad_request_on_value_error("model"):
+            self.limits.check_name("model", model)
         try:
             return await self.engine.lora_for_model(model)
         except LookupError as exc:
@@ -167,7 +189,7 @@ class OpenAIServing:
             except (TypeError, ValueError):
                 raise BadRequestError("logit_bias values must be numbers.", "logit_bias") from None
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=1 if body.n is None else body.n,
                 max_tokens=max_tokens,
                 stop=body.stop,
@@ -179,16 +201,19 @@ class OpenAIServing:
                 spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
                 **kwargs,
             )
+            self.limits.check_params(params)
+            return params
         except ValueError as exc:
             # SamplingParams messages start with the offending field's name.
             words = str(exc).split(maxsplit=1)
             param = words[0] if words and words[0] in SamplingParams.__dataclass_fields__ else None
             raise BadRequestError(str(exc), param) from exc
 
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
-                            ) -> tuple[list[list[int]], list[str]]:
-        """Token ids and text of each prompt; text is tokenized with special tokens, as vLLM does
-        (token-id prompts get their decoded text, used by `echo`)."""
+    async def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]],
+                                  params: SamplingParams, need_texts: bool) -> tuple[list[list[int]], list[str]]:
+        """Token ids of each prompt, and with `need_texts` (echo) their text; text is tokenized with
+        special tokens, as vLLM does (token-id prompts get their decoded text). Tokenizing runs in
+        worker threads, after each prompt's length was checked against the context window."""
         if isinstance(prompt, str):
             batch: list[str] | list[list[int]] = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -197,45 +222,49 @@ class OpenAIServing:
             batch = prompt  # type: ignore[assignment]
         if not batch:
             raise BadRequestError("prompt must not be empty.", "prompt")
-        vocab_size = len(self.tokenizer)
         prompts, texts = [], []
         for item in batch:
-            if isinstance(item, str):
-                if not item:
-                    raise BadRequestError("prompt must not be empty.", "prompt")
-                token_ids, text = self.tokenizer.encode(item), item
-            else:
-                token_ids = list(item)
-                bad = [t for t in token_ids if not 0 <= t < vocab_size]
-                if bad:
-                    raise BadRequestError(f"Token id {bad[0]} is out of vocabulary (size {vocab_size}).", "prompt")
-                text = self.tokenizer.decode(token_ids)
-            if not token_ids:
+            if isinstance(item, str) and not item:
                 raise BadRequestError("prompt must not be empty.", "prompt")
-            prompts.append(token_ids)
-            texts.append(text)
+            encoded = await self._encode(item, params)  # truncated to truncate_prompt_tokens, if set
+            prompts.append(encoded.token_ids)
+            if need_texts:
+                texts.append(item if isinstance(item, str)
+                             else await asyncio.to_thread(self.tokenizer.decode, encoded.token_ids))
         return prompts, texts
 
-    def _render_chat(self, body: ChatCompletionRequest | TokenizeRequest) -> str:
-        """The conversation rendered by the request's chat template, else the server's (--chat-template),
-        else the model's own."""
+    async def _render_chat(self, body: ChatCompletionRequest | TokenizeRequest) -> str:
+        """The conversation rendered (in a worker thread) by the request's chat template, else the
+        server's (--chat-template), else the model's own. A request's own template needs
+        `--trust-request-chat-template` and gets `chat_template_timeout_s` to render."""
         messages = [_message_for_template(m) for m in body.messages or []]
+        timeout_s = None
+        if body.chat_template is not None:
+            if not self.limits.trust_request_chat_template:
+                raise BadRequestError("Chat templates in requests are not accepted by this server (start it with "
+                                      "--trust-request-chat-template to allow them).", "chat_template")
+            timeout_s = self.limits.chat_template_timeout_s
         try:
-            return render_chat(self.tokenizer, messages, body.chat_template or self.chat_template,
-                               body.add_generation_prompt is not False, bool(body.continue_final_message))
+            return await asyncio.to_thread(
+                render_chat, self.tokenizer, messages, body.chat_template or self.chat_template,
+                body.add_generation_prompt is not False, bool(body.continue_final_message), timeout_s)
         except ValueError as exc:
-            raise BadRequestError(str(exc), "messages") from exc
+            raise BadRequestError(str(exc), "chat_template" if timeout_s is not None else "messages") from exc
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
-        """`POST /tokenize` (vLLM): token ids of a prompt, or of chat messages through the chat template."""
+        """`POST /tokenize` (vLLM): token ids of a prompt, or of chat messages through the chat template
+        (tokenized in a worker thread)."""
         self._check_model(body.model)
         if body.messages is not None:
+            with bad_request_on_value_error("messages"):
+                self.limits.check_count("messages", len(body.messages), self.limits.max_messages, "messages")
             # The template writes the special tokens itself.
-            tokens = self.tokenizer.encode(self._render_chat(body), add_special_tokens=False)
+            text, add_special_tokens = await self._render_chat(body), False
         elif body.prompt is not None:
-            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            text, add_special_tokens = body.prompt, body.add_special_tokens
         else:
             raise BadRequestError("either prompt or messages must be given.", "prompt")
+        tokens = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         token_strs = self.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
         return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens,
                                 token_strs=token_strs)
@@ -247,7 +276,7 @@ class OpenAIServing:
         bad = [t for t in body.tokens if not 0 <= t < vocab_size]
         if bad:
             raise BadRequestError(f"Token id {bad[0]} is out of vocabulary (size {vocab_size}).", "tokens")
-        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await asyncio.to_thread(self.tokenizer.decode, body.tokens))
 
     def _fit_max_tokens(self, prompt_len: int, requested: int | None) -> int:
         """The completion budget of a prompt of `prompt_len` tokens (vLLM's messages on overflow)."""
@@ -350,11 +379,19 @@ def _message_for_template(message: ChatMessage) -> dict[str, Any]:
     return data
 
 
-def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None
-                        ) -> tuple[APIRouter, OpenAIServing]:
-    """The OpenAI routes for `engine`, counting tokens into `metrics`; `chat_template` overrides the model's.
-    (vLLM's `/tokenize` form is dispatched by the app, through the returned serving object.)"""
-    serving = OpenAIServing(engine, metrics, chat_template)
+def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts a completions `prompt` holds (one text, one token-id list, or a batch)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return 1
+    return len(prompt)
+
+
+def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None,
+                        limits: ServerLimits | None = None) -> tuple[APIRouter, OpenAIServing]:
+    """The OpenAI routes for `engine`, counting tokens into `metrics`; `chat_template` overrides the
+    model's; `limits` bound each request (default `ServerLimits()`). (vLLM's `/tokenize` form is
+    dispatched by the app, through the returned serving object.)"""
+    serving = OpenAIServing(engine, metrics, chat_template, limits)
     router = APIRouter()
     router.add_api_route("/v1/models", serving.list_models, methods=["GET"], response_model=ModelList)
     router.add_api_route("/v1/completions", serving.create_completion, methods=["POST"], response_model=None)

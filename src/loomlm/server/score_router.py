@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from loomlm.protocol.score import ScoredValue, ScoreRequest, ScoreResponse, ScoreUsage
 from loomlm.scoring import ScoringResult, score_on_engine
 from loomlm.server.errors import BadRequestError, ModelNotFoundError
+from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.sse import ClientDisconnected, run_until_disconnect
 
@@ -42,13 +43,24 @@ def score_response(result: ScoringResult) -> ScoreResponse:
                          prompt_logprobs=_clamped(result.prompt_token_scores), values=values, usage=usage)
 
 
-def build_score_router(engine: AsyncLLMEngine, metrics: ServerMetrics) -> APIRouter:
-    """The `POST /score` route for `engine`."""
+def build_score_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limits: ServerLimits | None = None
+                       ) -> APIRouter:
+    """The `POST /score` route for `engine`; `limits` bound each request (default `ServerLimits()`)."""
     router = APIRouter()
+    limits = limits or ServerLimits()
 
     @router.post(SCORE_PATH, response_model=ScoreResponse)
     async def score(body: ScoreRequest, raw_request: Request) -> Response:
         """Score each value after the prompt. Errors: 400 invalid input, 404 unknown model."""
+        try:
+            limits.check_name("model", body.model)
+        except ValueError as exc:
+            raise BadRequestError(str(exc), "model") from None
+        num_values = 1 if isinstance(body.values, str) else len(body.values)
+        try:
+            limits.check_count("values", num_values, limits.max_score_values, "values")
+        except ValueError as exc:
+            raise BadRequestError(str(exc), "values") from None
         try:
             lora = await engine.lora_for_model(body.model)
         except LookupError as exc:

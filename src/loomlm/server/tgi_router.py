@@ -44,6 +44,7 @@ from loomlm.protocol.tgi import (
     TokenizeRequest,
 )
 from loomlm.server.errors import TGIError
+from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.sse import ClientDisconnected, last_output, sse_event
 from loomlm.server.tgi_params import (
@@ -75,9 +76,11 @@ class TGIServing:
             --max-concurrent-requests, default 128).
     """
 
-    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, max_concurrent_requests: int = 128) -> None:
+    def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, max_concurrent_requests: int = 128,
+                 limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.limits = limits or ServerLimits()
         self.max_concurrent_requests = max_concurrent_requests
         self.num_in_flight = 0
         self.special_ids = set(engine.tokenizer.all_special_ids)
@@ -162,10 +165,12 @@ class TGIServing:
             version=loomlm.__version__,
         )
 
-    def tokenize(self, body: TokenizeRequest) -> list[SimpleToken]:
-        """TGI's `POST /tokenize` (`{"inputs"}`): tokens with their character offsets."""
-        encoding = self.engine.tokenizer(body.inputs, add_special_tokens=body.add_special_tokens is not False,
-                                         return_offsets_mapping=True)
+    async def tokenize(self, body: TokenizeRequest) -> list[SimpleToken]:
+        """TGI's `POST /tokenize` (`{"inputs"}`): tokens with their character offsets (tokenized in a
+        worker thread)."""
+        encoding = await asyncio.to_thread(self.engine.tokenizer, body.inputs,
+                                           add_special_tokens=body.add_special_tokens is not False,
+                                           return_offsets_mapping=True)
         return [SimpleToken(id=token_id, text=body.inputs[start:stop], start=start, stop=stop)
                 for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)]
 
@@ -178,8 +183,15 @@ class TGIServing:
             if not body.inputs:
                 raise ValueError("`inputs` cannot be empty")
             plan = plan_generation(p, stream, self.max_logprobs)
-            prompt = self._render(body.inputs) if p.apply_chat_template else body.inputs
-            encoded = self.engine.engine.encode_prompt(prompt, plan.params)
+            self.limits.check_params(plan.params, max_best_of=MAX_BEST_OF)
+            self.limits.check_name("adapter_id", p.adapter_id)
+            if p.merged_adapters is not None:
+                self.limits.check_count("merged_adapters.ids", len(p.merged_adapters.ids or ()),
+                                        self.limits.max_merged_adapters)
+                for adapter_id in p.merged_adapters.ids or ():
+                    self.limits.check_name("merged_adapters.ids", adapter_id)
+            prompt = await asyncio.to_thread(self._render, body.inputs) if p.apply_chat_template else body.inputs
+            encoded = await self.engine.encode(prompt, plan.params)
             limit = self.engine.max_model_len
             if p.max_new_tokens is not None and len(encoded.token_ids) + p.max_new_tokens > limit:
                 raise ValueError(f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: "
@@ -195,13 +207,15 @@ class TGIServing:
         return plan, encoded, lora
 
     def _render(self, inputs: str) -> str:
-        """LoRAX's apply_chat_template: `inputs` is a JSON list of messages (or plain user text)."""
+        """LoRAX's apply_chat_template: `inputs` is a JSON list of messages (or plain user text).
+        Blocking: call it in a worker thread."""
         try:
             messages = json.loads(inputs)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             messages = None
         if not isinstance(messages, list):
             messages = [{"role": "user", "content": inputs}]
+        self.limits.check_count("inputs", len(messages), self.limits.max_messages, "messages")
         return render_chat(self.engine.tokenizer, messages, add_generation_prompt=True)
 
     async def _lora_request(self, p: GenerateParameters, api_token: str | None) -> LoRARequest | None:
@@ -351,10 +365,10 @@ class TGIServing:
                 record_usage(raw_request, self.metrics, len(last.prompt_token_ids), len(last.outputs[0].token_ids))
 
 
-def build_tgi_router(engine: AsyncLLMEngine, metrics: ServerMetrics, max_concurrent_requests: int = 128
-                     ) -> tuple[APIRouter, TGIServing]:
+def build_tgi_router(engine: AsyncLLMEngine, metrics: ServerMetrics, max_concurrent_requests: int = 128,
+                     limits: ServerLimits | None = None) -> tuple[APIRouter, TGIServing]:
     """The LoRAX / TGI routes for `engine` (TGI's `/tokenize` form is dispatched by the app)."""
-    serving = TGIServing(engine, metrics, max_concurrent_requests)
+    serving = TGIServing(engine, metrics, max_concurrent_requests, limits)
     router = APIRouter()
     router.add_api_route("/", serving.compat_generate, methods=["POST"], response_model=None)
     router.add_api_route("/generate", serving.generate, methods=["POST"], response_model=None)
