@@ -58,4 +58,6 @@ def test_decode_backends_match_reference(backend, kvh, group, d, bs, q_scale):
     ours = DECODE_BACKENDS[backend](q, k_cache, v_cache, meta, scale)
     ref = reference_decode(q, k_cache, v_cache, tables, lens, scale)
     assert ours.shape == ref.shape
-    assert (ours - ref).abs().max().item() < 1e-5
+    # float32 rounding: on AVX2 hosts SDPA's fused softmax differs from the loop by up to 1.2e-5
+    # when the softmax is peaked (q_scale 30); a wrong block or mask is off by far more.
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-5)

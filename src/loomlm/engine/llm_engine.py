@@ -195,7 +195,9 @@ class LLMEngine:
             raise ValueError("LoRA adapters need the engine argument enable_lora=True (loomlm serve --enable-lora).")
         with self._lora_lock:
             known = self.lora_requests.get(adapter_id)
-        if known is not None and adapter_source is None:
+            is_pinned = adapter_id in self._pinned_loras
+        # A preloaded adapter is the operator's: named as local, it needs no root.
+        if known is not None and (adapter_source is None or (adapter_source == "local" and is_pinned)):
             return known
         path = resolve_adapter(adapter_id, adapter_source, api_token,
                                allowed_roots=self.config.lora_config.adapter_roots)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
 from loomlm.lora.adapter import LoRAAdapter, LoRAWeights
 
@@ -37,12 +36,21 @@ from loomlm.lora.adapter import LoRAAdapter, LoRAWeights
 # all [out, rank]) and their weights ([num_adapters], float32) -> the merged factor.
 MergeFn = Callable[[list[torch.Tensor], torch.Tensor, "MergeConfig"], torch.Tensor]
 
+def _peft(name: str) -> Callable:
+    """One of peft's merge utilities, imported on first use: importing peft takes seconds, and
+    servers parse merge definitions on the event loop (merging itself runs in a worker thread)."""
+    from peft.utils import merge_utils
+
+    return getattr(merge_utils, name)
+
+
 _STRATEGIES: dict[str, MergeFn] = {
-    "linear": lambda tensors, weights, config: task_arithmetic(tensors, weights),
-    "ties": lambda tensors, weights, config: ties(tensors, weights, config.density, config.majority_sign_method),
-    "dare_linear": lambda tensors, weights, config: dare_linear(tensors, weights, config.density),
-    "dare_ties": lambda tensors, weights, config: dare_ties(tensors, weights, config.density,
-                                                            config.majority_sign_method),
+    "linear": lambda tensors, weights, config: _peft("task_arithmetic")(tensors, weights),
+    "ties": lambda tensors, weights, config: _peft("ties")(tensors, weights, config.density,
+                                                           config.majority_sign_method),
+    "dare_linear": lambda tensors, weights, config: _peft("dare_linear")(tensors, weights, config.density),
+    "dare_ties": lambda tensors, weights, config: _peft("dare_ties")(tensors, weights, config.density,
+                                                                     config.majority_sign_method),
 }
 # LoRAX's set (`MERGE_STRATEGIES` in its client); peft has more (svd, cat, magnitude_prune).
 MERGE_STRATEGIES = tuple(_STRATEGIES)

@@ -297,8 +297,9 @@ class RequestLimitsMiddleware:
         if ceiling:
             rss = process_rss_bytes()
             if rss > ceiling:
-                # TGI's word for "no capacity now" is 429 overloaded; the others say 503.
-                builder, validation_status = error_builder_for(scope["app"], scope["path"])
+                # TGI's word for "no capacity now" is 429 overloaded (its family's bad bodies are 422);
+                # the others say 503.
+                _, validation_status = error_builder_for(scope["app"], scope["path"])
                 status = 429 if validation_status == 422 else 503
                 message = (f"The server is near its memory ceiling ({rss >> 20} MiB resident of "
                            f"{ceiling >> 20} MiB): retry later.")

@@ -149,7 +149,7 @@ class OpenAIServing:
         try:
             return await self.engine.encode(prompt, params, add_special_tokens)
         except ValueError as exc:
-            raise BadRequestError(str(exc), param) from exc
+            raise BadRequestError(str(exc), _param_of(exc, param)) from exc
 
     def _check_model(self, model: str | None) -> None:
         """404 unless `model` is the served model or an adapter named so far (same tokenizer)."""
@@ -204,10 +204,7 @@ class OpenAIServing:
             self.limits.check_params(params)
             return params
         except ValueError as exc:
-            # SamplingParams messages start with the offending field's name.
-            words = str(exc).split(maxsplit=1)
-            param = words[0] if words and words[0] in SamplingParams.__dataclass_fields__ else None
-            raise BadRequestError(str(exc), param) from exc
+            raise BadRequestError(str(exc), _param_of(exc)) from exc
 
     async def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]],
                                   params: SamplingParams, need_texts: bool) -> tuple[list[list[int]], list[str]]:
@@ -377,6 +374,16 @@ def _message_for_template(message: ChatMessage) -> dict[str, Any]:
     elif content is None:
         data["content"] = ""
     return data
+
+
+def _param_of(exc: ValueError, default: str | None = None) -> str | None:
+    """The field a SamplingParams / ServerLimits message names: its first word ("n must be ...") or,
+    in the engine's "Requested logprobs of ..." form, its second; else `default`."""
+    words = str(exc).split(maxsplit=2)
+    for word in words[:2]:
+        if word in SamplingParams.__dataclass_fields__:
+            return word
+    return default
 
 
 def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
