@@ -6,6 +6,7 @@ test fixture) shuts it down after the server stops.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from loomlm.protocol.openai import TokenizeRequest as OpenAITokenizeRequest
@@ -70,6 +71,9 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     metrics = ServerMetrics()
     register_engine_metrics(metrics, engine.engine)
     limits = limits or ServerLimits()
+    # The grammar compiler converts the tokenizer while holding the GIL (~0.5 s): build it now
+    # rather than on the first structured request, when every other request would wait for it.
+    _ = engine.engine.structured_outputs
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.limits = limits
@@ -98,12 +102,14 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
             raise BadRequestError(f"Invalid JSON body: {exc}") from exc
         try:
             if isinstance(body, dict) and "inputs" in body:
-                tokens = await tgi.tokenize(TGITokenizeRequest.model_validate(body))
-                return JSONResponse([t.model_dump() for t in tokens])
-            result = await openai.tokenize(OpenAITokenizeRequest.model_validate(body))
-            return JSONResponse(result.model_dump())
+                payload: Any = await tgi.tokenize(TGITokenizeRequest.model_validate(body))
+            else:
+                payload = (await openai.tokenize(OpenAITokenizeRequest.model_validate(body))).model_dump()
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
+        # Up to a million tokens: serialized off the event loop too.
+        content = await asyncio.to_thread(_json_bytes, payload)
+        return Response(content=content, media_type="application/json")
 
     @app.get("/health")
     async def health() -> Response:
@@ -117,6 +123,11 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
         return Response(content=body, media_type=content_type)
 
     return app
+
+
+def _json_bytes(payload: Any) -> bytes:
+    """`payload` as JSONResponse writes it (compact UTF-8, no NaN)."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def run_server(

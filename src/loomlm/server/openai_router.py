@@ -261,10 +261,13 @@ class OpenAIServing:
             text, add_special_tokens = body.prompt, body.add_special_tokens
         else:
             raise BadRequestError("either prompt or messages must be given.", "prompt")
-        tokens = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
-        token_strs = self.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
-        return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens,
-                                token_strs=token_strs)
+        def run() -> TokenizeResponse:  # a 4 MiB prompt is a million tokens: all of it off the event loop
+            tokens = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            token_strs = self.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+            return TokenizeResponse(count=len(tokens), max_model_len=self.max_model_len, tokens=tokens,
+                                    token_strs=token_strs)
+
+        return await asyncio.to_thread(run)
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         """`POST /detokenize` (vLLM): the text of token ids. 400 for an id outside the vocabulary."""

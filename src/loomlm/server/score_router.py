@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from loomlm.protocol.score import ScoredValue, ScoreRequest, ScoreResponse, ScoreUsage
 from loomlm.scoring import ScoringResult, score_on_engine
-from loomlm.server.errors import BadRequestError, ModelNotFoundError
+from loomlm.server.errors import BadRequestError, ModelNotFoundError, bad_request_on_value_error
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.sse import ClientDisconnected, run_until_disconnect
@@ -52,15 +52,11 @@ def build_score_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limits: S
     @router.post(SCORE_PATH, response_model=ScoreResponse)
     async def score(body: ScoreRequest, raw_request: Request) -> Response:
         """Score each value after the prompt. Errors: 400 invalid input, 404 unknown model."""
-        try:
+        with bad_request_on_value_error("model"):
             limits.check_name("model", body.model)
-        except ValueError as exc:
-            raise BadRequestError(str(exc), "model") from None
-        num_values = 1 if isinstance(body.values, str) else len(body.values)
-        try:
-            limits.check_count("values", num_values, limits.max_score_values, "values")
-        except ValueError as exc:
-            raise BadRequestError(str(exc), "values") from None
+        with bad_request_on_value_error("values"):
+            limits.check_count("values", 1 if isinstance(body.values, str) else len(body.values),
+                               limits.max_score_values, "values")
         try:
             lora = await engine.lora_for_model(body.model)
         except LookupError as exc:
