@@ -73,8 +73,7 @@ def _under_roots(adapter_id: str, roots: Sequence[str]) -> str | None:
     for root in roots:
         real_root = os.path.realpath(root)
         candidate = os.path.realpath(os.path.join(real_root, adapter_id))  # an absolute id replaces the root
-        inside = candidate == real_root or candidate.startswith(real_root.rstrip(os.sep) + os.sep)
-        if inside and candidate != real_root and os.path.isdir(candidate):
+        if candidate != real_root and Path(candidate).is_relative_to(real_root) and os.path.isdir(candidate):
             return candidate
     return None
 

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from loomlm.server.errors import error_builder_for
 
 if TYPE_CHECKING:
-    from loomlm.sampling_params import SamplingParams
+    from loomlm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def parse_memory_size(value: str) -> int:
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one request may ask for; every field has a `loomlm serve` flag of the same name.
+    """What one request may ask for; every field has a `loomlm serve` flag of the same name
+    (`max_process_memory_bytes`: `--max-process-memory`, which also takes `20GiB` or `90%`).
 
     Attributes:
         max_request_body_bytes: a larger body is refused with 413 while it is read.
@@ -145,12 +146,9 @@ class ServerLimits:
     max_process_memory_bytes: int | None = field(default_factory=_default_memory_ceiling)
 
     def __post_init__(self) -> None:
-        for name in ("max_request_body_bytes", "max_json_depth", "max_name_chars", "max_n", "max_best_of",
-                     "max_prompts_per_request", "max_score_values", "max_messages", "max_merged_adapters",
-                     "max_stop_sequences",
-                     "max_stop_chars", "max_token_id_list", "max_structured_output_chars"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        for f in fields(self):
+            if f.type == "int" and getattr(self, f.name) < 1:  # the counts and sizes
+                raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}.")
         if not self.chat_template_timeout_s > 0:
             raise ValueError(f"chat_template_timeout_s must be positive, got {self.chat_template_timeout_s}.")
         if self.max_process_memory_bytes is not None and self.max_process_memory_bytes < 0:
@@ -192,13 +190,13 @@ class ServerLimits:
             self.check_count(name, len(ids or ()), self.max_token_id_list)
         structured = params.structured_outputs
         if structured is not None:
-            size = structured_output_chars(structured)
+            size = _structured_output_chars(structured)
             if size > self.max_structured_output_chars:
                 raise ValueError(f"structured_outputs is {size} characters long; at most "
                                  f"{self.max_structured_output_chars} are allowed.")
 
 
-def structured_output_chars(structured: Any) -> int:
+def _structured_output_chars(structured: StructuredOutputsParams) -> int:
     """The size of a structured-output constraint in characters (the schema serialized)."""
     total = 0
     for name in ("json", "regex", "choice", "grammar"):

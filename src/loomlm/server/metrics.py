@@ -36,6 +36,8 @@ from prometheus_client import (
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loomlm.server.limits import process_rss_bytes
+
 logger = logging.getLogger("loomlm.server")
 
 # Seconds; a 135M-parameter model on 2 CPU cores takes from ~50 ms (one short
@@ -89,8 +91,6 @@ class ServerMetrics:
             "loomlm_process_resident_memory_bytes", "Resident memory of the server process in bytes.",
             registry=self.registry,
         )
-        from loomlm.server.limits import process_rss_bytes  # limits imports the error formats, not metrics
-
         self.process_rss_bytes.set_function(process_rss_bytes)
 
     def render(self) -> tuple[bytes, str]:

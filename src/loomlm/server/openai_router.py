@@ -127,8 +127,6 @@ class OpenAIServing:
     async def create_chat_completion(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/chat/completions`, prompt from the model's chat template. Errors: 400, 404."""
         lora = await self._lora_for_model(body.model)
-        with bad_request_on_value_error("messages"):
-            self.limits.check_count("messages", len(body.messages), self.limits.max_messages, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
         params = self._sampling_params(body, body.requested_max_tokens,
@@ -234,6 +232,8 @@ class OpenAIServing:
         """The conversation rendered (in a worker thread) by the request's chat template, else the
         server's (--chat-template), else the model's own. A request's own template needs
         `--trust-request-chat-template` and gets `chat_template_timeout_s` to render."""
+        with bad_request_on_value_error("messages"):
+            self.limits.check_count("messages", len(body.messages or ()), self.limits.max_messages, "messages")
         messages = [_message_for_template(m) for m in body.messages or []]
         timeout_s = None
         if body.chat_template is not None:
@@ -253,8 +253,6 @@ class OpenAIServing:
         (tokenized in a worker thread)."""
         self._check_model(body.model)
         if body.messages is not None:
-            with bad_request_on_value_error("messages"):
-                self.limits.check_count("messages", len(body.messages), self.limits.max_messages, "messages")
             # The template writes the special tokens itself.
             text, add_special_tokens = await self._render_chat(body), False
         elif body.prompt is not None:
