@@ -12,9 +12,35 @@ Run: `.venv/bin/python benchmarks/throughput.py` (options: --concurrency 1 8 32
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
+from pathlib import Path
 
 import torch
+
+
+def cpu_description() -> tuple[str, str]:
+    """(model name, best vector ISA) from /proc/cpuinfo."""
+    model, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model == "unknown":
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "none (no avx2/avx512f)"
+    extras = [f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+    if extras:
+        isa += " (+" + ", ".join(extras) + ")"
+    return model, isa
+
+
+def print_machine() -> None:
+    cpu, isa = cpu_description()
+    print(f"CPU: {cpu}; vector ISA: {isa}; {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}")
 
 
 def make_prompts(num: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -67,6 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
+    print_machine()
 
     from loomlm import LLM
 
@@ -74,7 +101,16 @@ def main() -> None:
     llm = LLM(args.model, max_num_seqs=max(max_c, 1), max_num_batched_tokens=max(512, max_c))
     vocab = llm.llm_engine.hf_config.vocab_size
     reference = None if args.skip_transformers else load_reference(args.model)
-    # Warm-up (first-call allocations) for both.
+    compare(llm, reference, vocab, args)
+
+
+def compare(llm, reference, vocab: int, args: argparse.Namespace) -> None:
+    """Print tok/s of loomlm and transformers (None: skipped) at each of args.concurrency, and their ratio.
+
+    Same prompts for both (args.prompt_len tokens, args.gen_len new ones); args.rounds alternating
+    runs each, the best counts.
+    """
+    # Warm-up (first-call allocations, the native kernels' build) for both.
     warm = make_prompts(1, args.prompt_len, vocab, seed=99)
     bench_loomlm(llm, warm, 4)
     if reference is not None:

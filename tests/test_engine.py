@@ -138,7 +138,9 @@ def test_progress_bar(small_cache_llm, capsys):
     assert "Processed prompts" in capsys.readouterr().err
 
 
-def test_sliding_window_model_is_capped_at_its_window(make_tiny_model_dir, tmp_path):
+def test_sliding_window_model_keeps_its_full_context(make_tiny_model_dir, tmp_path):
+    """A window is attention's business (each layer attends its last W positions), not a cap on the
+    context: prompts longer than the window run (parity with transformers: test_models_llama_family)."""
     src = make_tiny_model_dir("mistral")
     dst = tmp_path / "mistral-window"
     shutil.copytree(src, dst)
@@ -146,11 +148,10 @@ def test_sliding_window_model_is_capped_at_its_window(make_tiny_model_dir, tmp_p
     config["sliding_window"] = 32
     (dst / "config.json").write_text(json.dumps(config))
     llm = LLM(str(dst), num_gpu_blocks_override=16)
-    assert llm.llm_engine.max_model_len == 32
-    with pytest.raises(ValueError):
-        llm.generate([list(range(5, 45))], SamplingParams(max_tokens=2), use_tqdm=False)
-    out = llm.generate([list(range(5, 25))], SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
-    assert len(out.outputs[0].token_ids) == 32 - 20 and out.outputs[0].finish_reason == "length"
+    assert llm.llm_engine.max_model_len == 256
+    assert all(a.sliding_window == 32 for a in llm.llm_engine.model_runner.model.attention_layers())
+    out = llm.generate([list(range(5, 45))], SamplingParams(max_tokens=30, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 30 and out.outputs[0].finish_reason == "length"
 
 
 def test_prefix_caching_changes_nothing_but_the_work(small_cache_llm):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from loomlm.models import gguf_loader, zoo
 from loomlm.models.loader import ModelSource, iter_weights, load_tokenizer, resolve_model
@@ -325,8 +325,8 @@ def test_dir_without_config(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
-    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match=r"Unsupported model_type 'gpt2'.*LlamaForCausalLM.*Qwen2ForCausalLM"):
+    BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"Unsupported model_type 'bert'.*LlamaForCausalLM.*Qwen2ForCausalLM"):
         resolve_model(str(tmp_path))
 
 

@@ -2,8 +2,9 @@
 `generate` (one offline completion) and `models` (the model zoo).
 
 Engine flags use vLLM's names (`--max-model-len`, `--kv-cache-memory-bytes`,
-`--max-num-seqs`, `--max-num-batched-tokens`, `--dtype`); flags left out take
-the engine's defaults (`loomlm.config`).
+`--max-num-seqs`, `--max-num-batched-tokens`, `--dtype`, `--revision`, `--tokenizer`,
+`--tokenizer-revision`, `--trust-remote-code`); flags left out take the engine's defaults
+(`loomlm.config`). A model may be a Hugging Face repo id (`loomlm serve facebook/opt-125m`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_MODEL_HELP = "zoo alias, HF directory or .gguf path"
+_MODEL_HELP = "zoo alias, HF directory, .gguf path or Hugging Face repo id (namespace/name)"
 
 # argparse dest -> engine argument, for the engine flags shared by the subcommands.
 _ENGINE_FLAGS = (
@@ -25,6 +26,10 @@ _ENGINE_FLAGS = (
     "max_num_batched_tokens",
     "dtype",
     "device",
+    "revision",
+    "tokenizer",
+    "tokenizer_revision",
+    "trust_remote_code",
 )
 
 
@@ -42,9 +47,17 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default=None,
         choices=["auto", "float32", "float16", "bfloat16"],
-        help="weight/activation dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+        help="weight/activation dtype (auto: float32 on CPU; on CUDA the checkpoint's half dtype, else bfloat16)",
     )
     group.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="where to run the model")
+    group.add_argument("--revision", default=None,
+                       help="hub revision (branch, tag or commit) of a repo-id model (default: main)")
+    group.add_argument("--tokenizer", default=None,
+                       help="a separate tokenizer: zoo alias, HF directory, .gguf path or repo id "
+                            "(default: the model's)")
+    group.add_argument("--tokenizer-revision", default=None, help="hub revision of the tokenizer (default: --revision)")
+    group.add_argument("--trust-remote-code", action="store_true", default=None,
+                       help="vLLM's flag, refused: loomlm runs no code from model repos")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

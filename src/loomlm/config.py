@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -15,8 +20,13 @@ class ModelConfig:
     """Which model to run and how.
 
     Attributes:
-        model: a zoo alias (e.g. "smollm2-135m-instruct"), an HF directory, or a .gguf path.
-        dtype: weight / activation dtype name; "auto" is float32 on CPU (bf16 is slower here).
+        model: a zoo alias (e.g. "smollm2-135m-instruct"), an HF directory, a .gguf path, or a
+            Hugging Face repo id ("Qwen/Qwen3-0.6B"; see `loomlm.models.loader.resolve_model`).
+        dtype: weight / activation dtype name; "auto" follows the checkpoint (`resolve_dtype`).
+        revision: the hub revision (branch, tag or commit) of a repo-id model; None: "main".
+        tokenizer: a separate tokenizer (alias, HF directory, .gguf path or repo id); None: the model's.
+        tokenizer_revision: the hub revision of the tokenizer; None: `revision` (vLLM's rule).
+        trust_remote_code: vLLM's flag; only False is accepted, loomlm runs no code from model repos.
         max_model_len: context window in tokens; None takes the model's own.
         seed: seed of the engine's default generator (requests without a seed).
         served_model_name: the name the servers report; None uses the alias or path.
@@ -27,6 +37,10 @@ class ModelConfig:
 
     model: str = "smollm2-135m-instruct"
     dtype: str = "auto"
+    revision: str | None = None
+    tokenizer: str | None = None
+    tokenizer_revision: str | None = None
+    trust_remote_code: bool = False
     max_model_len: int | None = None
     seed: int = 0
     served_model_name: str | None = None
@@ -34,6 +48,16 @@ class ModelConfig:
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
+        if self.trust_remote_code:
+            raise ValueError(
+                "loomlm runs no remote code: each supported architecture is implemented in loomlm "
+                "itself, so a model repo's Python is never imported; remove trust_remote_code "
+                "(--trust-remote-code)."
+            )
+        for name in ("revision", "tokenizer", "tokenizer_revision"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}.")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -51,10 +75,34 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The explicit dtype; for "auto", the default of a checkpoint without a dtype
+        (`resolve_dtype(None)`). The engine replaces "auto" once it has read the checkpoint
+        (`with_checkpoint_dtype`), so its `config.model_config.torch_dtype` is the dtype it runs in."""
         if self.dtype == "auto":
-            # float32 on CPU: bfloat16 measured 0.45-0.96x slower on this machine (DESIGN.md).
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+            return self.resolve_dtype(None)
         return _DTYPES[self.dtype]
+
+    def resolve_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype to compute in, given the checkpoint's (`loader.checkpoint_dtype`; None: unknown).
+
+        An explicit dtype wins. "auto" follows vLLM (`ModelConfig`'s dtype "auto": the checkpoint's
+        `torch_dtype`), except: a float32 or dtype-less checkpoint (and GGUF) runs in bfloat16 on
+        CUDA, and on CPU everything runs in float32 (bfloat16 measured 0.45-0.96x the speed of
+        float32 on this machine, DESIGN.md); a half-precision checkpoint on CPU logs that at INFO.
+        """
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        is_half = checkpoint_dtype in _HALF_DTYPES
+        if self.torch_device.type == "cuda":
+            return checkpoint_dtype if is_half else torch.bfloat16
+        if is_half:
+            logger.info("checkpoint dtype %s; computing in float32 on CPU (no fast half-precision path)",
+                        _DTYPE_NAMES[checkpoint_dtype])
+        return torch.float32
+
+    def with_checkpoint_dtype(self, checkpoint_dtype: torch.dtype | None) -> ModelConfig:
+        """This config with `dtype` made explicit: the name of `resolve_dtype(checkpoint_dtype)`."""
+        return replace(self, dtype=_DTYPE_NAMES[self.resolve_dtype(checkpoint_dtype)])
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,16 @@ class LLM:
     """An engine for offline batched generation.
 
     Args:
-        model: a zoo alias (default "smollm2-135m-instruct"), an HF directory or a .gguf path.
-        **engine_args: vLLM-style engine arguments: dtype, max_model_len, seed, block_size,
+        model: a zoo alias (default "smollm2-135m-instruct"), an HF directory, a .gguf path, or a
+            Hugging Face repo id ("Qwen/Qwen3-0.6B"), fetched into the Hugging Face cache
+            (`loomlm.models.loader.resolve_model`; HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE apply).
+        **engine_args: vLLM-style engine arguments: dtype ("auto": the checkpoint's, float32 on CPU),
+            revision, tokenizer, tokenizer_revision, max_model_len, seed, block_size,
             kv_cache_memory_bytes, num_gpu_blocks_override, max_num_seqs, max_num_batched_tokens, ...
+            (`loomlm.config`).
 
-    Raises ValueError for an unknown model or engine argument.
+    Raises ValueError for an unknown model, a repo id neither cached nor downloadable, an unknown
+    engine argument, or trust_remote_code=True (loomlm runs no code from model repos).
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", **engine_args: Any) -> None:

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
@@ -29,7 +29,7 @@ from loomlm.engine.structured_output import StructuredOutputManager
 from loomlm.lora.manager import LoRAManager
 from loomlm.lora.request import LoRARequest
 from loomlm.lora.source import resolve_adapter
-from loomlm.models.loader import iter_weights, load_tokenizer, resolve_model
+from loomlm.models.loader import checkpoint_dtype, iter_weights, load_tokenizer, resolve_model
 from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from loomlm.sampling_params import SamplingParams
 
@@ -67,18 +67,16 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc = config.model_config
-        self.source = resolve_model(mc.model)
+        self.source = resolve_model(mc.model, revision=mc.revision, tokenizer=mc.tokenizer,
+                                    tokenizer_revision=mc.tokenizer_revision)
+        # dtype "auto" depends on the checkpoint: pin it now, so every later reader of
+        # model_config.torch_dtype (model runner, LoRA manager, /info) sees the dtype the model runs in.
+        mc = mc.with_checkpoint_dtype(checkpoint_dtype(self.source))
+        self.config = config = replace(config, model_config=mc)
         self.hf_config = self.source.hf_config
         self.tokenizer = load_tokenizer(self.source)
         self.served_model_name = mc.served_model_name or self.source.name
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        window = _sliding_window(self.hf_config)
-        if window is not None and window < model_max:
-            # Attention here is full-context, which equals sliding-window attention only up to
-            # the window: cap the context there rather than silently compute something else.
-            logger.warning("sliding-window attention is not implemented: capping the context at the window (%d)",
-                           window)
-            model_max = window
         if mc.max_model_len is not None and mc.max_model_len > model_max:
             raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's context window ({model_max}).")
         max_len = mc.max_model_len or model_max
@@ -472,14 +470,6 @@ class LLMEngine:
                              outputs=completions, finished=finished, metrics=metrics,
                              lora_request=user.lora_request,
                              num_cached_tokens=user.sequences[0].num_cached_tokens)
-
-
-def _sliding_window(hf_config) -> int | None:
-    """The config's attention window in tokens, if it uses one (Mistral; Qwen2 with use_sliding_window)."""
-    window = getattr(hf_config, "sliding_window", None)
-    if hf_config.model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
-        return None
-    return window if isinstance(window, int) and window > 0 else None
 
 
 def _eos_token_ids(tokenizer, hf_config) -> set[int]:

@@ -21,10 +21,10 @@ from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.linear import Linear
+from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.lora import LoRABatch
 from loomlm.layers.packed_gemm import packed_gemm_available, return_freed_memory
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
-from loomlm.models.llama import head_dim_of
 from loomlm.models.registry import model_class_for
 
 logger = logging.getLogger(__name__)
@@ -73,15 +73,17 @@ class ModelRunner:
         self.packed_gemm = packed_gemm_available(self.device, self.dtype)
         if self.packed_gemm:
             for module in self.model.modules():
-                if isinstance(module, Linear):
+                if isinstance(module, (Linear, SparseMoeBlock)):  # the MoE block packs its experts
                     module.pack()
             return_freed_memory()
         logger.info("loaded weights in %.1f s (MKL packed GEMM: %s)", time.perf_counter() - start,
                     "on" if self.packed_gemm else "off")
 
-        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-        head_dim = head_dim_of(hf_config)
         layers = self.model.attention_layers()
+        # Every layer caches the same KV shape (the model classes share one head_dim per model).
+        num_kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
+        if any((a.num_kv_heads, a.head_dim) != (num_kv_heads, head_dim) for a in layers):
+            raise ValueError("layers with different KV head shapes are not supported")
         bytes_per_block = 2 * len(layers) * self.block_size * num_kv_heads * head_dim * self.dtype.itemsize
         self.num_blocks = cache_config.num_gpu_blocks_override or max(1, cache_config.kv_cache_memory_bytes // bytes_per_block)
         shape = (num_kv_heads, self.num_blocks, self.block_size, head_dim)

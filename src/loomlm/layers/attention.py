@@ -10,6 +10,9 @@ K/V at their slot mapping, then attends:
   (`decode_attention.py`); KV heads are never expanded (`repeat_kv` cost 10x here, DESIGN.md);
 - prefill spans one by one with SDPA; a span with no cached context uses its own
   fresh K/V (no gather), one that continues a cached context gathers its blocks.
+A layer may attend a sliding window (Mistral, Qwen2, Gemma 2/3 local layers) and
+soft-cap its logits (Gemma 2); SDPA has no soft cap, so such a layer runs plain
+matmuls (`softcapped_attention`). With neither, the work is that of full attention.
 """
 
 from __future__ import annotations
@@ -20,21 +23,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomlm.layers.decode_attention import DECODE_BACKENDS
-from loomlm.layers.forward_context import current_forward_batch
+from loomlm.layers.decode_attention import DECODE_BACKENDS, softcapped_attention
+from loomlm.layers.forward_context import PrefillSpan, current_forward_batch
 
 
 class PagedAttention(nn.Module):
-    """Attention of one layer over the paged KV cache; forward(q, k, v) -> [num_tokens, num_heads, head_dim]."""
+    """Attention of one layer over the paged KV cache; forward(q, k, v) -> [num_tokens, num_heads, head_dim].
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    scale: multiplies q k^T; default 1 / sqrt(head_dim) (Gemma 2/3 pass query_pre_attn_scalar ** -0.5,
+    Granite its attention_multiplier).
+    sliding_window: W tokens; the query at position p attends the keys at positions p - W < k <= p,
+    i.e. its last W positions, itself included: transformers' `sliding_window_causal_mask_function`
+    (masking_utils.py: `sliding_window_overlay` keeps `kv_idx > q_idx - sliding_window`, and'ed with
+    `causal_mask_function`'s `kv_idx <= q_idx`). None: full causal attention.
+    logits_soft_cap: c, scores = c * tanh(scores / c) after scaling, before masking and softmax
+    (Gemma 2's attn_logit_softcapping; transformers' `eager_attention_forward`, models/gemma2/modeling_gemma2.py).
+    Raises ValueError for a head count that is not a multiple of the KV heads, a window < 1, or a cap <= 0.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, scale: float | None = None,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 token, got {sliding_window}")
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = 1.0 / math.sqrt(head_dim)
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         # Bound by the model runner once the pool is allocated: [num_kv_heads, num_blocks, block_size, head_dim]
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -53,29 +74,49 @@ class PagedAttention(nn.Module):
         num_decode = batch.num_decode_tokens
         if num_decode:
             decode = DECODE_BACKENDS[batch.decode.backend]
-            out[:num_decode] = decode(q[:num_decode], k_cache, v_cache, batch.decode, self.scale)
+            out[:num_decode] = decode(q[:num_decode], k_cache, v_cache, batch.decode, self.scale,
+                                      sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap)
         for span in batch.prefill_spans:
             s, e = span.token_start, span.token_end
             out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], span)
         return out  # [num_tokens, num_heads, head_dim]
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span) -> torch.Tensor:
-        num_query = q.shape[0]
-        if span.context_len == num_query:
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
+        # q: [num_query, num_heads, head_dim]; k, v: this span's own [num_query, num_kv_heads, head_dim]
+        num_query, context_len = q.shape[0], span.context_len
+        first_query = context_len - num_query  # position of the span's first query token
+        window = self.sliding_window
+        if window is not None and window >= context_len:
+            window = None  # no query has a key older than the window: full causal attention
+        # Keys before the first query's window are attended by no query: neither gathered nor masked.
+        first_key = 0 if window is None else max(0, first_query - window + 1)
+        if first_query == 0:
             # nothing cached before this chunk: its own K/V, [num_kv_heads, num_query, head_dim]
-            keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)
         else:
             block_size = self.k_cache.shape[2]
-            num_blocks = (span.context_len + block_size - 1) // block_size
-            table = span.block_table[:num_blocks]
-            keys = self.k_cache[:, table].flatten(1, 2)[:, : span.context_len]  # [KVH, context_len, D]
-            values = self.v_cache[:, table].flatten(1, 2)[:, : span.context_len]
-            # Query i sits at context position context_len - num_query + i and sees keys up to it.
-            offset = span.context_len - num_query
-            mask = (torch.arange(span.context_len, device=q.device)[None, :]
-                    <= (torch.arange(num_query, device=q.device)[:, None] + offset))
-            causal = False
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,
-        )  # [num_heads, num_query, head_dim]
-        return out.transpose(0, 1)
+            first_block = first_key // block_size
+            table = span.block_table[first_block:(context_len + block_size - 1) // block_size]
+            skip = first_key - first_block * block_size
+            keys = self.k_cache[:, table].flatten(1, 2)[:, skip:context_len - first_block * block_size]
+            values = self.v_cache[:, table].flatten(1, 2)[:, skip:context_len - first_block * block_size]
+            # keys, values: [KVH, context_len - first_key, D], positions first_key .. context_len - 1
+        if first_query == 0 and window is None and self.logits_soft_cap is None:
+            mask, causal = None, True  # SDPA's own causal mask, the fast path
+        else:
+            # [num_query, num_keys] True where attended: transformers' causal and sliding-window mask functions
+            query_pos = torch.arange(first_query, context_len, device=q.device)[:, None]
+            key_pos = torch.arange(first_key, context_len, device=q.device)[None, :]
+            mask, causal = key_pos <= query_pos, False
+            if window is not None:
+                mask &= key_pos > query_pos - window
+        if self.logits_soft_cap is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,
+            )  # [num_heads, num_query, head_dim]
+        else:
+            group = self.num_heads // self.num_kv_heads
+            qg = q.transpose(0, 1).reshape(self.num_kv_heads, group, num_query, self.head_dim)  # [KVH, G, Q, D]
+            out = softcapped_attention(qg, keys, values, mask, self.scale, self.logits_soft_cap)
+            out = out.view(self.num_heads, num_query, self.head_dim)
+        return out.transpose(0, 1)  # [num_query, num_heads, head_dim]

@@ -2,7 +2,11 @@
 
 Both compute softmax(q k^T * scale) v over each sequence's first `context_len`
 slots, reading the pool `[num_kv_heads, num_blocks, block_size, head_dim]`
-through its block table; they differ in how:
+through its block table. A layer may add, per call, a sliding window (only the
+last W slots) and an attention-logit soft cap (scores = c * tanh(scores / c)),
+as transformers' Mistral and Gemma 2 (`attention.py` gives the sources). The
+metadata is shared by every layer of a step, so neither is baked into it.
+They differ in how:
 - "torch": gathers the blocks (one dim-0 row gather into a reused buffer, at
   copy speed) then runs SDPA with each KV head's query heads folded into the
   query axis, so no KV head is expanded. Any device and dtype.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +46,45 @@ class DecodeMetadata:
     attn_mask: torch.Tensor | None = None
     # reused flat scratch of >= 2 * gather_index.numel() * block_size * head_dim elements
     gather_buffer: torch.Tensor | None = None
+    # window W -> attn_mask narrowed to each sequence's last W slots: filled by the first layer with
+    # that window and reused by the others of the step (Gemma's local layers share one W)
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                         soft_cap: float) -> torch.Tensor:
+    """softmax(mask(c * tanh(q k^T * scale / c))) v: SDPA has no soft cap, so plain matmuls.
+
+    q: [..., G, M, D], the G query heads that share one KV head, M queries each; k, v: [..., L, D];
+    mask: bool, broadcastable to [..., G, M, L], True where attended (every row needs one True).
+    Returns [..., G, M, D]. Order as transformers' `eager_attention_forward` (models/gemma2/modeling_gemma2.py):
+    scale, cap, mask, softmax. The G heads are folded into the query axis, so no KV head is expanded.
+    """
+    *batch, g, m, d = q.shape
+    scores = torch.matmul(q.reshape(*batch, g * m, d), k.transpose(-1, -2)).mul_(scale)  # [..., G * M, L]
+    scores.div_(soft_cap).tanh_().mul_(soft_cap)  # in place: a prefill's scores are its largest tensor
+    scores = scores.view(*batch, g, m, -1).masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(*batch, g * m, -1)
+    return torch.matmul(probs, v).view(*batch, g, m, d)
+
+
+def _window_mask(meta: DecodeMetadata, padded_len: int, window: int) -> torch.Tensor:
+    """meta.attn_mask that also drops each sequence's slots before context_len - window."""
+    mask = meta.window_masks.get(window)
+    if mask is None:
+        slots = torch.arange(padded_len, device=meta.context_lens.device)
+        # transformers' sliding_window_overlay: kv_idx > q_idx - W, with the query at context_len - 1
+        recent = slots[None, :] >= (meta.context_lens[:, None] - window)  # [S, padded context]
+        mask = meta.window_masks[window] = meta.attn_mask & recent[:, None, None, :]
+    return mask
 
 
 def decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
-                 scale: float) -> torch.Tensor:
-    """q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]."""
+                 scale: float, *, sliding_window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim].
+
+    sliding_window: attend only each sequence's last W slots; soft_cap: c in c * tanh(scores / c).
+    """
     num_seqs, num_heads, head_dim = q.shape
     kvh, num_pool_blocks, block_size, _ = k_cache.shape
     num_blocks = (meta.max_context_len + block_size - 1) // block_size
@@ -64,17 +102,29 @@ def decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             kv.append(rows.index_select(0, index).view(gathered_shape))
     keys, values = kv  # [KVH, S, padded context, D]
     qg = q.view(num_seqs, kvh, num_heads // kvh, head_dim)  # [S, KVH, G, D]
-    out = F.scaled_dot_product_attention(qg, keys.transpose(0, 1), values.transpose(0, 1),
-                                         attn_mask=meta.attn_mask, scale=scale)  # [S, KVH, G, D]
+    mask = meta.attn_mask  # [S, 1, 1, padded context]
+    if sliding_window is not None and meta.max_context_len > sliding_window:  # else the window cuts nothing
+        mask = _window_mask(meta, num_blocks * block_size, sliding_window)
+    if soft_cap is None:
+        out = F.scaled_dot_product_attention(qg, keys.transpose(0, 1), values.transpose(0, 1),
+                                             attn_mask=mask, scale=scale)  # [S, KVH, G, D]
+    else:
+        # heads first, as gathered: q [KVH, S, G, 1, D] against keys [KVH, S, padded context, D]
+        out = softcapped_attention(qg.transpose(0, 1)[..., None, :], keys, values, mask, scale, soft_cap)
+        out = out.squeeze(-2).transpose(0, 1)  # [S, KVH, G, D]
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def decode_cpu_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMetadata,
-                      scale: float) -> torch.Tensor:
-    """q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]. float32, CPU."""
+                      scale: float, *, sliding_window: int | None = None,
+                      soft_cap: float | None = None) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]. float32, CPU.
+
+    As decode_torch; with a window the kernel also reads only the last W slots of each sequence.
+    """
     kernel = cpu_kernels()
     return kernel.paged_decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                         scale)
+                                         scale, sliding_window or 0, soft_cap or 0.0)  # 0: none
 
 
 DECODE_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {

@@ -1,89 +1,141 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) in plain PyTorch.
+"""Llama-family decoder in plain PyTorch: Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 1/2/3,
+Phi-3, OLMo 2, Granite, SmolLM3 (SmolLM2 is a Llama).
 
-Follows transformers' `modeling_llama.py` math (pre-norm blocks, RoPE, GQA,
-SwiGLU MLP); Qwen2 differs only by q/k/v biases (`attention_bias`). Tokens of
-many requests arrive as one flat batch `[num_tokens]` with explicit positions;
-attention reads the paged KV cache through the forward context.
+Follows transformers' `modeling_llama.py` math (RoPE, GQA, gated MLP, RMSNorm); what each
+architecture changes is a switch of `LlamaFamilySpec` (llama_spec.py: q/k norms, norm layout,
+Gemma's (1 + w) norms and scaled embeddings, soft-capping, sliding windows per layer, Granite's
+multipliers, mixture-of-experts MLPs, layers without RoPE). Tokens of many requests arrive as
+one flat batch `[num_tokens]` with explicit positions; attention reads the paged KV cache
+through the forward context.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from loomlm.layers.activation import silu_and_mul
+from loomlm.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from loomlm.layers.attention import PagedAttention
 from loomlm.layers.linear import Linear
+from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.norm import RMSNorm
 from loomlm.layers.rotary import RotaryEmbedding, apply_rotary_
+from loomlm.models.llama_spec import LayerSpec, LlamaFamilySpec, llama_family_spec
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions, each [T, rotary_dim]
 
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+# Multimodal Gemma 3 checkpoints nest the text model; these prefixes lead to it (transformers 5 / 4).
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+_NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, spec: LlamaFamilySpec, layer: LayerSpec) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        # Qwen2 always has q/k/v biases; Llama/Mistral configs say so in `attention_bias`.
-        qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=qkv_bias)
-        self.o_proj = Linear(q_size, {"o": config.hidden_size},
-                             bias=config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False)))
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.qkv_proj = Linear(spec.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=spec.qkv_bias)
+        self.o_proj = Linear(q_size, {"o": spec.hidden_size}, bias=spec.o_bias)
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm is not None:
+            per_head = spec.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else q_size, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv_size, spec.rms_norm_eps)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale=spec.attn_scale,
+                                   sliding_window=layer.sliding_window, logits_soft_cap=spec.attn_logit_softcap)
+        self.rope_key = layer.rope_key
         self.q_size, self.kv_size = q_size, kv_size
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [num_tokens, hidden_size]; rope: (cos, sin) of this step's positions
+    def forward(self, ropes: dict[str, Rope], hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [num_tokens, hidden_size]
+        rope = ropes[self.rope_key] if self.rope_key is not None else None
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
-        # q and k heads sit side by side at the front of each row: rotated in place, in one pass
-        apply_rotary_(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm is None:
+            if rope is not None:
+                # q and k heads sit side by side at the front of each row: rotated in place, in one pass
+                apply_rotary_(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)  # before RoPE, as transformers
+            if rope is not None:
+                apply_rotary_(q, *rope, self.num_heads, self.head_dim)
+                apply_rotary_(k, *rope, self.num_kv_heads, self.head_dim)
         out = self.attn(q.unflatten(1, (self.num_heads, self.head_dim)),  # [T, H, D]
                         k.unflatten(1, (self.num_kv_heads, self.head_dim)),  # [T, KVH, D]
                         v.unflatten(1, (self.num_kv_heads, self.head_dim)))
         return self.o_proj(out.reshape(-1, self.q_size))  # out: [T, H, D]
 
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads * head_dim] (a view into qkv) -> a normalized contiguous copy, same shape."""
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head on its own
+            return norm(x.reshape(-1, self.head_dim)).view(x.shape[0], -1)
+        return norm(x.contiguous())  # OLMo 2: the whole projection
+
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, spec: LlamaFamilySpec) -> None:
         super().__init__()
-        bias = bool(getattr(config, "mlp_bias", False))
-        inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, {"gate": inter, "up": inter}, bias=bias)
-        self.down_proj = Linear(inter, {"down": config.hidden_size}, bias=bias)
+        inter = spec.intermediate_size
+        self.gate_up_proj = Linear(spec.hidden_size, {"gate": inter, "up": inter}, bias=spec.mlp_bias)
+        self.down_proj = Linear(inter, {"down": spec.hidden_size}, bias=spec.mlp_bias)
+        self.act_and_mul = _ACTIVATIONS[spec.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, spec: LlamaFamilySpec, layer: LayerSpec) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        hidden, eps = spec.hidden_size, spec.rms_norm_eps
+        self.norm_layout = spec.norm_layout
+        self.residual_multiplier = spec.residual_multiplier
+        if spec.norm_layout != "post":
+            self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = LlamaAttention(spec, layer)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        if spec.norm_layout == "sandwich":
+            self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        if spec.norm_layout != "pre":
+            self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        if layer.is_moe:
+            self.mlp = SparseMoeBlock(hidden, spec.moe_intermediate_size, spec.num_experts,
+                                      spec.num_experts_per_tok, spec.moe_renormalize)
+        else:
+            self.mlp = LlamaMLP(spec)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+    def forward(self, ropes: dict[str, Rope], x: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output, residual: the stream before it (None at the first layer).
 
-        Returns (this layer's output, the stream before it): the block h = h + attn(norm(h));
-        h = h + mlp(norm(h)), with each residual add fused into the norm that follows it (as vLLM).
+        Returns (this layer's output, the stream before it): the residual stream is always
+        `output + stream`, so each residual add fuses into the norm that follows it (as vLLM).
         """
+        if self.norm_layout == "post":  # OLMo 2: h += norm(attn(h)); h += norm(mlp(h))
+            h = x if residual is None else x + residual
+            h = h + self.post_attention_layernorm(self.self_attn(ropes, h))
+            return self.post_feedforward_layernorm(self.mlp(h)), h
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(self.self_attn(rope, x), residual)
-        return self.mlp(x), residual
+        attn = self.self_attn(ropes, x)
+        if self.norm_layout == "sandwich":  # Gemma 2/3: h += norm(attn(norm(h))); h += norm(mlp(norm(h)))
+            x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(attn), residual)
+            return self.post_feedforward_layernorm(self.mlp(x)), residual
+        if self.residual_multiplier != 1.0:  # Granite scales each block's output
+            attn = attn * self.residual_multiplier
+        x, residual = self.post_attention_layernorm(attn, residual)
+        out = self.mlp(x)
+        if self.residual_multiplier != 1.0:
+            out = out * self.residual_multiplier
+        return out, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -91,10 +143,11 @@ class LlamaForCausalLM(nn.Module):
 
     forward(input_ids [num_tokens], positions [num_tokens]) -> hidden states [num_tokens, hidden_size];
     compute_logits(hidden [n, hidden_size]) -> float32 logits [n, vocab_size].
+    Raises ValueError at construction for a switch value the family does not implement.
     """
 
     # HF parameter name suffix -> (our module attribute path, shard)
-    _FUSED = {
+    _FUSED: ClassVar[dict[str, tuple[str, str]]] = {
         "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
         "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
         "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
@@ -103,18 +156,28 @@ class LlamaForCausalLM(nn.Module):
         "mlp.up_proj": ("mlp.gate_up_proj", "up"),
         "mlp.down_proj": ("mlp.down_proj", "down"),
     }
+    # Phi-3 checkpoints hold these already fused: HF suffix -> (our module path, its shards in order)
+    _PREFUSED: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "self_attn.qkv_proj": ("self_attn.qkv_proj", ("q", "k", "v")),
+        "mlp.gate_up_proj": ("mlp.gate_up_proj", ("gate", "up")),
+    }
 
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.rotary = RotaryEmbedding(config, head_dim_of(config), max_position)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.spec = spec = llama_family_spec(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(spec, layer) for layer in spec.layers])
+        # One rotary table per distinct rope setting (Gemma 3: local and global layers differ).
+        keys = sorted({layer.rope_key for layer in spec.layers if layer.rope_key is not None})
+        self.rotary = nn.ModuleDict({
+            key: RotaryEmbedding(config, spec.head_dim, max_position, None if key == "default" else key)
+            for key in keys})
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.tie_word_embeddings = spec.tie_word_embeddings
         # Its own pre-transposed copy even when tied: `x @ w_t` beats F.linear on the
         # [num_rows, hidden] x [hidden, vocab] product that runs every step.
-        self.lm_head = Linear(config.hidden_size, {"lm_head": config.vocab_size})
+        self.lm_head = Linear(spec.hidden_size, {"lm_head": config.vocab_size})
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -123,25 +186,36 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        rope = self.rotary.cos_sin(positions, x.dtype)  # computed once, used by every layer
+        if self.spec.embed_scale != 1.0:
+            x = x * self.spec.embed_scale
+        ropes = {key: rotary.cos_sin(positions, x.dtype) for key, rotary in self.rotary.items()}  # once per step
         residual = None
         for layer in self.layers:
-            x, residual = layer(rope, x, residual)
+            x, residual = layer(ropes, x, residual)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [n, vocab_size]
+        logits = self.lm_head(hidden).float()  # [n, vocab_size]
+        if self.spec.logits_scale != 1.0:
+            logits = logits * self.spec.logits_scale
+        cap = self.spec.final_logit_softcap
+        if cap is not None:  # Gemma 2: logits = c * tanh(logits / c)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (transformers' names and [out, in] layouts).
 
-        Raises ValueError for an unexpected name or shape, or when a parameter is left unloaded.
+        Raises ValueError for an unexpected name or shape, or when a parameter is left unloaded
+        (the message names them).
         """
         loaded: set[str] = set()
         modules = dict(self.named_modules())
+        params = dict(self.named_parameters())
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            name = _text_model_name(name)
+            if name is None or "rotary_emb.inv_freq" in name:
                 continue
             key = name.removeprefix("model.")
             if name == "lm_head.weight":
@@ -152,40 +226,76 @@ class LlamaForCausalLM(nn.Module):
                 continue
             prefix, _, leaf = key.rpartition(".")  # e.g. "layers.0.self_attn.q_proj", "weight"
             parts = prefix.split(".")
-            if len(parts) >= 3 and parts[0] == "layers":
-                sub = ".".join(parts[2:])
-                if sub in self._FUSED:
-                    target, shard = self._FUSED[sub]
-                    module = modules[f"layers.{parts[1]}.{target}"]
-                    if leaf == "weight":
-                        module.load_shard(shard, weight=tensor)
-                    elif leaf == "bias":
-                        module.load_shard(shard, bias=tensor)
-                    else:
-                        raise ValueError(f"unexpected parameter {name!r}")
-                    loaded.add(f"layers.{parts[1]}.{target}.{shard}.{leaf}")
-                    continue
-            params = dict(self.named_parameters())
+            if len(parts) >= 3 and parts[0] == "layers" and self._load_layer_tensor(
+                    modules, int(parts[1]), ".".join(parts[2:]), leaf, tensor, name, loaded):
+                continue
             if key not in params:
                 raise ValueError(f"unexpected parameter {name!r} for {type(self).__name__}")
+            if key.endswith("norm.weight") and self.spec.norm_weight_offset:
+                tensor = tensor.float() + self.spec.norm_weight_offset  # Gemma's (1 + w), as it computes it
             self._copy(params[key], tensor, name)
             loaded.add(key)
         if self.tie_word_embeddings and "embed_tokens.weight" in loaded:
             self.lm_head.load_shard("lm_head", weight=self.embed_tokens.weight.data)
             loaded.add("lm_head")
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, SparseMoeBlock):
+                loaded.update(f"layers.{i}.mlp.{k}" for k in layer.mlp.loaded_weights())
         missing = [n for n in self._expected_names() if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
 
+    def _load_layer_tensor(self, modules: dict[str, nn.Module], i: int, sub: str, leaf: str,
+                           tensor: torch.Tensor, name: str, loaded: set[str]) -> bool:
+        """Load a tensor of layer i that goes to a fused Linear or an MoE block; False for others."""
+        if i >= len(self.layers):
+            raise ValueError(f"unexpected parameter {name!r}: the config has {len(self.layers)} layers")
+        if leaf not in ("weight", "bias"):
+            if sub in self._FUSED or sub in self._PREFUSED:
+                raise ValueError(f"unexpected parameter {name!r}")
+        elif sub in self._FUSED:
+            target, shard = self._FUSED[sub]
+            if target not in ("self_attn.qkv_proj", "self_attn.o_proj") and \
+                    isinstance(self.layers[i].mlp, SparseMoeBlock):
+                raise ValueError(f"unexpected parameter {name!r}: layer {i} is a mixture of experts")
+            modules[f"layers.{i}.{target}"].load_shard(shard, **{leaf: tensor})
+            loaded.add(f"layers.{i}.{target}.{shard}.{leaf}")
+            return True
+        elif sub in self._PREFUSED and self.spec.fused_checkpoint:
+            target, shards = self._PREFUSED[sub]
+            module = modules[f"layers.{i}.{target}"]
+            sizes = [module.shard_sizes[s] for s in shards]
+            if tensor.shape[0] != sum(sizes):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not hold {dict(zip(shards, sizes))} rows")
+            for shard, part in zip(shards, tensor.split(sizes, dim=0)):
+                module.load_shard(shard, **{leaf: part})
+                loaded.add(f"layers.{i}.{target}.{shard}.{leaf}")
+            return True
+        mlp = self.layers[i].mlp
+        for moe_prefix in ("mlp.", "block_sparse_moe."):  # Qwen3-MoE / Mixtral names of the MoE block
+            if isinstance(mlp, SparseMoeBlock) and sub.startswith(moe_prefix):
+                mlp.load_weight(f"{sub.removeprefix(moe_prefix)}.{leaf}", tensor)
+                return True
+        return False
+
     def _expected_names(self) -> list[str]:
-        names = ["embed_tokens.weight", "norm.weight", "lm_head"]
+        """Every name `load_weights` must have recorded: Linear shards, norms, embeddings, MoE weights."""
+        names = ["lm_head"]
+        moe_blocks = []  # the MoE blocks check their own weights
         for i, layer in enumerate(self.layers):
-            names += [f"layers.{i}.input_layernorm.weight", f"layers.{i}.post_attention_layernorm.weight"]
-            for target, shard in self._FUSED.values():
-                names.append(f"layers.{i}.{target}.{shard}.weight")
-                linear = layer.get_submodule(target)
-                if linear.bias is not None:
-                    names.append(f"layers.{i}.{target}.{shard}.bias")
+            if isinstance(layer.mlp, SparseMoeBlock):
+                moe_blocks.append(f"layers.{i}.mlp.")
+                names += [f"layers.{i}.mlp.{k}" for k in layer.mlp.expected_weights()]
+        for mod_name, module in self.named_modules():
+            if mod_name == "lm_head" or f"{mod_name}.".startswith(tuple(moe_blocks)):
+                continue
+            if isinstance(module, Linear):
+                for shard in module.shard_offsets:
+                    names.append(f"{mod_name}.{shard}.weight")
+                    if module.bias is not None:
+                        names.append(f"{mod_name}.{shard}.bias")
+            elif isinstance(module, (RMSNorm, nn.Embedding)):
+                names.append(f"{mod_name}.weight")
         return names
 
     @staticmethod
@@ -193,3 +303,13 @@ class LlamaForCausalLM(nn.Module):
         if param.shape != tensor.shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
         param.data.copy_(tensor)
+
+
+def _text_model_name(name: str) -> str | None:
+    """The text model's HF name of a checkpoint tensor (multimodal Gemma 3 nests it); None: not text."""
+    if name.startswith(_NOT_TEXT):
+        return None
+    for old, new in _TEXT_PREFIXES:
+        if name.startswith(old):
+            return new + name.removeprefix(old)
+    return name

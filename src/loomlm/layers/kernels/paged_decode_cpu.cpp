@@ -2,6 +2,8 @@
 // from the block pool (no gathered copy), one pass over K and one over V.
 // Layout as loomlm.layers.attention: pool [num_kv_heads, num_blocks, block_size, head_dim].
 // Work item = (sequence, kv head): its G query heads share every K/V row they read.
+// Optional per call: a sliding window (only the last `window` positions are read) and an
+// attention-logit soft cap (cap * tanh(score / cap) on the scaled scores), as a layer of Gemma 2.
 // Head sizes 64 and 128 run `attend_vec` (explicit vectors); others `attend_generic`.
 #include <torch/extension.h>
 #include <cmath>
@@ -23,7 +25,23 @@ struct Problem {
   float* out;                 // [S, H, D]
   int64_t H, D, NB, BS, G, max_blocks;
   float scale;
+  int64_t window;             // > 0: attend only the last `window` positions; 0: the whole context
+  float soft_cap;             // > 0: scores <- soft_cap * tanh(scores / soft_cap); 0: none
 };
+
+// The first context position sequence s attends. transformers' sliding_window_overlay keeps
+// kv_idx > q_idx - window (masking_utils.py); the query sits at context_len - 1.
+inline int64_t first_attended(const Problem& p, int64_t context_len) {
+  return p.window > 0 && context_len > p.window ? context_len - p.window : 0;
+}
+
+// Gemma 2's soft cap on scores [G, L] and their row maxes mx [G] (transformers' eager_attention_forward
+// in modeling_gemma2.py: after scaling, before the softmax). tanh is increasing, so the capped max
+// is still each row's max, bit for bit.
+void soft_cap_rows(float* __restrict scores, float* mx, int64_t G, int64_t L, float cap) {
+  for (int64_t i = 0; i < G * L; ++i) scores[i] = cap * std::tanh(scores[i] / cap);
+  for (int64_t g = 0; g < G; ++g) mx[g] = cap * std::tanh(mx[g] / cap);
+}
 
 // scores [G, L] -> their exponentials exp(score - max); inv_sum [G] = 1 / their row sums.
 void softmax_rows(float* __restrict scores, const float* mx, float* inv_sum, int64_t G, int64_t L) {
@@ -56,7 +74,8 @@ inline void score_row(const float* __restrict qs, const float* __restrict krow, 
 // Any head size and block size: one dot product per (row, query head).
 void attend_generic(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buffer) {
   const int64_t D = p.D;
-  const int64_t L = p.lens[s], G = p.G, BS = p.BS;
+  const int64_t end = p.lens[s], start = first_attended(p, end), G = p.G, BS = p.BS;
+  const int64_t L = end - start;             // positions attended: [start, end)
   buffer.resize(G * L + 2 * G * D + 2 * G);
   float* __restrict scores = buffer.data();  // [G, L]
   float* __restrict qs = scores + G * L;     // [G, D]: its G query heads, pre-scaled
@@ -70,19 +89,23 @@ void attend_generic(const Problem& p, int64_t s, int64_t kh, std::vector<float>&
   }
   const int64_t* table = p.tables + s * p.max_blocks;
   for (int64_t g = 0; g < G; ++g) mx[g] = -std::numeric_limits<float>::infinity();
-  for (int64_t t0 = 0; t0 < L; t0 += BS) {  // block by block: a block's rows are contiguous
+  // block by block (a block's rows are contiguous); position t0 + j is score column t0 + j - start
+  for (int64_t t0 = start - start % BS; t0 < end; t0 += BS) {
     const float* __restrict kblock = p.k + (kh * p.NB + table[t0 / BS]) * BS * D;
-    const int64_t n = L - t0 < BS ? L - t0 : BS;
-    for (int64_t j = 0; j < n; ++j) score_row(qs, kblock + j * D, D, G, scores + t0 + j, L, mx);
+    const int64_t n = end - t0 < BS ? end - t0 : BS;
+    for (int64_t j = t0 < start ? start - t0 : 0; j < n; ++j) {
+      score_row(qs, kblock + j * D, D, G, scores + t0 + j - start, L, mx);
+    }
   }
+  if (p.soft_cap > 0.f) soft_cap_rows(scores, mx, G, L, p.soft_cap);
   softmax_rows(scores, mx, inv_sum, G, L);
-  for (int64_t t0 = 0; t0 < L; t0 += BS) {
+  for (int64_t t0 = start - start % BS; t0 < end; t0 += BS) {
     const float* __restrict vblock = p.v + (kh * p.NB + table[t0 / BS]) * BS * D;
-    const int64_t n = L - t0 < BS ? L - t0 : BS;
-    for (int64_t j = 0; j < n; ++j) {
+    const int64_t n = end - t0 < BS ? end - t0 : BS;
+    for (int64_t j = t0 < start ? start - t0 : 0; j < n; ++j) {
       const float* __restrict vrow = vblock + j * D;
       for (int64_t g = 0; g < G; ++g) {
-        const float w = scores[g * L + t0 + j];
+        const float w = scores[g * L + t0 + j - start];
         float* __restrict ag = acc + g * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ag[d] += w * vrow[d];
@@ -134,7 +157,8 @@ inline void prefetch_block(const float* block, int64_t num_floats) {
 template <int kVecs>
 void attend_vec(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buffer) {
   constexpr int64_t D = 16 * kVecs;
-  const int64_t L = p.lens[s], G = p.G, BS = p.BS;
+  const int64_t end = p.lens[s], start = first_attended(p, end), G = p.G, BS = p.BS;
+  const int64_t L = end - start;             // positions attended: [start, end), score column t - start
   buffer.resize(G * L + G * D + 2 * G);
   float* __restrict scores = buffer.data();  // [G, L]
   float* __restrict qs = scores + G * L;     // [G, D]: its G query heads, pre-scaled
@@ -144,14 +168,14 @@ void attend_vec(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buf
   for (int64_t i = 0; i < G * D; ++i) qs[i] = q[i] * p.scale;
   for (int64_t g = 0; g < G; ++g) mx[g] = -std::numeric_limits<float>::infinity();
   const int64_t* table = p.tables + s * p.max_blocks;
-  const int64_t num_blocks = (L + BS - 1) / BS;
+  const int64_t first_block = start / BS, num_blocks = (end + BS - 1) / BS;
   const int64_t head_base = kh * p.NB;
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t b = first_block; b < num_blocks; ++b) {
     const int64_t t0 = b * BS;
     const float* kblock = p.k + (head_base + table[b]) * BS * D;
     if (b + 1 < num_blocks) prefetch_block(p.k + (head_base + table[b + 1]) * BS * D, BS * D);
-    const int64_t n = L - t0 < BS ? L - t0 : BS;
-    int64_t j = 0;
+    const int64_t n = end - t0 < BS ? end - t0 : BS;
+    int64_t j = t0 < start ? start - t0 : 0;  // a window may start mid-block (loads are unaligned anyway)
     for (; j + 4 <= n; j += 4) {
       const float* rows = kblock + j * D;
       for (int64_t g = 0; g < G; ++g) {
@@ -166,28 +190,29 @@ void attend_vec(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buf
           d3 += qv * load16(rows + 3 * D + 16 * v);
         }
         const vec16 dots = sum4(d0, d1, d2, d3);
-        float* dst = scores + g * L + t0 + j;
+        float* dst = scores + g * L + t0 + j - start;
         for (int i = 0; i < 4; ++i) {
           dst[i] = dots[i];
           mx[g] = dots[i] > mx[g] ? dots[i] : mx[g];
         }
       }
     }
-    for (; j < n; ++j) score_row(qs, kblock + j * D, D, G, scores + t0 + j, L, mx);  // the last block's tail
+    for (; j < n; ++j) score_row(qs, kblock + j * D, D, G, scores + t0 + j - start, L, mx);  // the last block's tail
   }
+  if (p.soft_cap > 0.f) soft_cap_rows(scores, mx, G, L, p.soft_cap);
   softmax_rows(scores, mx, inv_sum, G, L);
   float* out = p.out + (s * p.H + kh * G) * D;
   for (int64_t g = 0; g < G; ++g) {
     const float* wg = scores + g * L;
     vec16 even[kVecs] = {}, odd[kVecs] = {};  // two accumulator sets: two rows in flight
-    for (int64_t b = 0; b < num_blocks; ++b) {
+    for (int64_t b = first_block; b < num_blocks; ++b) {
       const int64_t t0 = b * BS;
       const float* vblock = p.v + (head_base + table[b]) * BS * D;
       if (g == 0 && b + 1 < num_blocks) prefetch_block(p.v + (head_base + table[b + 1]) * BS * D, BS * D);
-      const int64_t n = L - t0 < BS ? L - t0 : BS;
-      int64_t j = 0;
+      const int64_t n = end - t0 < BS ? end - t0 : BS;
+      int64_t j = t0 < start ? start - t0 : 0;
       for (; j + 2 <= n; j += 2) {
-        const float w0 = wg[t0 + j], w1 = wg[t0 + j + 1];
+        const float w0 = wg[t0 - start + j], w1 = wg[t0 - start + j + 1];
 #pragma GCC unroll 8
         for (int v = 0; v < kVecs; ++v) {
           even[v] += w0 * load16(vblock + j * D + 16 * v);
@@ -195,7 +220,7 @@ void attend_vec(const Problem& p, int64_t s, int64_t kh, std::vector<float>& buf
         }
       }
       if (j < n) {
-        const float w0 = wg[t0 + j];
+        const float w0 = wg[t0 - start + j];
 #pragma GCC unroll 8
         for (int v = 0; v < kVecs; ++v) even[v] += w0 * load16(vblock + j * D + 16 * v);
       }
@@ -212,7 +237,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D] f
                                      torch::Tensor v_cache,       // [KVH, NB, BS, D] float32
                                      torch::Tensor block_tables,  // [S, max_blocks] int64
                                      torch::Tensor context_lens,  // [S] int64
-                                     double scale) {
+                                     double scale,
+                                     int64_t window,              // > 0: attend the last `window` positions only
+                                     double soft_cap) {           // > 0: cap * tanh(score / cap); 0: none
+  TORCH_CHECK(window >= 0 && soft_cap >= 0, "paged_decode_attention: window and soft_cap must be >= 0 (0 = none)");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
               v_cache.scalar_type() == torch::kFloat32, "paged_decode_attention: float32 only");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
@@ -224,7 +252,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q,             // [S, H, D] f
   Problem p{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
             block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(), out.data_ptr<float>(),
             q.size(1), q.size(2), k_cache.size(1), k_cache.size(2), q.size(1) / KVH, block_tables.size(1),
-            static_cast<float>(scale)};
+            static_cast<float>(scale), window, static_cast<float>(soft_cap)};
 #pragma omp parallel
   {
     std::vector<float> buffer;
@@ -251,9 +279,12 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up);
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t head_dim);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32)");
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU, float32)");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual), in place (CPU, float32)");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused gate+up projection (CPU, float32)");
-  m.def("rotary_", &rotary_, "rotate-half RoPE in place on the leading heads of each row (CPU, float32)");
+  // The kernels touch no Python object: they run without the GIL, so that the server's event loop
+  // (and every other Python thread) keeps running while a step is in a kernel, as torch's own ops do.
+  const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU, float32)", no_gil);
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (CPU, float32)", no_gil);
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual), in place (CPU, float32)", no_gil);
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused gate+up projection (CPU, float32)", no_gil);
+  m.def("rotary_", &rotary_, "rotate-half RoPE in place on the leading heads of each row (CPU, float32)", no_gil);
 }
