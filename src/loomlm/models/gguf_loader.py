@@ -1,20 +1,38 @@
 """GGUF files (llama.cpp's format) as Hugging Face configs, tokenizers and tensors.
 
-Tensors are read with ``gguf.GGUFReader`` and dequantized with
-``gguf.quants.dequantize``; names and layouts are mapped back to Hugging Face
-transformers' conventions, undoing the Q/K row permutation that llama.cpp's
-``convert_hf_to_gguf.py`` applies to Llama-architecture checkpoints.
+A GGUF file's ``general.architecture`` (llama.cpp's name) selects a ``GGUFArchitecture``
+in ``GGUF_ARCHITECTURES``: llama, qwen2, qwen3, qwen3moe (-> ``qwen3_moe``), gemma2,
+gemma3 (-> ``gemma3_text``), phi3 and gpt2. The config, the tensor names and the
+tensor layouts produced are those of transformers' own GGUF loader
+(``integrations/ggml.py`` GGUF_CONFIG_MAPPING, ``modeling_gguf_pytorch_utils.py``
+TensorProcessors), each undoing what llama.cpp's ``convert_hf_to_gguf.py`` did:
+
+* llama: Q/K rows permuted for ggml's interleaved RoPE -> ``reverse_permute_qk``;
+* gemma2, gemma3: RMSNorm weights stored as ``w + 1`` -> minus 1;
+* qwen3moe: experts stacked as ``ffn_{gate,up,down}_exps`` ``[num_experts, ...]`` ->
+  one tensor per expert under the hub checkpoints' names;
+* gpt2: Conv1D weights stored transposed -> transposed back;
+* phi3: nothing (HF Phi3's ``qkv_proj`` / ``gate_up_proj`` are fused as in the file);
+  LongRoPE factors stored as tensors -> the config's ``rope_parameters``.
+
+Names come from gguf-py's own ``TensorNameMap`` applied to the parameter names of
+the transformers model class, built on the meta device (no memory, no weights).
+Where transformers leaves a config field at its class default, it is read as
+llama.cpp's ``llama-model.cpp`` reads it (e.g. Qwen3's head_dim from
+``attention.key_length``, Gemma's ``query_pre_attn_scalar``).
+
+Metadata is read by a small parser (``read_gguf``) that walks over the vocabulary
+instead of decoding it: ``gguf.GGUFReader`` spends about a minute on Gemma 3's
+262k-token vocabulary. Tensors are dequantized with ``gguf.quants.dequantize``.
 
 Two things are slow and are therefore cached per GGUF file under
 ``cache_root() / "gguf" / <key>`` (the key covers the file's absolute path, size
 and mtime, the transformers version and ``CACHE_FORMAT_VERSION``):
 
-* the tokenizer conversion from GGUF metadata (transformers' converter, seconds),
-  saved with ``save_pretrained`` next to the ``config.json`` built here;
-* the float32 weights: opening a GGUFReader alone parses every vocabulary entry
-  (5-6.5 s for the default model's 49k vocabulary on the 2-core reference
-  machine) before dequantizing (about 3 s more), so later loads read a
-  ``model.safetensors`` copy instead (under 1 s).
+* the tokenizer conversion from GGUF metadata (transformers' converter, seconds to
+  a minute), saved with ``save_pretrained`` next to the ``config.json`` built here;
+* the float32 weights (dequantizing takes seconds), served later from a
+  ``model.safetensors`` copy.
 
 Every cache write goes to a temporary name first and is published with a rename,
 so concurrent processes never see a half-written entry.
@@ -22,25 +40,28 @@ so concurrent processes never see a half-written entry.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 import transformers
-from gguf import GGUFReader, GGUFValueType
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 # Bump when what is written into a cache entry changes, so stale entries are ignored.
 CACHE_FORMAT_VERSION = 1
@@ -49,30 +70,6 @@ CACHE_DIR_ENV = "LOOMLM_CACHE_DIR"
 # Marker written last into an entry; an entry directory without it is not trusted.
 _ENTRY_MARKER = "loomlm_cache.json"
 _WEIGHTS_FILE = "model.safetensors"
-
-# GGUF `general.architecture` -> HF model_type. Mistral checkpoints convert to arch
-# "llama" (llama.cpp drops the sliding window), so they load as Llama here.
-GGUF_ARCH_TO_MODEL_TYPE: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
-_MODEL_TYPE_TO_HF_CLASS: dict[str, str] = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-# llama.cpp's standard tensor names (gguf-py's TensorNameMap) -> HF names.
-_GLOBAL_NAMES: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES: dict[str, str] = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 # ---------------------------------------------------------------------------
@@ -132,152 +129,429 @@ def publish_dir_atomically(final_dir: Path, build: Callable[[Path], None]) -> Pa
 
 
 # ---------------------------------------------------------------------------
-# Metadata
+# Reading GGUF files (format: ggml docs/gguf.md, versions 2 and 3)
+
+_SCALAR_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}  # fmt: skip
+_GGUF_VERSIONS = (2, 3)
+_DEFAULT_ALIGNMENT = 32  # llama.cpp's, when general.alignment is absent
 
 
-@functools.lru_cache(maxsize=1)
-def _open_reader_cached(path: str, size: int, mtime_ns: int) -> GGUFReader:
-    del size, mtime_ns  # part of the cache key only: a rewritten file gets a new reader
-    return GGUFReader(path)
+@dataclass(frozen=True)
+class SkippedStrings:
+    """A string array ``read_gguf`` walked over without decoding (a vocabulary, a merge table)."""
+
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
 
 
-def open_gguf(gguf_path: Path) -> GGUFReader:
-    """A GGUFReader for ``gguf_path``, reused for consecutive calls on the same file version.
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """Where one tensor lies in a GGUF file.
 
-    Opening costs seconds (the reader parses every vocabulary string), and a first
-    load opens the file twice (config, then weights).
+    Attributes:
+        name: llama.cpp's name, e.g. ``blk.0.attn_q.weight``.
+        shape: numpy order (ggml's dimensions reversed), e.g. ``[out_features, in_features]``.
+        ggml_type: storage type (F32, F16, Q8_0, Q4_K, ...).
+        offset: absolute byte offset of the data in the file.
+        nbytes: bytes the data occupies.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """A GGUF file's metadata and tensor table; tensor data is read on demand (``read_tensor``).
+
+    Attributes:
+        path: the file.
+        metadata: key -> value: ints, floats, bools and strings as Python values,
+            numeric arrays as numpy arrays, string arrays as lists of str when
+            ``read_gguf`` was asked for them, else as ``SkippedStrings``.
+        tensors: in file order.
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: tuple[GGUFTensorInfo, ...]
+
+    @property
+    def architecture(self) -> str:
+        """``general.architecture``: llama.cpp's name for the model family."""
+        return str(self.metadata["general.architecture"])
+
+    @property
+    def tensor_names(self) -> set[str]:
+        return {info.name for info in self.tensors}
+
+    def tensor(self, name: str) -> GGUFTensorInfo:
+        """The tensor called ``name``. Raises ValueError naming it when the file has none."""
+        for info in self.tensors:
+            if info.name == name:
+                return info
+        raise ValueError(f"{self.path} has no tensor {name!r}.")
+
+    def read_tensor(self, info: GGUFTensorInfo) -> np.ndarray:
+        """The tensor dequantized to float32: a new, writable, C-contiguous array of ``info.shape``.
+
+        Raises:
+            ValueError: a storage type gguf-py cannot dequantize (integer tensors).
+        """
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+        if info.ggml_type == GGMLQuantizationType.F32:
+            data = raw.view(np.float32).reshape(info.shape)
+        elif info.ggml_type == GGMLQuantizationType.F16:
+            data = raw.view(np.float16).reshape(info.shape)
+        else:  # block-quantized and BF16: rows of bytes
+            data = raw.reshape(quant_shape_to_byte_shape(info.shape, info.ggml_type))
+        try:
+            array = dequantize(data, info.ggml_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"GGUF tensor {info.name!r} has type {info.ggml_type.name}, which loomlm cannot read."
+            ) from e
+        # F32 comes back as a read-only view of the memory map: "O" forces a copy then.
+        return np.require(array.reshape(info.shape), np.float32, ["C", "W", "O"])
+
+
+def read_gguf(gguf_path: Path, string_arrays: Collection[str] = ()) -> GGUFFile:
+    """Parse a GGUF file's header: metadata and tensor table, no tensor data.
+
+    Args:
+        gguf_path: the file.
+        string_arrays: metadata keys whose string arrays are decoded (e.g.
+            ``tokenizer.ggml.tokens``); the others are only walked over (``SkippedStrings``).
+
+    Raises:
+        ValueError: not a GGUF file, an unsupported version, or a truncated or corrupt header.
+    """
+    try:
+        return _parse_gguf(Path(gguf_path), string_arrays)
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise ValueError(f"{gguf_path} is not a readable GGUF file: {e}") from e
+
+
+def _parse_gguf(gguf_path: Path, string_arrays: Collection[str]) -> GGUFFile:
+    blob = np.memmap(gguf_path, dtype=np.uint8, mode="r")
+    if bytes(blob[:4]) != b"GGUF":
+        raise ValueError("no GGUF magic")
+    version, tensor_count, metadata_count = struct.unpack_from("<IQQ", blob, 4)
+    if version not in _GGUF_VERSIONS:
+        raise ValueError(f"GGUF version {version}; loomlm reads versions {_GGUF_VERSIONS}")
+    pos = 24
+    metadata: dict[str, Any] = {}
+    for _ in range(metadata_count):
+        key, pos = _read_string(blob, pos)
+        (value_type,) = struct.unpack_from("<I", blob, pos)
+        metadata[key], pos = _read_value(blob, pos + 4, GGUFValueType(value_type), key in string_arrays)
+    if "general.architecture" not in metadata:
+        raise ValueError("no 'general.architecture' metadata")
+    raw_infos = []
+    for _ in range(tensor_count):
+        name, pos = _read_string(blob, pos)
+        (num_dims,) = struct.unpack_from("<I", blob, pos)
+        dims = struct.unpack_from(f"<{num_dims}Q", blob, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * num_dims)
+        pos += 4 + 8 * num_dims + 12
+        raw_infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(ggml_type), offset))
+    alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+    data_start = (pos + alignment - 1) // alignment * alignment
+    tensors = []
+    for name, shape, ggml_type, offset in raw_infos:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+        nbytes = math.prod(shape) // block_size * type_size
+        if data_start + offset + nbytes > blob.size:
+            raise ValueError(f"truncated: tensor {name!r} ends past the end of the file")
+        tensors.append(GGUFTensorInfo(name, shape, ggml_type, data_start + offset, nbytes))
+    return GGUFFile(path=gguf_path, metadata=metadata, tensors=tuple(tensors))
+
+
+def _read_string(blob: np.ndarray, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", blob, pos)
+    pos += 8
+    return bytes(blob[pos : pos + length]).decode("utf-8"), pos + length
+
+
+def _read_value(blob: np.ndarray, pos: int, value_type: GGUFValueType, decode_strings: bool) -> tuple[Any, int]:
+    if value_type in _SCALAR_FORMATS:
+        fmt = _SCALAR_FORMATS[value_type]
+        return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
+    if value_type == GGUFValueType.STRING:
+        return _read_string(blob, pos)
+    if value_type != GGUFValueType.ARRAY:
+        raise ValueError(f"unknown metadata value type {value_type}")
+    element_type, count = struct.unpack_from("<IQ", blob, pos)
+    pos += 12
+    element_type = GGUFValueType(element_type)
+    if element_type in _SCALAR_FORMATS:
+        dtype = np.dtype(_SCALAR_FORMATS[element_type])
+        values = np.frombuffer(blob, dtype=dtype, count=count, offset=pos).copy()
+        return values, pos + count * dtype.itemsize
+    if element_type != GGUFValueType.STRING:
+        raise ValueError(f"metadata arrays of {element_type.name} are not supported")
+    if decode_strings:
+        strings = []
+        for _ in range(count):
+            value, pos = _read_string(blob, pos)
+            strings.append(value)
+        return strings, pos
+    for _ in range(count):  # variable-length entries: walk the lengths
+        (length,) = struct.unpack_from("<Q", blob, pos)
+        pos += 8 + length
+    return SkippedStrings(count), pos
+
+
+def open_gguf(gguf_path: Path) -> GGUFFile:
+    """The header of ``gguf_path`` (metadata and tensor table; the vocabulary is not decoded).
 
     Raises:
         ValueError: the file is not a readable GGUF file.
     """
-    stat = gguf_path.stat()
-    try:
-        return _open_reader_cached(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
-    except (ValueError, IndexError) as e:
-        raise ValueError(f"{gguf_path} is not a readable GGUF file: {e}") from e
+    return read_gguf(gguf_path)
 
 
 _MISSING = object()
 
 
-def _metadata(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
-    """A scalar or string metadata value (arrays are not needed for the config)."""
-    field = reader.fields.get(key)
-    if field is None:
+def _metadata(gguf_file: GGUFFile, key: str, default: Any = _MISSING) -> Any:
+    """A scalar or string metadata value (arrays are refused: use ``gguf_file.metadata``)."""
+    value = gguf_file.metadata.get(key, _MISSING)
+    if value is _MISSING:
         if default is _MISSING:
-            raise ValueError(f"GGUF file lacks the metadata key {key!r}.")
+            raise ValueError(f"GGUF file {gguf_file.path} lacks the metadata key {key!r}.")
         return default
-    if field.types[0] == GGUFValueType.ARRAY:
-        raise ValueError(f"GGUF metadata {key!r} is an array; loomlm expects a single value.")
-    value = field.parts[field.data[0]]
-    if field.types[0] == GGUFValueType.STRING:
-        return bytes(value).decode("utf-8")
-    return value.item()
-
-
-def gguf_model_type(reader: GGUFReader) -> str:
-    """HF model_type of a GGUF file ("llama" or "qwen2").
-
-    Raises:
-        ValueError: the architecture is not one loomlm runs.
-    """
-    arch = _metadata(reader, "general.architecture")
-    if arch not in GGUF_ARCH_TO_MODEL_TYPE:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {sorted(GGUF_ARCH_TO_MODEL_TYPE)} "
-            "(Llama, Mistral and Qwen2 checkpoints convert to these)."
-        )
-    return GGUF_ARCH_TO_MODEL_TYPE[arch]
-
-
-def config_from_gguf(reader: GGUFReader) -> PretrainedConfig:
-    """Build the HF config (LlamaConfig / Qwen2Config) from GGUF metadata.
-
-    Follows transformers' GGUF_CONFIG_MAPPING (``integrations/ggml.py``) for the
-    field names, but reads only the scalars it needs, so it does not parse the
-    vocabulary (transformers' parser takes ~7 s on the default model).
-    ``tie_word_embeddings`` is true exactly when there is no ``output.weight``
-    tensor, as in llama.cpp's loader.
-
-    Raises:
-        ValueError: unsupported architecture, missing metadata, or a RoPE scaling
-            that the HF Llama/Qwen2 configs cannot express from GGUF metadata.
-    """
-    arch = _metadata(reader, "general.architecture")
-    model_type = gguf_model_type(reader)
-    num_heads = int(_metadata(reader, f"{arch}.attention.head_count"))
-    hidden_size = int(_metadata(reader, f"{arch}.embedding_length"))
-    tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        # Llama 3.1-style scaling is stored as precomputed frequency factors,
-        # which no HF config field represents.
-        raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1-style RoPE scaling) are not supported.")
-
-    vocab_size = _metadata(reader, f"{arch}.vocab_size", None)
-    if vocab_size is None:
-        vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
-    kwargs: dict[str, Any] = {
-        "architectures": [_MODEL_TYPE_TO_HF_CLASS[model_type]],
-        "vocab_size": int(vocab_size),
-        "hidden_size": hidden_size,
-        "intermediate_size": int(_metadata(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_metadata(reader, f"{arch}.block_count")),
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": int(_metadata(reader, f"{arch}.attention.head_count_kv", num_heads)),
-        "max_position_embeddings": int(_metadata(reader, f"{arch}.context_length")),
-        # Stored as float32 in GGUF (1e-5 reads back as 9.9999997e-06); kept as stored,
-        # which is also what transformers' GGUF loader does.
-        "rms_norm_eps": float(_metadata(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_metadata(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-    }
-    if model_type == "llama":
-        key_length = _metadata(reader, f"{arch}.attention.key_length", None)
-        kwargs["head_dim"] = int(key_length) if key_length is not None else hidden_size // num_heads
-    special_ids = {"bos": "bos_token_id", "eos": "eos_token_id", "padding": "pad_token_id", "unknown": "unk_token_id"}
-    for gguf_key, hf_key in special_ids.items():
-        token_id = _metadata(reader, f"tokenizer.ggml.{gguf_key}_token_id", None)
-        if token_id is not None:
-            kwargs[hf_key] = int(token_id)
-
-    scaling_type = _metadata(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling_type in ("linear", "yarn"):
-        rope_scaling: dict[str, Any] = {
-            "rope_type": scaling_type,
-            "factor": float(_metadata(reader, f"{arch}.rope.scaling.factor")),
-        }
-        if scaling_type == "yarn":
-            rope_scaling["original_max_position_embeddings"] = int(
-                _metadata(reader, f"{arch}.rope.scaling.original_context_length")
-            )
-        kwargs["rope_scaling"] = rope_scaling
-    elif scaling_type != "none":
-        raise ValueError(f"GGUF RoPE scaling type {scaling_type!r} is not supported.")
-    return AutoConfig.for_model(model_type, **kwargs)
+    if isinstance(value, (np.ndarray, list, SkippedStrings)):
+        raise ValueError(f"GGUF metadata {key!r} is an array; loomlm expects a single value.")  # noqa: TRY004
+    return value
 
 
 # ---------------------------------------------------------------------------
-# Tensors
+# Architectures: config from metadata, tensor layouts
 
 
-def gguf_to_hf_name(gguf_name: str) -> str:
-    """Map a llama.cpp tensor name to its HF name.
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How one llama.cpp architecture maps onto a transformers causal-LM class.
 
-    E.g. ``blk.3.attn_q.bias`` -> ``model.layers.3.self_attn.q_proj.bias``.
-
-    Raises:
-        ValueError: a tensor loomlm's Llama/Qwen2 model has no parameter for.
+    Attributes:
+        model_type: the HF ``model_type`` the file becomes.
+        hf_class: the class ``config.json``'s "architectures" names.
+        config_fields: ``(file, arch) -> HF config kwargs`` from the metadata
+            (special token ids and ``tie_word_embeddings`` are added for every architecture).
+        transform: ``(gguf_name, float32 array, HF config) -> array in HF layout``,
+            undoing convert_hf_to_gguf.py's change to that tensor; None when none is changed.
+        config_tensors: tensors that hold config values rather than weights (never yielded).
     """
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _BLOCK_RE.fullmatch(gguf_name)
-    if match is None or match[2] not in _BLOCK_NAMES:
-        raise ValueError(f"Unexpected GGUF tensor {gguf_name!r} for a Llama/Qwen2 model.")
-    layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+
+    model_type: str
+    hf_class: str
+    config_fields: Callable[[GGUFFile, str], dict[str, Any]]
+    transform: Callable[[str, np.ndarray, PretrainedConfig], np.ndarray] | None = None
+    config_tensors: frozenset[str] = frozenset()
 
 
-def reverse_permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _common_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """The fields of every Llama-like config (transformers' GGUF_CONFIG_MAPPING for "llama")."""
+    num_heads = int(_metadata(f, f"{arch}.attention.head_count"))
+    fields: dict[str, Any] = {
+        "vocab_size": _vocab_size(f, arch),
+        "hidden_size": int(_metadata(f, f"{arch}.embedding_length")),
+        "intermediate_size": int(_metadata(f, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_metadata(f, f"{arch}.block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(_metadata(f, f"{arch}.attention.head_count_kv", num_heads)),
+        "max_position_embeddings": int(_metadata(f, f"{arch}.context_length")),
+        # Stored as float32 in GGUF (1e-5 reads back as 9.9999997e-06); kept as stored,
+        # which is also what transformers' GGUF loader does.
+        "rms_norm_eps": float(_metadata(f, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_metadata(f, f"{arch}.rope.freq_base", 10000.0)),
+    }
+    rope_scaling = _rope_scaling(f, arch)
+    if rope_scaling is not None:
+        fields["rope_scaling"] = rope_scaling
+    if "rope_freqs.weight" in f.tensor_names:
+        # Llama 3.1-style scaling is stored as precomputed frequency factors,
+        # which no HF config field represents.
+        raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1-style RoPE scaling) are not supported.")
+    return fields
+
+
+def _vocab_size(f: GGUFFile, arch: str) -> int:
+    vocab_size = _metadata(f, f"{arch}.vocab_size", None)
+    if vocab_size is None:
+        tokens = f.metadata.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ValueError(f"GGUF file {f.path} has neither {arch}.vocab_size nor a tokenizer vocabulary.")
+        vocab_size = len(tokens)
+    return int(vocab_size)
+
+
+def _rope_scaling(f: GGUFFile, arch: str) -> dict[str, Any] | None:
+    scaling_type = _metadata(f, f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "none":
+        return None
+    if scaling_type not in ("linear", "yarn"):
+        raise ValueError(f"GGUF RoPE scaling type {scaling_type!r} is not supported.")
+    rope_scaling: dict[str, Any] = {
+        "rope_type": scaling_type,
+        "factor": float(_metadata(f, f"{arch}.rope.scaling.factor")),
+    }
+    if scaling_type == "yarn":
+        rope_scaling["original_max_position_embeddings"] = int(
+            _metadata(f, f"{arch}.rope.scaling.original_context_length")
+        )
+    return rope_scaling
+
+
+def _head_dim(f: GGUFFile, arch: str) -> int:
+    """``attention.key_length``, else hidden / heads (llama.cpp's ``n_embd_head_k``)."""
+    key_length = _metadata(f, f"{arch}.attention.key_length", None)
+    if key_length is not None:
+        return int(key_length)
+    return int(_metadata(f, f"{arch}.embedding_length")) // int(_metadata(f, f"{arch}.attention.head_count"))
+
+
+def _with_head_dim(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """Llama, Qwen3: head_dim may differ from hidden / heads (Qwen3-0.6B: 128 vs 64)."""
+    return {**_common_fields(f, arch), "head_dim": _head_dim(f, arch)}
+
+
+def _qwen3_moe_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
+    return {
+        **_with_head_dim(f, arch),
+        "num_experts": int(_metadata(f, f"{arch}.expert_count")),
+        "num_experts_per_tok": int(_metadata(f, f"{arch}.expert_used_count")),
+        "moe_intermediate_size": int(_metadata(f, f"{arch}.expert_feed_forward_length")),
+        # llama.cpp's qwen3moe graph renormalizes the top-k weights (transformers' GGUF default too).
+        "norm_topk_prob": bool(_metadata(f, f"{arch}.expert_weights_norm", True)),
+    }
+
+
+def _gemma_query_pre_attn_scalar(f: GGUFFile, arch: str, num_layers_27b: int) -> int:
+    """llama.cpp's ``f_attention_scale``: 1/sqrt(hidden / heads) for the 27B models, else 1/sqrt(head_dim).
+
+    The 27B models are recognised by their layer count, as llama-model.cpp does.
+    """
+    if int(_metadata(f, f"{arch}.block_count")) == num_layers_27b:
+        return int(_metadata(f, f"{arch}.embedding_length")) // int(_metadata(f, f"{arch}.attention.head_count"))
+    return _head_dim(f, arch)
+
+
+def _layer_types(num_layers: int, sliding: Callable[[int], bool]) -> list[str]:
+    return ["sliding_attention" if sliding(i) else "full_attention" for i in range(num_layers)]
+
+
+def _gemma2_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
+    # Defaults are llama.cpp's for keys older files lack (llama-model.cpp, LLM_ARCH_GEMMA2).
+    num_layers = int(_metadata(f, f"{arch}.block_count"))
+    return {
+        **_common_fields(f, arch),
+        "head_dim": _head_dim(f, arch),
+        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(f, arch, num_layers_27b=46),
+        "sliding_window": int(_metadata(f, f"{arch}.attention.sliding_window", 4096)),
+        "attn_logit_softcapping": float(_metadata(f, f"{arch}.attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float(_metadata(f, f"{arch}.final_logit_softcapping", 30.0)),
+        # Even layers slide (llama.cpp's swa pattern 2 = HF's default layer_types).
+        "layer_types": _layer_types(num_layers, lambda i: i % 2 == 0),
+    }
+
+
+def _gemma3_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """Gemma 3 text: local (sliding) and global layers with their own RoPE bases.
+
+    As llama-model.cpp (LLM_ARCH_GEMMA3): without ``attention.sliding_window`` every
+    layer is global; with it, every 6th layer is global (or as
+    ``attention.sliding_window_pattern`` says), and local layers use RoPE base
+    ``rope.freq_base_swa`` (default 10000) without scaling, which applies to global
+    layers only.
+    """
+    fields = _common_fields(f, arch)
+    num_layers = fields["num_hidden_layers"]
+    rope_theta = fields.pop("rope_theta")
+    full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+    full_rope.update(fields.pop("rope_scaling", {}))
+    local_rope = {"rope_type": "default", "rope_theta": float(_metadata(f, f"{arch}.rope.freq_base_swa", 10000.0))}
+    sliding_window = int(_metadata(f, f"{arch}.attention.sliding_window", 0))
+    pattern = f.metadata.get(f"{arch}.attention.sliding_window_pattern", 6)
+    if sliding_window <= 0:
+        layer_types = _layer_types(num_layers, lambda i: False)
+    elif isinstance(pattern, np.ndarray):  # one flag per layer: true = sliding
+        if len(pattern) != num_layers:
+            raise ValueError(
+                f"GGUF {arch}.attention.sliding_window_pattern has {len(pattern)} entries, not {num_layers}."
+            )
+        layer_types = _layer_types(num_layers, lambda i: bool(pattern[i]))
+    else:  # every pattern-th layer is global
+        layer_types = _layer_types(num_layers, lambda i: (i + 1) % int(pattern) != 0)
+    final_softcap = float(_metadata(f, f"{arch}.final_logit_softcapping", 0.0))
+    return {
+        **fields,
+        "head_dim": _head_dim(f, arch),
+        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(f, arch, num_layers_27b=62),
+        "sliding_window": sliding_window if sliding_window > 0 else None,
+        "layer_types": layer_types,
+        "rope_parameters": {"full_attention": full_rope, "sliding_attention": local_rope},
+        "final_logit_softcapping": final_softcap if final_softcap > 0 else None,
+        "attn_logit_softcapping": None,
+    }
+
+
+_PHI3_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _phi3_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """Phi-3 / Phi-4 (convert_hf_to_gguf.py Phi3MiniModel).
+
+    ``rope.dimension_count`` gives the partial rotary factor; ``sliding_window`` 0 means
+    none (Phi-4); LongRoPE (the 128k models) stores its per-frequency factors as the
+    tensors ``rope_factors_long`` / ``rope_factors_short``.
+    """
+    fields = _common_fields(f, arch)
+    head_dim = fields["hidden_size"] // fields["num_attention_heads"]
+    rope_dims = int(_metadata(f, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        fields["partial_rotary_factor"] = rope_dims / head_dim
+    sliding_window = int(_metadata(f, f"{arch}.attention.sliding_window", 0))
+    fields["sliding_window"] = sliding_window if sliding_window > 0 else None
+    original_context = _metadata(f, f"{arch}.rope.scaling.original_context_length", None)
+    if original_context is not None:
+        fields["original_max_position_embeddings"] = int(original_context)
+    if _PHI3_ROPE_FACTORS[0] in f.tensor_names:
+        # Stored as float32: the shortest decimal that reads back the same (1.1, not 1.100000023841858)
+        # is the value the HF config had.
+        long_factor, short_factor = (
+            [float(str(x)) for x in f.read_tensor(f.tensor(name))] for name in _PHI3_ROPE_FACTORS
+        )
+        fields["rope_scaling"] = {"rope_type": "longrope", "long_factor": long_factor, "short_factor": short_factor}
+    return fields
+
+
+def _gpt2_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """GPT-2's own field names (transformers' GGUF_CONFIG_MAPPING "gpt2", plus n_positions from context_length)."""
+    hidden_size = int(_metadata(f, f"{arch}.embedding_length"))
+    feed_forward = int(_metadata(f, f"{arch}.feed_forward_length", 4 * hidden_size))
+    return {
+        "vocab_size": _vocab_size(f, arch),
+        "n_embd": hidden_size,
+        "n_layer": int(_metadata(f, f"{arch}.block_count")),
+        "n_head": int(_metadata(f, f"{arch}.attention.head_count")),
+        "n_positions": int(_metadata(f, f"{arch}.context_length")),
+        "n_inner": feed_forward if feed_forward != 4 * hidden_size else None,
+        "layer_norm_epsilon": float(_metadata(f, f"{arch}.attention.layer_norm_epsilon")),
+    }
+
+
+def reverse_permute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation for one projection (weight or bias).
 
     llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel.permute``) reorders each
@@ -290,43 +564,217 @@ def reverse_permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
         num_heads: query heads for ``attn_q``, KV heads for ``attn_k``.
 
     Returns:
-        A new contiguous tensor of the same shape in HF row order.
+        A new contiguous array of the same shape in HF row order.
     """
     head_dim = weight.shape[0] // num_heads
     rest = weight.shape[1:]
     # [num_heads, head_dim/2, 2, *rest] -> [num_heads, 2, head_dim/2, *rest]
-    return weight.reshape(num_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
+    return np.ascontiguousarray(weight.reshape(num_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(weight.shape))
+
+
+def _llama_transform(name: str, array: np.ndarray, config: PretrainedConfig) -> np.ndarray:
+    # Only llama is permuted: llama.cpp runs Qwen, Gemma and Phi-3 with NeoX-style RoPE.
+    if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", name):
+        return reverse_permute_qk(array, config.num_attention_heads)
+    if re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", name):
+        return reverse_permute_qk(array, config.num_key_value_heads)
+    return array
+
+
+def _gemma_transform(name: str, array: np.ndarray, config: PretrainedConfig) -> np.ndarray:
+    # convert_hf_to_gguf.py stores Gemma's RMSNorm weights as w + 1 (ggml multiplies by the
+    # weight; HF's GemmaRMSNorm by 1 + weight); transformers' Gemma2TensorProcessor subtracts 1.
+    return array - np.float32(1.0) if name.endswith("norm.weight") else array
+
+
+_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def _gpt2_transform(name: str, array: np.ndarray, config: PretrainedConfig) -> np.ndarray:
+    # HF GPT-2's Conv1D keeps [in_features, out_features]; llama.cpp stores [out, in].
+    return np.ascontiguousarray(array.T) if name.endswith(_GPT2_TRANSPOSED) else array
+
+
+# llama.cpp architecture name -> how it loads. Mistral checkpoints convert to arch "llama"
+# (llama.cpp drops the sliding window), so they load as Llama.
+GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
+    "llama": GGUFArchitecture("llama", "LlamaForCausalLM", _with_head_dim, _llama_transform),
+    "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM", _common_fields),
+    "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM", _with_head_dim),
+    "qwen3moe": GGUFArchitecture("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_fields),
+    "gemma2": GGUFArchitecture("gemma2", "Gemma2ForCausalLM", _gemma2_fields, _gemma_transform),
+    "gemma3": GGUFArchitecture("gemma3_text", "Gemma3ForCausalLM", _gemma3_fields, _gemma_transform),
+    "phi3": GGUFArchitecture("phi3", "Phi3ForCausalLM", _phi3_fields, None, frozenset(_PHI3_ROPE_FACTORS)),
+    "gpt2": GGUFArchitecture("gpt2", "GPT2LMHeadModel", _gpt2_fields, _gpt2_transform),
+}
+
+
+def gguf_architecture(gguf_file: GGUFFile) -> GGUFArchitecture:
+    """The ``GGUFArchitecture`` of a file.
+
+    Raises:
+        ValueError: the architecture is not one loomlm loads (the message lists those it does).
+    """
+    arch = gguf_file.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))} "
+            "(llama.cpp's names; Mistral checkpoints convert to llama)."
+        )
+    return GGUF_ARCHITECTURES[arch]
+
+
+def gguf_model_type(gguf_file: GGUFFile) -> str:
+    """HF model_type of a GGUF file (e.g. "gemma3_text" for arch "gemma3"). Raises ValueError when unsupported."""
+    return gguf_architecture(gguf_file).model_type
+
+
+def config_from_gguf(gguf_file: GGUFFile) -> PretrainedConfig:
+    """Build the HF config (LlamaConfig, Gemma3TextConfig, ...) from GGUF metadata.
+
+    Field names follow transformers' GGUF_CONFIG_MAPPING (``integrations/ggml.py``);
+    fields it leaves at class defaults are read as llama.cpp reads them (see each
+    architecture's fields function). ``tie_word_embeddings`` is true exactly when
+    there is no ``output.weight`` tensor, as in llama.cpp's loader.
+
+    Raises:
+        ValueError: unsupported architecture (lists the supported ones), missing
+            metadata, or a RoPE scaling the HF configs cannot express from GGUF metadata.
+    """
+    arch = gguf_architecture(gguf_file)
+    fields = arch.config_fields(gguf_file, gguf_file.architecture)
+    fields["architectures"] = [arch.hf_class]
+    fields["tie_word_embeddings"] = "output.weight" not in gguf_file.tensor_names
+    special_ids = {"bos": "bos_token_id", "eos": "eos_token_id", "padding": "pad_token_id", "unknown": "unk_token_id"}
+    for gguf_key, hf_key in special_ids.items():
+        token_id = _metadata(gguf_file, f"tokenizer.ggml.{gguf_key}_token_id", None)
+        if token_id is not None:
+            fields[hf_key] = int(token_id)
+    return AutoConfig.for_model(arch.model_type, **fields)
+
+
+# ---------------------------------------------------------------------------
+# Tensors
+
+# transformers 5 fuses each layer's experts into [num_experts, ...] parameters; hub checkpoints
+# (and loomlm's models) keep one tensor per expert.
+_FUSED_EXPERTS_RE = re.compile(r"(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)")
+# llama.cpp's stacked experts [num_experts, out, in] (Qwen2-MoE/Qwen3-MoE layout).
+_GGUF_EXPERTS_RE = re.compile(r"blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.weight")
+
+
+def hf_checkpoint_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor a hub checkpoint of ``config`` holds.
+
+    Taken from the transformers model class built on the meta device (no memory),
+    with fused MoE experts listed one by one as in hub checkpoints
+    (``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``) and without
+    ``lm_head.weight`` when the embeddings are tied.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict().items():
+        match = _FUSED_EXPERTS_RE.fullmatch(name)
+        if match is None:
+            shapes[name] = tuple(tensor.shape)
+            continue
+        num_experts = tensor.shape[0]
+        if match["proj"] == "gate_up_proj":  # [num_experts, 2 * intermediate, hidden], gate first
+            per_expert = (tensor.shape[1] // 2, tensor.shape[2])
+            projs = ("gate_proj", "up_proj")
+        else:  # down_proj: [num_experts, hidden, intermediate]
+            per_expert, projs = tuple(tensor.shape[1:]), ("down_proj",)
+        for expert in range(num_experts):
+            for proj in projs:
+                shapes[f"{match['prefix']}.{expert}.{proj}.weight"] = per_expert
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def gguf_to_hf_names(gguf_arch: str, hf_names: Collection[str], num_layers: int) -> dict[str, str]:
+    """llama.cpp tensor name -> HF name, from gguf-py's ``TensorNameMap`` for ``gguf_arch``.
+
+    E.g. ``blk.3.attn_q.bias`` -> ``model.layers.3.self_attn.q_proj.bias``. HF names
+    the map does not know (per-expert weights) are left out.
+    """
+    model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == gguf_arch)
+    name_map = gguf.get_tensor_name_map(model_arch, num_layers)
+    names: dict[str, str] = {}
+    for hf_name in hf_names:
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = name_map.get_name(base)
+        if gguf_base is not None:
+            assert f"{gguf_base}.{suffix}" not in names, f"two HF parameters map to {gguf_base}.{suffix}"
+            names[f"{gguf_base}.{suffix}"] = hf_name
+    return names
 
 
 def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize every tensor of a GGUF file into float32, in HF names and layouts.
 
-    Reads with ``gguf.GGUFReader`` and dequantizes with ``gguf.quants.dequantize``;
-    applies ``reverse_permute_qk`` to ``attn_q``/``attn_k`` of Llama-architecture
-    files only (llama.cpp does not permute Qwen2, whose RoPE is NeoX-style there).
+    Applies the architecture's ``transform`` (Llama Q/K un-permutation, Gemma norm
+    offset, GPT-2 transposes) and splits stacked MoE experts into per-expert tensors.
 
     Yields:
         ``(hf_name, tensor)``, e.g. ``model.layers.0.self_attn.k_proj.weight``
-        ``[num_kv_heads * head_dim, hidden]`` float32. No ``lm_head.weight`` when
-        the embeddings are tied (the file has no ``output.weight``).
+        ``[num_kv_heads * head_dim, hidden]`` float32, or for Qwen3-MoE
+        ``model.layers.0.mlp.experts.5.down_proj.weight`` ``[hidden, moe_intermediate]``.
+        No ``lm_head.weight`` when the embeddings are tied (the file has no ``output.weight``).
 
     Raises:
-        ValueError: unreadable file, unsupported architecture, or unknown tensors.
+        ValueError: unreadable file or unsupported architecture; a tensor no HF
+            parameter corresponds to, one whose shape differs from what ``config``
+            implies, or (after the last tensor) HF parameters the file lacks; each
+            message names the tensors.
     """
-    reader = open_gguf(gguf_path)
-    is_permuted = gguf_model_type(reader) == "llama"
-    for tensor in reader.tensors:
-        name = gguf_to_hf_name(tensor.name)
-        array = dequantize(tensor.data, tensor.tensor_type)
-        if array.dtype != np.float32 or not array.flags.writeable or not array.flags.c_contiguous:
-            # F32 tensors come back as read-only views of the memory map: copy them.
-            array = np.array(array, dtype=np.float32, order="C")
-        weight = torch.from_numpy(array)
-        if is_permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            weight = reverse_permute_qk(weight, config.num_attention_heads)
-        elif is_permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            weight = reverse_permute_qk(weight, config.num_key_value_heads)
-        yield name, weight
+    gguf_file = open_gguf(gguf_path)
+    arch = gguf_architecture(gguf_file)
+    expected = hf_checkpoint_shapes(config)
+    names = gguf_to_hf_names(gguf_file.architecture, expected, _num_layers(config))
+    for info in gguf_file.tensors:
+        if info.name in arch.config_tensors:
+            continue
+        array = gguf_file.read_tensor(info)
+        if arch.transform is not None:
+            array = arch.transform(info.name, array, config)
+        for hf_name, part in _hf_tensors(info.name, array, names, arch):
+            shape = expected.pop(hf_name, None)
+            if shape is None:
+                raise ValueError(f"GGUF tensor {info.name!r} maps to {hf_name!r}, which appears twice in {gguf_path}.")
+            if part.shape != shape:
+                raise ValueError(
+                    f"GGUF tensor {info.name!r} gives {hf_name!r} the shape {list(part.shape)}; "
+                    f"the file's metadata implies {list(shape)}."
+                )
+            yield hf_name, torch.from_numpy(part)
+    if expected:
+        missing = sorted(expected)
+        raise ValueError(
+            f"{gguf_path} lacks the tensors of {len(missing)} {arch.hf_class} parameters: "
+            f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}."
+        )
+
+
+def _num_layers(config: PretrainedConfig) -> int:
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+
+
+def _hf_tensors(
+    gguf_name: str, array: np.ndarray, names: dict[str, str], arch: GGUFArchitecture
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The HF tensors one GGUF tensor becomes: itself renamed, or one per expert."""
+    if gguf_name in names:
+        yield names[gguf_name], array
+        return
+    match = _GGUF_EXPERTS_RE.fullmatch(gguf_name)
+    if match is None:
+        raise ValueError(f"Unexpected GGUF tensor {gguf_name!r}: no {arch.hf_class} parameter corresponds to it.")
+    # [num_experts, out, in] -> one [out, in] per expert, as in transformers' Qwen2MoeTensorProcessor.
+    for expert in range(array.shape[0]):
+        hf_name = f"model.layers.{match['layer']}.mlp.experts.{expert}.{match['proj']}_proj.weight"
+        yield hf_name, array[expert].copy()  # a copy: safetensors refuses tensors sharing memory
 
 
 # ---------------------------------------------------------------------------
@@ -399,8 +847,6 @@ def ensure_gguf_weights_cache(gguf_path: Path, config: PretrainedConfig) -> Path
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    # Later loads read the safetensors copy: release the reader's parsed metadata.
-    _open_reader_cached.cache_clear()
     return weights_file
 
 

@@ -101,6 +101,9 @@ def resolve_model(model: str, revision: str | None = None, tokenizer: str | None
         source = _resolve_gguf_file(model, path)
     else:
         raise ValueError(f"Model path {str(path)!r} is neither a directory nor a GGUF file.")
+    entry = ZOO.get(model)
+    if entry is not None and entry.eos_token_ids:
+        source.hf_config.eos_token_id = list(entry.eos_token_ids)  # the family's end-of-turn ids too
     if has_own_tokenizer:
         return source
     return replace(source, tokenizer_dir=_tokenizer_dir(tokenizer, tokenizer_revision))
@@ -120,7 +123,8 @@ def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    """The model's fast tokenizer, with ``chat_template`` set when the model has one.
+    """The model's fast tokenizer, with ``chat_template`` set when the model has one (or, for a
+    zoo alias whose file has none, the family's template from the zoo entry).
 
     Raises:
         ValueError: the tokenizer cannot be loaded as a fast (Rust ``tokenizers``) tokenizer.
@@ -132,6 +136,9 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     if not tokenizer.is_fast:
         # Incremental detokenization and offsets rely on the Rust tokenizer.
         raise ValueError(f"The tokenizer of {source.name!r} has no fast (tokenizers) version.")
+    entry = ZOO.get(source.name)
+    if tokenizer.chat_template is None and entry is not None and entry.chat_template:
+        tokenizer.chat_template = entry.chat_template
     return tokenizer
 
 
