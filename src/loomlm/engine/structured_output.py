@@ -99,6 +99,10 @@ class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int) -> None:
         import llguidance
         import llguidance.hf
+        # Imported here, at start-up (the server builds the manager with the app), not at the first
+        # bitmask: the import takes ~3.5 s and holds the GIL for up to ~0.4 s at a time, which
+        # stalled every HTTP answer (/health: 413 ms) during the first structured request.
+        import llguidance.torch  # noqa: F401
 
         self.vocab_size = vocab_size
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
@@ -157,7 +161,7 @@ class StructuredOutputManager:
 
     def bitmask(self, states: list[StructuredOutputRequest]) -> torch.Tensor:
         """Allowed next tokens of each state: int32 [len(states), ceil(vocab_size / 32)], bit t = token t."""
-        import llguidance.torch
+        import llguidance.torch  # already imported by __init__: a dict lookup
 
         mask = llguidance.torch.allocate_token_bitmask(len(states), self.vocab_size)
         llguidance.torch.fill_next_token_bitmask_par(self._executor, [(s.matcher, i) for i, s in enumerate(states)],
