@@ -21,6 +21,7 @@ from torch import nn
 from loomlm.layers.activation import activation_fn
 from loomlm.layers.attention import PagedAttention
 from loomlm.layers.linear import Linear
+from loomlm.models.weight_utils import default_weight_loader
 
 
 class GPT2Attention(nn.Module):
@@ -164,9 +165,7 @@ class GPT2LMHeadModel(nn.Module):
                     raise ValueError(f"unexpected parameter {name!r} for GPT2LMHeadModel")
                 self._load_linear(linears[path], name, **{leaf: tensor})
             elif key in params:
-                if params[key].shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(params[key].shape)}")
-                params[key].data.copy_(tensor)
+                default_weight_loader(params[key], tensor, name)
             else:
                 raise ValueError(f"unexpected parameter {name!r} for GPT2LMHeadModel")
             loaded.add(key)

@@ -24,6 +24,7 @@ from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.norm import RMSNorm
 from loomlm.layers.rotary import RotaryEmbedding, apply_rotary_
 from loomlm.models.llama_spec import LayerSpec, LlamaFamilySpec, llama_family_spec
+from loomlm.models.weight_utils import default_weight_loader
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) of this step's positions, each [T, rotary_dim]
 
@@ -233,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"unexpected parameter {name!r} for {type(self).__name__}")
             if key.endswith("norm.weight") and self.spec.norm_weight_offset:
                 tensor = tensor.float() + self.spec.norm_weight_offset  # Gemma's (1 + w), as it computes it
-            self._copy(params[key], tensor, name)
+            default_weight_loader(params[key], tensor, name)
             loaded.add(key)
         if self.tie_word_embeddings and "embed_tokens.weight" in loaded:
             self.lm_head.load_shard("lm_head", weight=self.embed_tokens.weight.data)
@@ -298,11 +299,6 @@ class LlamaForCausalLM(nn.Module):
                 names.append(f"{mod_name}.weight")
         return names
 
-    @staticmethod
-    def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-        if param.shape != tensor.shape:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-        param.data.copy_(tensor)
 
 
 def _text_model_name(name: str) -> str | None:

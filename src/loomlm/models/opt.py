@@ -20,6 +20,7 @@ from torch import nn
 from loomlm.layers.activation import activation_fn
 from loomlm.layers.attention import PagedAttention
 from loomlm.layers.linear import Linear
+from loomlm.models.weight_utils import default_weight_loader
 
 # OPTLearnedPositionalEmbedding's offset: row 0 and 1 of the table precede position 0 (a fairseq legacy).
 _POSITION_OFFSET = 2
@@ -164,9 +165,7 @@ class OPTForCausalLM(nn.Module):
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
             elif key in params:
-                if params[key].shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(params[key].shape)}")
-                params[key].data.copy_(tensor)
+                default_weight_loader(params[key], tensor, name)
             else:
                 raise ValueError(f"unexpected parameter {name!r} for OPTForCausalLM")
             loaded.add(key)
