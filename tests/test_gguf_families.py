@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -612,3 +613,73 @@ def test_unexpected_tensor_is_named(tokenizer_metadata: dict[str, Any], tmp_path
     )
     with pytest.raises(ValueError, match=r"Unexpected GGUF tensor 'blk\.0\.ffn_gate_inp\.weight'.*Qwen3ForCausalLM"):
         dict(gguf_loader.iter_gguf_weights(gguf_path, config))
+
+
+# ---------------------------------------------------------------------------
+# Llama 3.1-style RoPE: the llama3 factors stored as the rope_freqs tensor
+
+
+def _llama3_rope_factors(config: LlamaConfig) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: one factor per rotary frequency."""
+    rope = config.rope_parameters
+    dim = config.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_context_len / low, old_context_len / high
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_llama3_rope_freqs_matches_transformers(
+    tokenizer_metadata: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Llama 3.1-style GGUF (rope_freqs tensor, no scaling metadata) gives the logits transformers
+    computes from the HF checkpoint with its llama3 rope_scaling (every position, prompt of 80 > 64)."""
+    from loomlm import LLM
+
+    monkeypatch.setenv(gguf_loader.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    case = TinyCase("llama", lambda v: LlamaConfig(vocab_size=v, **_LLAMA_LIKE, head_dim=32, rope_parameters=rope,
+                                                   tie_word_embeddings=False))
+    config = case.make_config(len(tokenizer_metadata["tokenizer.ggml.tokens"]))
+    factors = _llama3_rope_factors(config)
+    assert 1.0 in factors and 8.0 in factors and ((factors > 1) & (factors < 8)).any()  # all three regimes
+
+    def add_rope_freqs(name: str, data: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        if ".attn_" in name and "norm" not in name:
+            # Sharp attention whose output outweighs the residual: positions (so RoPE) matter to the logits.
+            data = data * np.float32(30.0)
+        elif name == "output.weight":
+            data = data * np.float32(100.0)  # logits of order 1, so 1e-4 is a tight tolerance
+        return [(name, data)] + ([("rope_freqs.weight", factors)] if name == "token_embd.weight" else [])
+
+    gguf_path = tmp_path / "tiny-llama3.gguf"
+    source_config, _ = write_tiny_gguf(case, tokenizer_metadata, gguf_path, edit=add_rope_freqs)
+    loaded = gguf_loader.config_from_gguf(gguf_loader.open_gguf(gguf_path))
+    assert loaded.rope_freq_factors == pytest.approx(factors.tolist())
+    expected = dict(gguf_loader.iter_gguf_weights(gguf_path, loaded))  # HF names and layouts (the edit included)
+    reference = AutoModelForCausalLM.from_config(source_config, dtype=torch.float32).eval()
+    reference.load_state_dict(expected, strict=False)
+    llm = LLM(str(gguf_path), num_gpu_blocks_override=16)
+    ids = torch.randint(3, source_config.vocab_size, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        theirs = reference(torch.tensor([ids])).logits[0].float()
+    ours = llm.llm_engine.model_runner.logits_for(ids, None)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    # Without the factors (the frequencies a loader ignoring rope_freqs would use) the logits differ.
+    reference.config.rope_parameters = {"rope_type": "default", "rope_theta": 5e5}
+    plain = AutoModelForCausalLM.from_config(reference.config, dtype=torch.float32).eval()
+    plain.load_state_dict(expected, strict=False)
+    with torch.inference_mode():
+        assert (plain(torch.tensor([ids])).logits[0].float() - theirs).abs().max().item() > 1e-3

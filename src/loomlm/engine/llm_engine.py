@@ -76,7 +76,7 @@ class LLMEngine:
         self.hf_config = self.source.hf_config
         self.tokenizer = load_tokenizer(self.source)
         self.served_model_name = mc.served_model_name or self.source.name
-        model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        model_max = model_context_window(self.hf_config)
         if mc.max_model_len is not None and mc.max_model_len > model_max:
             raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's context window ({model_max}).")
         max_len = mc.max_model_len or model_max
@@ -497,3 +497,26 @@ def _max_token_chars(tokenizer) -> int:
     if backend is None or getattr(backend, "normalizer", None) is not None:
         longest *= 3
     return max(longest, 1)
+
+
+def model_context_window(hf_config) -> int:
+    """The longest context the model supports, as vLLM derives it (`_get_and_verify_max_len`).
+
+    `max_position_embeddings` (2048 when absent); RoPE scaling that stretches positions
+    ("linear", "dynamic") multiplies it by the scaling factor, "yarn" multiplies
+    `original_max_position_embeddings`; "llama3" and "longrope" configs already state the
+    stretched length.
+    """
+    from loomlm.layers.rotary import rope_parameters
+
+    model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+    try:
+        params = rope_parameters(hf_config)
+    except (KeyError, TypeError):  # per-layer-type parameters (Gemma 3): no scaling of the window
+        return model_max
+    rope_type, factor = params.get("rope_type"), params.get("factor")
+    if factor is None or rope_type not in ("linear", "dynamic", "yarn"):
+        return model_max
+    if rope_type == "yarn":
+        model_max = params.get("original_max_position_embeddings") or model_max
+    return int(model_max * float(factor))

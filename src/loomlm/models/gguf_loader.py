@@ -380,9 +380,10 @@ def _common_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     if rope_scaling is not None:
         fields["rope_scaling"] = rope_scaling
     if "rope_freqs.weight" in f.tensor_names:
-        # Llama 3.1-style scaling is stored as precomputed frequency factors,
-        # which no HF config field represents.
-        raise ValueError("GGUF files with a rope_freqs tensor (Llama 3.1-style RoPE scaling) are not supported.")
+        # Llama 3.1-style scaling: convert_hf_to_gguf.py stores the llama3 per-frequency factors
+        # (not the scaling parameters) as this tensor; ggml divides each frequency by its factor,
+        # and so does the rotary layer given `rope_freq_factors` (layers/rotary.py).
+        fields["rope_freq_factors"] = [float(x) for x in f.read_tensor(f.tensor("rope_freqs.weight"))]
     return fields
 
 
@@ -598,7 +599,8 @@ def _gpt2_transform(name: str, array: np.ndarray, config: PretrainedConfig) -> n
 # llama.cpp architecture name -> how it loads. Mistral checkpoints convert to arch "llama"
 # (llama.cpp drops the sliding window), so they load as Llama.
 GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
-    "llama": GGUFArchitecture("llama", "LlamaForCausalLM", _with_head_dim, _llama_transform),
+    "llama": GGUFArchitecture("llama", "LlamaForCausalLM", _with_head_dim, _llama_transform,
+                              frozenset({"rope_freqs.weight"})),
     "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM", _common_fields),
     "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM", _with_head_dim),
     "qwen3moe": GGUFArchitecture("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_fields),

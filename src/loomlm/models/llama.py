@@ -19,6 +19,7 @@ from torch import nn
 
 from loomlm.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from loomlm.layers.attention import PagedAttention
+from loomlm.layers.forward_context import current_forward_batch
 from loomlm.layers.linear import Linear
 from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.norm import RMSNorm
@@ -189,7 +190,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         if self.spec.embed_scale != 1.0:
             x = x * self.spec.embed_scale
-        ropes = {key: rotary.cos_sin(positions, x.dtype) for key, rotary in self.rotary.items()}  # once per step
+        batch = current_forward_batch()  # its sequence lengths pick dynamic / longrope frequencies
+        ropes = {key: rotary.cos_sin(positions, x.dtype, batch) for key, rotary in self.rotary.items()}  # once per step
         residual = None
         for layer in self.layers:
             x, residual = layer(ropes, x, residual)
