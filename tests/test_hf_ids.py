@@ -365,3 +365,11 @@ def test_trust_remote_code_flag_exits_with_status_2() -> None:
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert "loomlm runs no remote code" in result.stderr
+
+
+def test_bare_legacy_id_in_the_cache_resolves(hub_cache: Path, make_tiny_model_dir: Callable[[str], Path]) -> None:
+    # "gpt2"-style legacy ids: looked up when the local cache holds them (offline here), as vLLM does.
+    snapshot = add_to_hub_cache(hub_cache, "tinyllama", make_tiny_model_dir("llama"))
+    assert resolve_model("tinyllama").weights_path == snapshot
+    with pytest.raises(ValueError, match="neither a known alias"):
+        resolve_model("tinyllama2")  # not cached: still a mistyped alias, no hub look-up

@@ -68,7 +68,8 @@ def resolve_model(model: str, revision: str | None = None, tokenizer: str | None
     id (``huggingface_hub.utils.validate_repo_id``) is fetched with
     ``huggingface_hub.snapshot_download`` at ``revision`` (branch, tag or commit; default
     "main"): its config, tokenizer and safetensors weights only. Bare names (legacy ids such as
-    "gpt2") are not looked up, so a mistyped alias fails at once: use the namespaced id. The
+    "gpt2") are looked up only when the local Hugging Face cache holds them, so a mistyped alias
+    fails at once: elsewhere use the namespaced id. The
     Hugging Face environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``,
     ``HF_TOKEN``) is read at each call. Offline, or when the hub cannot be reached, the cached
     snapshot is used. ``revision`` is ignored for aliases and paths (as in vLLM).
@@ -206,8 +207,13 @@ def _is_hub_repo_id(name: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if name.count("/") != 1:  # bare names are legacy hub ids or, far more often, mistyped aliases
+    if name.count("/") > 1:
         return False
+    if "/" not in name:
+        # Bare names are legacy hub ids ("gpt2") or, far more often, mistyped aliases: only one the
+        # local Hugging Face cache already holds counts as an id, so a typo still fails at once.
+        if not name or not (hub_settings().cache_dir / f"models--{name}").is_dir():
+            return False
     try:
         validate_repo_id(name)
     except HFValidationError:
