@@ -21,6 +21,8 @@ from transformers import (
 )
 
 from loomlm.layers.moe import SparseMoeBlock
+from loomlm.layers.kernels import cpu_kernels
+from loomlm.layers.linear_method import MklPackedLinearMethod, NativeLinearMethod
 from loomlm.layers.packed_gemm import packed_gemm_available
 
 HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K = 64, 32, 8, 2
@@ -141,13 +143,22 @@ def test_fused_in_memory_names(case: MoeCase) -> None:
     torch.testing.assert_close(block(x), _reference(case, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not packed_gemm_available(torch.device("cpu"), torch.float32),
-                    reason="MKL packed GEMM unavailable")
+def _packing_methods():
+    methods = []
+    if packed_gemm_available(torch.device("cpu"), torch.float32):
+        methods.append(pytest.param(MklPackedLinearMethod, id="mkl_packed"))
+    if cpu_kernels() is not None:
+        methods.append(pytest.param(NativeLinearMethod, id="native"))
+    return methods
+
+
+@pytest.mark.parametrize("make_method", _packing_methods())
 @torch.no_grad()
-def test_packed_matches_transformers(case: MoeCase) -> None:
+def test_packed_matches_transformers(case: MoeCase, make_method) -> None:
     block = _loaded_block(case)
-    block.gate.pack()
-    block.pack()
+    method = make_method()
+    block.gate.process_weights(method)
+    block.process_weights(method)
     x = _inputs(37)
     torch.testing.assert_close(block(x), _reference(case, x), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="packed"):

@@ -23,7 +23,8 @@ from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_con
 from loomlm.layers.linear import Linear
 from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.lora import LoRABatch
-from loomlm.layers.packed_gemm import packed_gemm_available, return_freed_memory
+from loomlm.layers.linear_method import select_linear_method
+from loomlm.layers.packed_gemm import return_freed_memory
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
 from loomlm.models.registry import model_class_for
 
@@ -70,14 +71,14 @@ class ModelRunner:
             if hasattr(module, "cos_cached"):
                 module.cos_cached = module.cos_cached.float()
                 module.sin_cached = module.sin_cached.float()
-        self.packed_gemm = packed_gemm_available(self.device, self.dtype)
-        if self.packed_gemm:
+        self.linear_method = select_linear_method(self.device, self.dtype)
+        if self.linear_method.releases_plain:
             for module in self.model.modules():
-                if isinstance(module, (Linear, SparseMoeBlock)):  # the MoE block packs its experts
-                    module.pack()
+                if isinstance(module, (Linear, SparseMoeBlock)):  # the MoE block processes its experts
+                    module.process_weights(self.linear_method)
             return_freed_memory()
-        logger.info("loaded weights in %.1f s (MKL packed GEMM: %s)", time.perf_counter() - start,
-                    "on" if self.packed_gemm else "off")
+        logger.info("loaded weights in %.1f s (linear method: %s)", time.perf_counter() - start,
+                    self.linear_method.name)
 
         layers = self.model.attention_layers()
         # Every layer caches the same KV shape (the model classes share one head_dim per model).

@@ -3,9 +3,10 @@
 `x @ w_t` beat `F.linear` by about 1.6x at 32 rows on this CPU (DESIGN.md), so
 weights are stored transposed once at load time. Fused layers (QKV, gate+up)
 hold several HF projections side by side along the output dimension; a loader
-writes each HF shard into its slice with `load_shard`. On the CPU in float32 the
-model runner then packs every weight for MKL's packed GEMM (`pack()`,
-packed_gemm.py), another 1.8x at decode sizes.
+writes each HF shard into its slice with `load_shard`. After loading, the model
+runner hands every layer the model's linear method (`process_weights`,
+linear_method.py: on the CPU in float32 a packed copy for MKL's packed GEMM or the
+native panel kernel), which then computes the product.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch import nn
 
 from loomlm.layers.forward_context import current_lora_batch
 from loomlm.layers.lora import ShardLoRA, SlotLoRA, StackedLoRA, add_lora
-from loomlm.layers.packed_gemm import pack_weight, packed_linear, release_storage
+from loomlm.layers.linear_method import TORCH_METHOD, LinearMethod
+from loomlm.layers.packed_gemm import release_storage
 
 
 class Linear(nn.Module):
@@ -40,8 +42,9 @@ class Linear(nn.Module):
         # LoRA adapters installed in slots (loomlm.lora.manager): slot -> its shard updates.
         self.lora_slots: dict[int, SlotLoRA] = {}
         self._lora_stack: StackedLoRA | None = None  # all of lora_slots side by side; rebuilt after a change
-        # MKL's packed copy of weight_t (`pack()`, packed_gemm.py); None: plain matmuls.
-        self.packed_weight: torch.Tensor | None = None
+        # The linear method and its form of the weight (`process_weights`); plain x @ weight_t until then.
+        self.method: LinearMethod = TORCH_METHOD
+        self.weight_state = None
 
     def load_shard(self, shard: str, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
         """Copy an HF weight ([out, in], as in nn.Linear) and/or bias ([out]) into shard `shard`.
@@ -50,8 +53,8 @@ class Linear(nn.Module):
         """
         if shard not in self.shard_offsets:
             raise ValueError(f"unknown shard {shard!r}; expected one of {list(self.shard_offsets)}")
-        if self.packed_weight is not None:
-            raise RuntimeError("the weight is packed (and its plain copy released): load shards before pack()")
+        if self.weight_state is not None:
+            raise RuntimeError("the weight is packed (and its plain copy released): load shards before process_weights()")
         start, end = self.shard_offsets[shard]
         if weight is not None:
             if tuple(weight.shape) != (end - start, self.in_features):
@@ -62,14 +65,16 @@ class Linear(nn.Module):
                 raise ValueError(f"shard {shard!r}: unexpected bias of shape {tuple(bias.shape)}")
             self.bias.data[start:end].copy_(bias)
 
-    def pack(self) -> None:
-        """Pack the loaded weight for MKL's packed GEMM (CPU, float32; see `packed_gemm_available`).
+    def process_weights(self, method: LinearMethod) -> None:
+        """Hand the loaded weight to `method` (linear_method.py), which computes `forward` from then on.
 
-        The packed copy is all `forward` reads from then on, so weight_t keeps its shape but
-        releases its storage (no second copy of the model in memory). Call after the last `load_shard`.
+        A packing method's copy is all `forward` reads, so weight_t keeps its shape but releases
+        its storage (no second copy of the model in memory). Call after the last `load_shard`.
         """
-        self.packed_weight = pack_weight(self.weight_t.data)
-        self.weight_t.data = release_storage(self.weight_t.data)
+        self.method = method
+        self.weight_state = method.process_weights(self.weight_t.data)
+        if method.releases_plain:
+            self.weight_t.data = release_storage(self.weight_t.data)
 
     def check_lora(self, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
         """ValueError unless a_t [in, r] / b_t [r, shard size] fit shard `shard` (which must exist)."""
@@ -98,8 +103,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
-        if self.packed_weight is not None:
-            y = packed_linear(x, self.packed_weight, self.weight_t, self.bias)
+        if self.weight_state is not None:
+            y = self.method.apply(self.weight_state, x, self.weight_t, self.bias)
         else:
             y = x @ self.weight_t
             if self.bias is not None:

@@ -28,7 +28,8 @@ from torch import nn
 
 from loomlm.layers.activation import silu_and_mul
 from loomlm.layers.linear import Linear
-from loomlm.layers.packed_gemm import pack_weight, packed_linear, release_storage
+from loomlm.layers.linear_method import LinearMethod
+from loomlm.layers.packed_gemm import release_storage
 
 # Per-expert checkpoint projection name -> canonical projection ("gate", "up", "down").
 _EXPERT_PROJ = {
@@ -68,9 +69,10 @@ class SparseMoeBlock(nn.Module):
                                         requires_grad=False)  # [E, H, 2I]
         self.w_down_t = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size),
                                      requires_grad=False)  # [E, I, H]
-        # MKL packed copies per expert (`pack()`); None: plain matmuls.
-        self.packed_gate_up: list[torch.Tensor] | None = None
-        self.packed_down: list[torch.Tensor] | None = None
+        # The linear method's form of each expert's weights (`process_weights`); None: plain matmuls.
+        self.method: LinearMethod | None = None
+        self.packed_gate_up: list | None = None
+        self.packed_down: list | None = None
         self._loaded: set[str] = set()
 
     # ------------------------------------------------------------------ weights
@@ -93,7 +95,7 @@ class SparseMoeBlock(nn.Module):
         range, or a wrong shape; RuntimeError after `pack()`.
         """
         if self.packed_gate_up is not None:
-            raise RuntimeError("the experts are packed (plain copies released): load weights before pack()")
+            raise RuntimeError("the experts are packed (plain copies released): load weights before process_weights()")
         num_experts, hidden, inter = self.num_experts, self.hidden_size, self.intermediate_size
         if name == "gate.weight":
             self._check_shape(name, tensor, (num_experts, hidden))
@@ -130,14 +132,17 @@ class SparseMoeBlock(nn.Module):
         if tuple(tensor.shape) != expected:
             raise ValueError(f"MoE weight {name!r}: shape {tuple(tensor.shape)} != expected {expected}")
 
-    def pack(self) -> None:
-        """Pack each expert's weights for MKL's packed GEMM (CPU, float32; see `packed_gemm_available`).
+    def process_weights(self, method: LinearMethod) -> None:
+        """Hand each expert's weights to `method` (linear_method.py), as `Linear.process_weights` does.
 
-        As `Linear.pack`: call after the last `load_weight`; the plain copies release their
-        storage. The router is a `Linear` and is packed on its own.
+        Call after the last `load_weight`; a packing method's plain copies release their
+        storage. The router is a `Linear` and is processed on its own.
         """
-        self.packed_gate_up = [pack_weight(w) for w in self.w_gate_up_t.data]
-        self.packed_down = [pack_weight(w) for w in self.w_down_t.data]
+        if not method.releases_plain:
+            return  # plain matmuls on the stacked weights
+        self.method = method
+        self.packed_gate_up = [method.process_weights(w) for w in self.w_gate_up_t.data]
+        self.packed_down = [method.process_weights(w) for w in self.w_down_t.data]
         self.w_gate_up_t.data = release_storage(self.w_gate_up_t.data)
         self.w_down_t.data = release_storage(self.w_down_t.data)
 
@@ -182,12 +187,12 @@ class SparseMoeBlock(nn.Module):
 
     def _gate_up(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         # x: [n, H] -> [n, 2I]
-        if self.packed_gate_up is not None:
-            return packed_linear(x, self.packed_gate_up[expert], self.w_gate_up_t[expert], None)
+        if self.method is not None:
+            return self.method.apply(self.packed_gate_up[expert], x, self.w_gate_up_t[expert], None)
         return x @ self.w_gate_up_t[expert]
 
     def _down(self, expert: int, h: torch.Tensor) -> torch.Tensor:
         # h: [n, I] -> [n, H]
-        if self.packed_down is not None:
-            return packed_linear(h, self.packed_down[expert], self.w_down_t[expert], None)
+        if self.method is not None:
+            return self.method.apply(self.packed_down[expert], h, self.w_down_t[expert], None)
         return h @ self.w_down_t[expert]

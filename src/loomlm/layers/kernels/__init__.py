@@ -6,8 +6,13 @@ PyTorch path, which computes the same thing. The module holds:
 - `paged_decode_attention` (paged_decode_cpu.cpp), the "cpu_native" decode backend;
 - `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_` (fused_ops_cpu.cpp),
   reached through `loomlm.layers.fused_ops`.
-The build is cached on disk under a name that carries a digest of the sources,
-so an edited kernel (or header) is rebuilt rather than loaded stale.
+- `pack_f32`, `gemm_f32`, `gemm_isa` (gemm_cpu.cpp): float32 GEMM on panel-packed weights,
+  the "native" linear method (layers/linear_method.py);
+- `quant_gemm`, `quant_dequantize`, `quant_isa` (quant_cpu.cpp): GEMM/GEMV on GGUF-quantized
+  weight blocks (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) with 8-bit activations.
+The build is cached on disk under a name that carries a digest of the sources
+and of the CPU's flags, so an edited kernel (or header), or another CPU kind, is
+rebuilt rather than loaded stale.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp")
+_SOURCES = ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp", "quant_cpu.cpp")
 _HEADERS = ("vec_math.h",)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -39,12 +44,27 @@ def cpu_kernels():
         for name in _SOURCES + _HEADERS:
             digest.update((_DIR / name).read_bytes())
         digest.update(" ".join(_CFLAGS).encode())
+        # -march=native targets the building CPU: a build cached on a shared disk by another CPU
+        # kind (AVX-512 vs AVX2 hosts) must not be loaded here.
+        digest.update(_cpu_flags().encode())
         logger.info("loading the native CPU kernels (compiled on first use, about a minute)")
         return load(name=f"loomlm_cpu_kernels_{digest.hexdigest()[:12]}", sources=[str(_DIR / s) for s in _SOURCES],
                     extra_include_paths=[str(_DIR)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # any build failure falls back to the PyTorch path
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch path", exc)
         return None
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags from /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def cpu_kernels_for(x: torch.Tensor):

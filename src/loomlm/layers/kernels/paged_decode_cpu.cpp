@@ -277,6 +277,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t head_dim);
+// gemm_cpu.cpp
+at::Tensor pack_f32(const at::Tensor& weight_t);
+at::Tensor gemm_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias,
+                    const std::string& isa_name, int64_t large_m);
+std::string gemm_isa();
+// quant_cpu.cpp
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                      const c10::optional<at::Tensor>& bias, const std::string& isa_name);
+at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k);
+std::string quant_isa();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: they run without the GIL, so that the server's event loop
@@ -287,4 +297,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual), in place (CPU, float32)", no_gil);
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused gate+up projection (CPU, float32)", no_gil);
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on the leading heads of each row (CPU, float32)", no_gil);
+  m.def("pack_f32", &pack_f32, "pack a [K, N] weight into [ceil(N/16), K, 16] panels (CPU, float32)", no_gil);
+  m.def("gemm_f32", &gemm_f32, "x [M, K] @ packed weight (+ bias) -> [M, N] (CPU, float32)", pybind11::arg("x"),
+        pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("isa") = "auto", pybind11::arg("large_m") = 0, no_gil);
+  m.def("gemm_isa", &gemm_isa, "the instruction set gemm_f32 uses on this CPU (avx2 or scalar)");
+  m.def("quant_gemm", &quant_gemm, "x [M, K] @ dequant(GGUF blocks w [N, row_bytes]).T (+ bias) -> [M, N] (CPU)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("n"),
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("isa") = "auto", no_gil);
+  m.def("quant_dequantize", &quant_dequantize, "GGUF blocks w [N, row_bytes] -> float32 [N, k] (CPU)",
+        pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("k"), no_gil);
+  m.def("quant_isa", &quant_isa, "the instruction set quant_gemm uses on this CPU (avx2 or scalar)");
 }

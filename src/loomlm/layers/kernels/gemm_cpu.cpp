@@ -1,0 +1,243 @@
+// Float32 GEMM on weights packed once at load: y[M, N] = x[M, K] @ w_t[K, N] (+ bias[N]).
+//
+// Why our own: MKL's sgemm, packed or not, runs its generic code path on AMD CPUs, and at decode
+// sizes (a few to a few tens of rows) it reads a large weight several times: on an AMD EPYC (Zen 3,
+// AVX2) the [8, 576] x [576, 49152] LM head took 4-5x the time of one pass over its weight.
+// benchmarks/gemm.py measures each method per shape and row count.
+//
+// Layout (the BLIS / llama.cpp-repack idea): the weight's N columns are cut into panels of 16;
+// panel p holds w_t[:, 16p : 16p + 16] as [K][16] (k-major, 64 contiguous bytes per k), the last
+// panel zero-padded: packed shape [ceil(N / 16), K, 16]. A micro-kernel keeps a tile of R rows x 16
+// columns in 2R AVX2 accumulators (R <= 6: 12 accumulators, 2 weight registers, 1 broadcast) and
+// walks K once, so each panel streams from memory once per 96 rows of x, and x's rows stay in
+// L1/L2. Panels are split over ATen's thread pool (torch's own threads: no oversubscription).
+//
+// The instruction set is picked at run time from the CPU's flags (`__builtin_cpu_supports`), not
+// from the build machine: the AVX2+FMA kernel is compiled with a function-level target attribute,
+// and a portable scalar kernel computes the same sums (k ascending per output; the AVX2 kernel
+// splits k over a few accumulators at 1-3 rows), so the two agree to float32 rounding.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LOOMLM_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t kPanel = 16;    // output columns per packed panel
+constexpr int64_t kRowBlock = 96; // rows of x per pass over a panel group (x block stays in L2)
+constexpr int kMaxTileRows = 6;
+constexpr int64_t kUnpackColumns = 1024; // columns unpacked per BLAS call on the many-rows path
+
+enum class Isa { kScalar, kAvx2 };
+
+Isa best_isa() {
+#if LOOMLM_X86
+  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2 : Isa::kScalar;
+  return isa;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return best_isa();
+  if (name == "scalar") return Isa::kScalar;
+  if (name == "avx2") {
+    TORCH_CHECK(best_isa() == Isa::kAvx2, "gemm_f32: this CPU has no AVX2+FMA");
+    return Isa::kAvx2;
+  }
+  TORCH_CHECK(false, "gemm_f32: unknown isa '", name, "' (auto, avx2, scalar)");
+}
+
+// Writes the first `cols` columns of a 16-wide tile row, adding bias if given.
+inline void store_row(const float* tile, float* y, const float* bias, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) y[j] = tile[j] + (bias ? bias[j] : 0.f);
+}
+
+// Portable tile: rows x 16 outputs of one panel. acc per output, k ascending.
+void tile_scalar(const float* x, int64_t ldx, int rows, const float* w, int64_t K, float* y, int64_t ldy,
+                 int64_t cols, const float* bias) {
+  float acc[kMaxTileRows][kPanel];
+  std::memset(acc, 0, sizeof(acc));
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * kPanel;
+    for (int r = 0; r < rows; ++r) {
+      const float xv = x[r * ldx + k];
+      for (int64_t j = 0; j < kPanel; ++j) acc[r][j] += xv * wk[j];
+    }
+  }
+  for (int r = 0; r < rows; ++r) store_row(acc[r], y + r * ldy, bias, cols);
+}
+
+#if LOOMLM_X86
+// R rows x 16 columns. With few rows the FMA chains are too short to hide FMA latency (4 cycles,
+// 2 per cycle: 8 independent chains needed), so U groups of accumulators take interleaved k's and
+// are summed at the end: R * 2 * U <= 12 registers.
+template <int R, int U>
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, const float* w, int64_t K, float* y,
+                                                   int64_t ldy, int64_t cols, const float* bias) {
+  __m256 acc0[U][R], acc1[U][R];
+  for (int u = 0; u < U; ++u) {
+    for (int r = 0; r < R; ++r) {
+      acc0[u][r] = _mm256_setzero_ps();
+      acc1[u][r] = _mm256_setzero_ps();
+    }
+  }
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 w0 = _mm256_loadu_ps(w + (k + u) * kPanel);
+      const __m256 w1 = _mm256_loadu_ps(w + (k + u) * kPanel + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k + u);
+        acc0[u][r] = _mm256_fmadd_ps(xv, w0, acc0[u][r]);
+        acc1[u][r] = _mm256_fmadd_ps(xv, w1, acc1[u][r]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * kPanel);
+    const __m256 w1 = _mm256_loadu_ps(w + k * kPanel + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k);
+      acc0[0][r] = _mm256_fmadd_ps(xv, w0, acc0[0][r]);
+      acc1[0][r] = _mm256_fmadd_ps(xv, w1, acc1[0][r]);
+    }
+  }
+  for (int u = 1; u < U; ++u) {
+    for (int r = 0; r < R; ++r) {
+      acc0[0][r] = _mm256_add_ps(acc0[0][r], acc0[u][r]);
+      acc1[0][r] = _mm256_add_ps(acc1[0][r], acc1[u][r]);
+    }
+  }
+  if (cols == kPanel) {
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    if (bias) {
+      b0 = _mm256_loadu_ps(bias);
+      b1 = _mm256_loadu_ps(bias + 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(y + r * ldy, _mm256_add_ps(acc0[0][r], b0));
+      _mm256_storeu_ps(y + r * ldy + 8, _mm256_add_ps(acc1[0][r], b1));
+    }
+    return;
+  }
+  alignas(32) float tile[kPanel];
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(tile, acc0[0][r]);
+    _mm256_store_ps(tile + 8, acc1[0][r]);
+    store_row(tile, y + r * ldy, bias, cols);
+  }
+}
+
+void tile_avx2_rows(const float* x, int64_t ldx, int rows, const float* w, int64_t K, float* y, int64_t ldy,
+                    int64_t cols, const float* bias) {
+  switch (rows) {
+    case 1: return tile_avx2<1, 4>(x, ldx, w, K, y, ldy, cols, bias);
+    case 2: return tile_avx2<2, 2>(x, ldx, w, K, y, ldy, cols, bias);
+    case 3: return tile_avx2<3, 2>(x, ldx, w, K, y, ldy, cols, bias);
+    case 4: return tile_avx2<4, 1>(x, ldx, w, K, y, ldy, cols, bias);
+    case 5: return tile_avx2<5, 1>(x, ldx, w, K, y, ldy, cols, bias);
+    default: return tile_avx2<6, 1>(x, ldx, w, K, y, ldy, cols, bias);
+  }
+}
+#endif
+
+void check_cpu_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, ": float32 CPU tensor expected");
+}
+
+}  // namespace
+
+// weight_t: [K, N] float32 -> packed [ceil(N / 16), K, 16], the last panel zero-padded.
+at::Tensor pack_f32(const at::Tensor& weight_t) {
+  check_cpu_f32(weight_t, "pack_f32");
+  TORCH_CHECK(weight_t.dim() == 2, "pack_f32: [K, N] weight expected");
+  const int64_t K = weight_t.size(0), N = weight_t.size(1);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  at::Tensor padded = weight_t;
+  if (panels * kPanel != N) padded = at::constant_pad_nd(weight_t, {0, panels * kPanel - N});
+  // [K, P*16] -> [K, P, 16] -> [P, K, 16]
+  return padded.reshape({K, panels, kPanel}).permute({1, 0, 2}).contiguous();
+}
+
+// x: [M, K] (rows contiguous), packed: [P, K, 16] from pack_f32, n: N <= 16P, bias: [N] or None.
+// Returns y [M, N] float32. isa: "auto" (the CPU's best), "avx2" or "scalar" (tests compare them).
+at::Tensor gemm_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias,
+                    const std::string& isa_name, int64_t large_m) {
+  check_cpu_f32(x, "gemm_f32 x");
+  check_cpu_f32(packed, "gemm_f32 packed");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "gemm_f32: x must be [M, K] with contiguous rows");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(),
+              "gemm_f32: packed weight [P, K, 16] expected (pack_f32)");
+  const int64_t M = x.size(0), K = x.size(1), panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == K, "gemm_f32: x has K=", K, " but the packed weight ", packed.size(1));
+  TORCH_CHECK(n > (panels - 1) * kPanel && n <= panels * kPanel, "gemm_f32: n=", n, " does not match ", panels,
+              " panels");
+  const float* bias_ptr = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    check_cpu_f32(*bias, "gemm_f32 bias");
+    TORCH_CHECK(bias->numel() == n, "gemm_f32: bias has ", bias->numel(), " elements, expected ", n);
+    bias_c = bias->contiguous();
+    bias_ptr = bias_c.data_ptr<float>();
+  }
+  const Isa isa = parse_isa(isa_name);
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  if (M >= large_m && large_m > 0) {
+    // Many rows (prefill): compute-bound, where a full BLAS GEMM with its own blocking wins. Each
+    // chunk of panels is unpacked to a plain [K, width] matrix (K * width floats copied, against
+    // M * K * width multiply-adds) and multiplied into its columns of y.
+    const int64_t chunk_panels = std::max<int64_t>(1, kUnpackColumns / kPanel);
+    for (int64_t p0 = 0; p0 < panels; p0 += chunk_panels) {
+      const int64_t p1 = std::min(panels, p0 + chunk_panels);
+      const int64_t col0 = p0 * kPanel, width = std::min(n, p1 * kPanel) - col0;
+      // [p1-p0, K, 16] -> [K, (p1-p0)*16] -> first `width` columns
+      at::Tensor plain = packed.narrow(0, p0, p1 - p0).permute({1, 0, 2}).reshape({K, (p1 - p0) * kPanel});
+      at::Tensor out = y.narrow(1, col0, width);
+      at::mm_out(out, x, plain.narrow(1, 0, width));
+    }
+    if (bias_ptr) y.add_(bias_c);
+    return y;
+  }
+  const float* xp = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Enough panels per task that a task does real work (>= ~64K multiply-adds at one row).
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int64_t m1 = std::min(M, m0 + kRowBlock);
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* w = wp + p * K * kPanel;
+        const int64_t col0 = p * kPanel;
+        const int64_t cols = std::min<int64_t>(kPanel, n - col0);
+        const float* b = bias_ptr ? bias_ptr + col0 : nullptr;
+        for (int64_t m = m0; m < m1; m += kMaxTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxTileRows, m1 - m));
+#if LOOMLM_X86
+          if (isa == Isa::kAvx2) {
+            tile_avx2_rows(xp + m * ldx, ldx, rows, w, K, yp + m * n + col0, n, cols, b);
+            continue;
+          }
+#endif
+          tile_scalar(xp + m * ldx, ldx, rows, w, K, yp + m * n + col0, n, cols, b);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+std::string gemm_isa() { return best_isa() == Isa::kAvx2 ? "avx2" : "scalar"; }

@@ -1,0 +1,652 @@
+// GEMM / GEMV on GGUF-quantized weights, kept in their block layout:
+// y[M, N] = x[M, K] @ dequant(w)[N, K].T (+ bias[N]), w the tensor's raw bytes [N, row_bytes].
+//
+// As llama.cpp's ggml-cpu does (ggml_vec_dot_q4_0_q8_0 and friends): each activation row is
+// quantized once to 8-bit blocks (Q8_0-style blocks of 32 with a float scale and the block's sum
+// of quants for Q4_0/Q4_1/Q5_0/Q8_0 weights; Q8_K-style super-blocks of 256 with a float scale and
+// 16 bsums for Q4_K/Q5_K/Q6_K), then every weight block meets it in an integer dot product (AVX2:
+// vpmaddubsw u8 x s8 -> int16 pairs, vpmaddwd with ones or the sub-block scales -> int32), scaled
+// into an fp32 accumulator per block. Weights' zero points (-8, -16, -32) are folded in exactly as
+// integers via the activation sums; Q4_1's and the K-quants' float mins use them in fp32.
+// Activation error: |x - d_x q| <= d_x / 2 per element, d_x = max|x_block| / 127.
+//
+// Bit layouts and dequantization formulas follow gguf-py's quants.py (`dequantize_blocks`), which
+// mirrors ggml-quants.c; quant_dequantize reproduces them bit for bit (every product there is exact
+// in fp32: an fp16 scale has 11 significant bits, the 6-bit sub-scales and quants at most 13 more).
+//
+// Work split: x is quantized once (all rows) into a scratch buffer; output features are split over
+// ATen's thread pool (torch's own threads, no oversubscription) in tasks of >= 16 rows; a task walks
+// panels of 16 weight rows, and for each group of up to 4 activation rows reads every weight block
+// once for the group. For decode (M = 1..4) that is a GEMV streaming the weights once.
+//
+// The instruction set is picked at run time from the CPU's flags (`__builtin_cpu_supports`), never
+// from the build machine: the AVX2 kernels carry a function-level target attribute, and the portable
+// scalar kernels compute the same integer sums per block (only the fp32 accumulation order differs).
+// Next step: an AVX-512BW path (the Intel hosts; 64-byte vpmaddubsw over two blocks at once), left
+// out of this increment because the machines it was written on (AMD Zen 3) cannot run it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LOOMLM_X86 1
+#define LOOMLM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace {
+
+// GGML type ids (gguf.GGMLQuantizationType).
+enum class QType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+struct QFormat {
+  QType type;
+  const char* name;
+  int64_t block;  // weights per block
+  int64_t bytes;  // bytes per block
+};
+
+constexpr QFormat kFormats[] = {
+    {QType::kQ4_0, "Q4_0", 32, 18},   {QType::kQ4_1, "Q4_1", 32, 20},   {QType::kQ5_0, "Q5_0", 32, 22},
+    {QType::kQ8_0, "Q8_0", 32, 34},   {QType::kQ4_K, "Q4_K", 256, 144}, {QType::kQ5_K, "Q5_K", 256, 176},
+    {QType::kQ6_K, "Q6_K", 256, 210},
+};
+
+const QFormat& find_format(int64_t qtype, const char* fn) {
+  for (const QFormat& f : kFormats) {
+    if (static_cast<int64_t>(f.type) == qtype) return f;
+  }
+  TORCH_CHECK(false, fn, ": unsupported GGML type ", qtype,
+              " (supported: Q4_0=2, Q4_1=3, Q5_0=6, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
+}
+
+constexpr bool is_k_quant(QType t) { return t == QType::kQ4_K || t == QType::kQ5_K || t == QType::kQ6_K; }
+
+// Quantized activations. XBlock32: Q8_0-style (llama.cpp's block_q8_1 with a float scale);
+// XBlock256: Q8_K-style, bsums[i] = sum of q[16i : 16i + 16].
+struct XBlock32 {
+  float d;
+  int32_t sum;
+  int8_t q[32];
+};
+struct XBlock256 {
+  float d;
+  int16_t bsums[16];
+  int8_t q[256];
+};
+
+// q = round-half-even(x * 127 / max|x|), d = max|x| / 127: one code for both ISAs, so the paths see
+// identical activations.
+float quantize_chunk(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float id = amax != 0.f ? 127.f / amax : 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * id);
+    q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+  }
+  return amax / 127.f;
+}
+
+void quantize_row_32(const float* x, int64_t num_blocks, XBlock32* out) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    out[b].d = quantize_chunk(x + 32 * b, 32, out[b].q);
+    int32_t sum = 0;
+    for (int i = 0; i < 32; ++i) sum += out[b].q[i];
+    out[b].sum = sum;
+  }
+}
+
+void quantize_row_256(const float* x, int64_t num_blocks, XBlock256* out) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    out[b].d = quantize_chunk(x + 256 * b, 256, out[b].q);
+    for (int s = 0; s < 16; ++s) {
+      int32_t sum = 0;
+      for (int i = 0; i < 16; ++i) sum += out[b].q[16 * s + i];
+      out[b].bsums[s] = static_cast<int16_t>(sum);
+    }
+  }
+}
+
+// Exact IEEE half -> float (normals, subnormals, inf, nan); p may be unaligned, little-endian.
+inline float fp16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24, exact
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The 6-bit sub-block scales and mins of Q4_K / Q5_K (ggml's get_scale_min_k4).
+inline void k4_scale_min(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+// ---- Weight-block decoding to small integers (shared by the scalar kernels and dequantize) ----
+
+// 32-element blocks: q[i] such that w[i] = d * (q[i] - zero) + m.
+struct Block32 {
+  float d, m;
+  int zero;
+  int16_t q[32];
+};
+
+template <QType T>
+inline void decode32(const uint8_t* blk, Block32& o) {
+  o.d = fp16_at(blk);
+  o.m = 0.f;
+  o.zero = 0;
+  if constexpr (T == QType::kQ8_0) {
+    for (int i = 0; i < 32; ++i) o.q[i] = static_cast<int8_t>(blk[2 + i]);
+    return;
+  }
+  const uint8_t* qs = blk + (T == QType::kQ4_0 ? 2 : T == QType::kQ4_1 ? 4 : 6);
+  for (int i = 0; i < 16; ++i) {
+    o.q[i] = qs[i] & 0x0F;
+    o.q[i + 16] = qs[i] >> 4;
+  }
+  if constexpr (T == QType::kQ4_0) o.zero = 8;
+  if constexpr (T == QType::kQ4_1) o.m = fp16_at(blk + 2);
+  if constexpr (T == QType::kQ5_0) {
+    uint32_t qh;
+    std::memcpy(&qh, blk + 2, 4);
+    for (int i = 0; i < 32; ++i) o.q[i] |= ((qh >> i) & 1) << 4;
+    o.zero = 16;
+  }
+}
+
+// 256-element super-blocks: groups of `group` elements, w = d * sc[g] * (q - zero) - dmin * mn[g].
+struct Block256 {
+  float d, dmin;
+  int group, zero;
+  int sc[16], mn[16];
+  uint8_t q[256];
+};
+
+template <QType T>
+inline void decode256(const uint8_t* blk, Block256& o) {
+  if constexpr (T == QType::kQ6_K) {
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    o.d = fp16_at(blk + 208);
+    o.dmin = 0.f;
+    o.group = 16;
+    o.zero = 32;
+    for (int s = 0; s < 16; ++s) {
+      o.sc[s] = static_cast<int8_t>(blk[192 + s]);
+      o.mn[s] = 0;
+    }
+    // Element 128h + 32g + i: low nibble of ql[64h + 32(g%2) + i] (high nibble for g >= 2), top
+    // two bits from qh[32h + i] >> 2g.
+    for (int h = 0; h < 2; ++h) {
+      for (int g = 0; g < 4; ++g) {
+        for (int i = 0; i < 32; ++i) {
+          const int lo = (ql[64 * h + 32 * (g % 2) + i] >> (4 * (g / 2))) & 0x0F;
+          const int hi = (qh[32 * h + i] >> (2 * g)) & 3;
+          o.q[128 * h + 32 * g + i] = static_cast<uint8_t>(lo | (hi << 4));
+        }
+      }
+    }
+    return;
+  }
+  o.d = fp16_at(blk);
+  o.dmin = fp16_at(blk + 2);
+  o.group = 32;
+  o.zero = 0;
+  uint8_t sc[8], mn[8];
+  k4_scale_min(blk + 4, sc, mn);
+  for (int j = 0; j < 8; ++j) {
+    o.sc[j] = sc[j];
+    o.mn[j] = mn[j];
+  }
+  const uint8_t* qs = blk + (T == QType::kQ4_K ? 16 : 48);
+  // Sub-block j, element i: nibble j%2 of qs[32(j/2) + i]; Q5_K's fifth bit is bit j of qh[i].
+  for (int j = 0; j < 8; ++j) {
+    for (int i = 0; i < 32; ++i) {
+      int v = (qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 0x0F;
+      if constexpr (T == QType::kQ5_K) v |= ((blk[16 + i] >> j) & 1) << 4;
+      o.q[32 * j + i] = static_cast<uint8_t>(v);
+    }
+  }
+}
+
+// ---- Dequantization (gguf quants.py formulas, bit for bit) ----
+
+template <QType T>
+void dequantize_row(const uint8_t* w, int64_t num_blocks, float* y) {
+  if constexpr (!is_k_quant(T)) {
+    constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
+    Block32 blk;
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      decode32<T>(w + b * bytes, blk);
+      // d * (q - zero) (+ m): the product is exact, so an FMA rounds as numpy's mul-then-add does.
+      for (int i = 0; i < 32; ++i) {
+        const float v = blk.d * static_cast<float>(blk.q[i] - blk.zero);
+        y[32 * b + i] = T == QType::kQ4_1 ? v + blk.m : v;  // no "+ 0.f": it would turn -0.0 into +0.0
+      }
+    }
+  } else {
+    constexpr int64_t bytes = T == QType::kQ4_K ? 144 : T == QType::kQ5_K ? 176 : 210;
+    Block256 blk;
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      decode256<T>(w + b * bytes, blk);
+      for (int e = 0; e < 256; ++e) {
+        const int g = e / blk.group;
+        const float scale = blk.d * static_cast<float>(blk.sc[g]);
+        const float value = scale * static_cast<float>(static_cast<int>(blk.q[e]) - blk.zero);
+        y[256 * b + e] = T == QType::kQ6_K ? value : value - blk.dmin * static_cast<float>(blk.mn[g]);
+      }
+    }
+  }
+}
+
+// ---- Row-group dot products: out[r] = dot(weight row w, quantized activation row xs[r]), r < R ----
+
+using VecDot = void (*)(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out);
+
+template <QType T, int R>
+void vec_scalar(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out) {
+  float acc[R] = {}, offset[R] = {};  // offset: Q4_1's + m, the K-quants' - dmin * mn terms
+  if constexpr (!is_k_quant(T)) {
+    constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
+    Block32 blk;
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      decode32<T>(w + b * bytes, blk);
+      for (int r = 0; r < R; ++r) {
+        const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
+        int32_t isum = -blk.zero * x.sum;
+        for (int i = 0; i < 32; ++i) isum += blk.q[i] * x.q[i];
+        acc[r] += (blk.d * x.d) * static_cast<float>(isum);
+        offset[r] += blk.m * (x.d * static_cast<float>(x.sum));
+      }
+    }
+  } else {
+    constexpr int64_t bytes = T == QType::kQ4_K ? 144 : T == QType::kQ5_K ? 176 : 210;
+    Block256 blk;
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      decode256<T>(w + b * bytes, blk);
+      const int num_groups = 256 / blk.group;
+      for (int r = 0; r < R; ++r) {
+        const XBlock256& x = reinterpret_cast<const XBlock256*>(xs[r])[b];
+        int32_t isum = 0, imin = 0;
+        for (int g = 0; g < num_groups; ++g) {
+          int32_t gsum = 0;
+          for (int i = g * blk.group; i < (g + 1) * blk.group; ++i) gsum += blk.q[i] * x.q[i];
+          // The group's activation sum from the 16-element bsums (1 or 2 of them).
+          const int32_t xsum = blk.group == 16 ? x.bsums[g] : x.bsums[2 * g] + x.bsums[2 * g + 1];
+          isum += blk.sc[g] * (gsum - blk.zero * xsum);
+          imin += blk.mn[g] * xsum;
+        }
+        acc[r] += (blk.d * x.d) * static_cast<float>(isum);
+        offset[r] -= (blk.dmin * x.d) * static_cast<float>(imin);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r] + offset[r];
+}
+
+#if LOOMLM_X86
+LOOMLM_AVX2 inline float fp16_at_f16c(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+LOOMLM_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+LOOMLM_AVX2 inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// Unsigned bytes u times signed bytes s, summed in fours -> 8 int32. No int16 saturation here:
+// |u| <= 128 and |s| <= 127 give pair sums <= 32512.
+LOOMLM_AVX2 inline __m256i dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// 16 bytes of nibbles -> 32 bytes: the low nibbles, then the high ones (the Q4_0/Q4_1/Q5_0 order).
+LOOMLM_AVX2 inline __m256i nibbles32(const uint8_t* qs) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// Byte i = 0x10 where bit i of the 32-bit word at p is set, else 0 (ggml's bytes_from_bits_32).
+LOOMLM_AVX2 inline __m256i bits32_to_0x10(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)), shuffle);
+  bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
+}
+
+// An int32 vector holding v in lane 0: folds a per-block integer correction into the lane sums.
+LOOMLM_AVX2 inline __m256i lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+
+// One 32-element weight block against R activation rows: acc[r] += d_w * d_x * (integer lanes).
+template <QType T, int R>
+LOOMLM_AVX2 inline __attribute__((always_inline)) void block32_avx2(const uint8_t* blk, const uint8_t* const* xs,
+                                                                   int64_t b, __m256* acc, float* offset) {
+  constexpr int32_t zero = T == QType::kQ4_0 ? 8 : T == QType::kQ5_0 ? 16 : 0;
+  const float d = fp16_at_f16c(blk);
+  __m256i qw;  // unsigned quants (Q8_0: |q|, the sign moved onto x)
+  if constexpr (T == QType::kQ4_0) qw = nibbles32(blk + 2);
+  if constexpr (T == QType::kQ4_1) qw = nibbles32(blk + 4);
+  if constexpr (T == QType::kQ5_0) qw = _mm256_or_si256(nibbles32(blk + 6), bits32_to_0x10(blk + 2));
+  __m256i signs;
+  if constexpr (T == QType::kQ8_0) {
+    signs = load32(blk + 2);
+    qw = _mm256_sign_epi8(signs, signs);
+  }
+  for (int r = 0; r < R; ++r) {
+    const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
+    __m256i xq = load32(x.q);
+    if constexpr (T == QType::kQ8_0) xq = _mm256_sign_epi8(xq, signs);
+    __m256i isum = dot_u8s8(qw, xq);
+    if constexpr (zero != 0) isum = _mm256_add_epi32(isum, lane0(-zero * x.sum));
+    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(isum), acc[r]);
+    if constexpr (T == QType::kQ4_1) offset[r] += fp16_at_f16c(blk + 2) * (x.d * static_cast<float>(x.sum));
+  }
+}
+
+template <QType T, int R>
+LOOMLM_AVX2 void vec_avx2_32(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out) {
+  constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
+  // Two accumulator sets for even and odd blocks: two independent FMA chains when R is small.
+  __m256 acc0[R], acc1[R];
+  float offset[R] = {};  // Q4_1's + m * d_x * sum(q_x)
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= num_blocks; b += 2) {
+    block32_avx2<T, R>(w + b * bytes, xs, b, acc0, offset);
+    block32_avx2<T, R>(w + (b + 1) * bytes, xs, b + 1, acc1, offset);
+  }
+  if (b < num_blocks) block32_avx2<T, R>(w + b * bytes, xs, b, acc0, offset);
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + offset[r];
+}
+
+template <QType T, int R>
+LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out) {
+  constexpr int64_t bytes = T == QType::kQ4_K ? 144 : T == QType::kQ5_K ? 176 : 210;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  float mins[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    __m256i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+    float d, dmin = 0.f;
+    if constexpr (T == QType::kQ6_K) {
+      d = fp16_at_f16c(blk + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      const __m256i m30 = _mm256_set1_epi8(0x30);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i bits1 = load32(blk + 64 * h), bits2 = load32(blk + 64 * h + 32);
+        const __m256i hb = load32(blk + 128 + 32 * h);
+        // Group g (elements 128h + 32g ...): 4 low bits from ql, 2 high bits from qh >> 2g.
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(bits1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+            _mm256_or_si256(_mm256_and_si256(bits2, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), _mm256_and_si256(hb, m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30)),
+        };
+        // 16 elements per scale: the low 128-bit lane takes sc[8h + 2g], the high lane sc[8h + 2g + 1].
+        __m256i scale[4];
+        for (int g = 0; g < 4; ++g) {
+          scale[g] = _mm256_set_m128i(_mm_set1_epi16(sc[8 * h + 2 * g + 1]), _mm_set1_epi16(sc[8 * h + 2 * g]));
+        }
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xq = reinterpret_cast<const XBlock256*>(xs[r])[b].q + 128 * h;
+          for (int g = 0; g < 4; ++g) {
+            const __m256i p = _mm256_maddubs_epi16(q[g], load32(xq + 32 * g));
+            isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, scale[g]));
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const XBlock256& x = reinterpret_cast<const XBlock256*>(xs[r])[b];
+        int32_t corr = 0;  // the -32 zero point: -32 * sum_s sc[s] * bsums[s]
+        for (int s = 0; s < 16; ++s) corr += sc[s] * x.bsums[s];
+        isum[r] = _mm256_add_epi32(isum[r], lane0(-32 * corr));
+      }
+    } else {
+      d = fp16_at_f16c(blk);
+      dmin = fp16_at_f16c(blk + 2);
+      uint8_t sc[8], mn[8];
+      k4_scale_min(blk + 4, sc, mn);
+      const uint8_t* qs = blk + (T == QType::kQ4_K ? 16 : 48);
+      __m256i hbits = _mm256_setzero_si256();
+      if constexpr (T == QType::kQ5_K) hbits = load32(blk + 16);
+      for (int c = 0; c < 4; ++c) {
+        const __m256i bits = load32(qs + 32 * c);
+        __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+        if constexpr (T == QType::kQ5_K) {
+          // Fifth bit of sub-block j = 2c (lo) and 2c + 1 (hi): bit j of qh[i].
+          const __m256i mlo = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
+          const __m256i mhi = _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1)));
+          const __m256i m16 = _mm256_set1_epi8(0x10);
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mlo), mlo), m16));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mhi), mhi), m16));
+        }
+        const __m256i slo = _mm256_set1_epi16(sc[2 * c]), shi = _mm256_set1_epi16(sc[2 * c + 1]);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xq = reinterpret_cast<const XBlock256*>(xs[r])[b].q + 64 * c;
+          const __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32(xq)), slo);
+          const __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load32(xq + 32)), shi);
+          isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(plo, phi));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const XBlock256& x = reinterpret_cast<const XBlock256*>(xs[r])[b];
+        int32_t imin = 0;
+        for (int j = 0; j < 8; ++j) imin += mn[j] * (x.bsums[2 * j] + x.bsums[2 * j + 1]);
+        mins[r] += (dmin * x.d) * static_cast<float>(imin);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float dx = reinterpret_cast<const XBlock256*>(xs[r])[b].d;
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins[r];
+}
+#endif
+
+constexpr int kMaxGroupRows = 4;  // activation rows sharing one read of a weight block
+constexpr int64_t kPanelRows = 16;  // weight rows a task keeps hot while it walks all row groups
+
+enum class Isa { kScalar, kAvx2 };
+
+Isa best_isa() {
+#if LOOMLM_X86
+  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c"))
+                             ? Isa::kAvx2
+                             : Isa::kScalar;
+  return isa;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return best_isa();
+  if (name == "scalar") return Isa::kScalar;
+  if (name == "avx2") {
+    TORCH_CHECK(best_isa() == Isa::kAvx2, "quant_gemm: this CPU has no AVX2+FMA+F16C");
+    return Isa::kAvx2;
+  }
+  TORCH_CHECK(false, "quant_gemm: unknown isa '", name, "' (auto, avx2, scalar)");
+}
+
+template <QType T>
+VecDot pick_for(Isa isa, int rows) {
+#if LOOMLM_X86
+  if (isa == Isa::kAvx2) {
+    if constexpr (is_k_quant(T)) {
+      constexpr VecDot k[] = {vec_avx2_k<T, 1>, vec_avx2_k<T, 2>, vec_avx2_k<T, 3>, vec_avx2_k<T, 4>};
+      return k[rows - 1];
+    } else {
+      constexpr VecDot k[] = {vec_avx2_32<T, 1>, vec_avx2_32<T, 2>, vec_avx2_32<T, 3>, vec_avx2_32<T, 4>};
+      return k[rows - 1];
+    }
+  }
+#endif
+  constexpr VecDot k[] = {vec_scalar<T, 1>, vec_scalar<T, 2>, vec_scalar<T, 3>, vec_scalar<T, 4>};
+  return k[rows - 1];
+}
+
+VecDot pick(QType t, Isa isa, int rows) {
+  switch (t) {
+    case QType::kQ4_0: return pick_for<QType::kQ4_0>(isa, rows);
+    case QType::kQ4_1: return pick_for<QType::kQ4_1>(isa, rows);
+    case QType::kQ5_0: return pick_for<QType::kQ5_0>(isa, rows);
+    case QType::kQ8_0: return pick_for<QType::kQ8_0>(isa, rows);
+    case QType::kQ4_K: return pick_for<QType::kQ4_K>(isa, rows);
+    case QType::kQ5_K: return pick_for<QType::kQ5_K>(isa, rows);
+    case QType::kQ6_K: return pick_for<QType::kQ6_K>(isa, rows);
+  }
+  TORCH_CHECK(false, "quant_gemm: unreachable qtype");
+}
+
+using DequantRow = void (*)(const uint8_t* w, int64_t num_blocks, float* y);
+
+DequantRow pick_dequant(QType t) {
+  switch (t) {
+    case QType::kQ4_0: return dequantize_row<QType::kQ4_0>;
+    case QType::kQ4_1: return dequantize_row<QType::kQ4_1>;
+    case QType::kQ5_0: return dequantize_row<QType::kQ5_0>;
+    case QType::kQ8_0: return dequantize_row<QType::kQ8_0>;
+    case QType::kQ4_K: return dequantize_row<QType::kQ4_K>;
+    case QType::kQ5_K: return dequantize_row<QType::kQ5_K>;
+    case QType::kQ6_K: return dequantize_row<QType::kQ6_K>;
+  }
+  TORCH_CHECK(false, "quant_dequantize: unreachable qtype");
+}
+
+// Checks w against K and returns the number of blocks per row.
+int64_t check_weight(const at::Tensor& w, const QFormat& f, int64_t k, const char* fn) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte, fn, ": w must be a uint8 CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), fn, ": w must be a contiguous [N, row_bytes] tensor");
+  TORCH_CHECK(k > 0 && k % f.block == 0, fn, ": K=", k, " is not a positive multiple of the ", f.name,
+              " block size ", f.block);
+  const int64_t num_blocks = k / f.block;
+  TORCH_CHECK(w.size(1) == num_blocks * f.bytes, fn, ": w has ", w.size(1), " bytes per row, but K=", k, " in ",
+              f.name, " takes ", num_blocks * f.bytes, " (", num_blocks, " blocks of ", f.bytes, " bytes)");
+  return num_blocks;
+}
+
+}  // namespace
+
+// x: [M, K] float32 (rows contiguous), w: [N, row_bytes] uint8 GGUF blocks (row n = output feature n),
+// bias: [N] or None. Returns y [M, N] float32 = x @ dequant(w).T (+ bias), with x quantized to 8 bits
+// per block. isa: "auto" (the CPU's best), "avx2" or "scalar" (tests compare them).
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
+                      const c10::optional<at::Tensor>& bias, const std::string& isa_name) {
+  const QFormat& f = find_format(qtype, "quant_gemm");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "quant_gemm: x must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_gemm: x must be [M, K] with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t num_blocks = check_weight(w, f, K, "quant_gemm");
+  TORCH_CHECK(w.size(0) == n, "quant_gemm: w has ", w.size(0), " rows, but n=", n);
+  const float* bias_ptr = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat, "quant_gemm: bias must be float32 CPU");
+    TORCH_CHECK(bias->numel() == n, "quant_gemm: bias has ", bias->numel(), " elements, expected ", n);
+    bias_c = bias->contiguous();
+    bias_ptr = bias_c.data_ptr<float>();
+  }
+  const Isa isa = parse_isa(isa_name);
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+
+  // Quantize every activation row once.
+  const bool k_quant = is_k_quant(f.type);
+  const int64_t xrow_bytes = num_blocks * static_cast<int64_t>(k_quant ? sizeof(XBlock256) : sizeof(XBlock32));
+  std::vector<uint8_t> xq(static_cast<size_t>(M * xrow_bytes));
+  const float* xp = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint8_t* dst = xq.data() + m * xrow_bytes;
+      if (k_quant) {
+        quantize_row_256(xp + m * ldx, num_blocks, reinterpret_cast<XBlock256*>(dst));
+      } else {
+        quantize_row_32(xp + m * ldx, num_blocks, reinterpret_cast<XBlock32*>(dst));
+      }
+    }
+  });
+
+  VecDot kernels[kMaxGroupRows];
+  for (int r = 0; r < kMaxGroupRows; ++r) kernels[r] = pick(f.type, isa, r + 1);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  float* yp = y.data_ptr<float>();
+  // >= 16 weight rows per task, more when a row is little work (~32K multiply-adds per task).
+  const int64_t grain = std::max<int64_t>(kPanelRows, 32768 / (M * K) + 1);
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    const uint8_t* xs[kMaxGroupRows];
+    float out[kMaxGroupRows];
+    for (int64_t p0 = n0; p0 < n1; p0 += kPanelRows) {
+      const int64_t p1 = std::min(n1, p0 + kPanelRows);
+      for (int64_t m = 0; m < M; m += kMaxGroupRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxGroupRows, M - m));
+        for (int r = 0; r < rows; ++r) xs[r] = xq.data() + (m + r) * xrow_bytes;
+        const VecDot kernel = kernels[rows - 1];
+        for (int64_t j = p0; j < p1; ++j) {
+          kernel(wp + j * row_bytes, xs, num_blocks, out);
+          const float b = bias_ptr ? bias_ptr[j] : 0.f;
+          for (int r = 0; r < rows; ++r) yp[(m + r) * n + j] = out[r] + b;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// w: [N, row_bytes] uint8 GGUF blocks -> [N, k] float32, equal to gguf.quants.dequantize bit for bit.
+at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
+  const QFormat& f = find_format(qtype, "quant_dequantize");
+  const int64_t num_blocks = check_weight(w, f, k, "quant_dequantize");
+  const int64_t N = w.size(0), row_bytes = w.size(1);
+  at::Tensor y = at::empty({N, k}, at::TensorOptions().dtype(at::kFloat));
+  const DequantRow row_fn = pick_dequant(f.type);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / k), [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; ++j) row_fn(wp + j * row_bytes, num_blocks, yp + j * k);
+  });
+  return y;
+}
+
+std::string quant_isa() { return best_isa() == Isa::kAvx2 ? "avx2" : "scalar"; }

@@ -1,0 +1,146 @@
+"""Linear methods: how a linear layer keeps its weight and computes y = x @ w_t (+ bias).
+
+One method is chosen per model at load (`select_linear_method`) and every `Linear` and MoE
+expert uses it, as vLLM's `LinearMethodBase` (`process_weights_after_loading`, `apply`) does
+per quantization config. After loading, `process_weights` turns the plain weight
+`weight_t` [in_features, out_features] into the method's own form (a packed copy), and the
+layer releases the plain storage; `apply` then reads only that form.
+
+Methods (CPU float32 unless noted):
+- "torch": `x @ weight_t`, any device and dtype (the fallback).
+- "mkl_packed": MKL's packed GEMM (packed_gemm.py). Fast on Intel CPUs.
+- "native": our AVX2/FMA kernel on weights packed into 16-column panels
+  (kernels/gemm_cpu.cpp). MKL runs its generic code path on AMD CPUs and reads a large weight
+  several times at decode sizes; the native kernel streams each weight once per step. From
+  `NATIVE_LARGE_M` rows up (prefill) it unpacks panels chunk by chunk into a BLAS GEMM, which is
+  faster there (benchmarks/gemm.py measures both).
+
+"auto" picks "mkl_packed" on Intel CPUs and "native" elsewhere (AMD), each when available,
+else the next one that is. The environment variable LOOMLM_LINEAR_METHOD overrides the choice
+(auto, torch, mkl_packed, native); LOOMLM_PACKED_GEMM=0 means "torch".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+
+from loomlm.layers.kernels import cpu_kernels
+from loomlm.layers.packed_gemm import pack_weight, packed_gemm_available, packed_linear
+
+logger = logging.getLogger(__name__)
+
+# Row count from which the native method hands the product to BLAS (prefill sizes). Measured on
+# an AMD EPYC (Zen 3, AVX2), 2 threads: the panel kernel wins up to about 64 rows.
+NATIVE_LARGE_M = 96
+METHOD_NAMES = ("auto", "torch", "mkl_packed", "native")
+
+
+class LinearMethod:
+    """y = x @ weight_t (+ bias) on the plain weight; the base of the packed methods.
+
+    `process_weights(weight_t [in, out]) -> state`; `apply(state, x [T, in], weight_t, bias [out] | None)
+    -> [T, out]`. `releases_plain`: the layer may drop weight_t's storage after processing.
+    """
+
+    name = "torch"
+    releases_plain = False
+
+    def process_weights(self, weight_t: torch.Tensor) -> Any:
+        return weight_t
+
+    def apply(self, state: Any, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = x @ weight_t
+        return y if bias is None else y + bias
+
+
+class MklPackedLinearMethod(LinearMethod):
+    """MKL's packed GEMM (`cblas_sgemm_pack`): see packed_gemm.py."""
+
+    name = "mkl_packed"
+    releases_plain = True
+
+    def process_weights(self, weight_t: torch.Tensor) -> Any:
+        return pack_weight(weight_t)
+
+    def apply(self, state: Any, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return packed_linear(x, state, weight_t, bias)
+
+
+class NativeLinearMethod(LinearMethod):
+    """Our panel-packed float32 GEMM (kernels/gemm_cpu.cpp), AVX2+FMA or scalar by the CPU's flags.
+
+    `large_m`: from this row count on, BLAS on unpacked chunks (0: the panel kernel at every size).
+    """
+
+    name = "native"
+    releases_plain = True
+
+    def __init__(self, large_m: int = NATIVE_LARGE_M) -> None:
+        kernels = cpu_kernels()
+        if kernels is None:
+            raise RuntimeError("the native CPU kernels are not built (see loomlm.layers.kernels)")
+        self._kernels = kernels
+        self.large_m = large_m
+
+    def process_weights(self, weight_t: torch.Tensor) -> Any:
+        return self._kernels.pack_f32(weight_t.contiguous())  # [ceil(out / 16), in, 16]
+
+    def apply(self, state: Any, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        return self._kernels.gemm_f32(x, state, weight_t.shape[1], bias, large_m=self.large_m)
+
+
+TORCH_METHOD = LinearMethod()
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), "" when unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def select_linear_method(device: torch.device, dtype: torch.dtype, name: str | None = None) -> LinearMethod:
+    """The linear method for a model on `device` in `dtype` (module docstring for the rule).
+
+    `name`: auto | torch | mkl_packed | native; None reads LOOMLM_LINEAR_METHOD (default auto).
+    A named method that cannot run here (not the CPU, not float32, not built) falls back to
+    "auto"'s choice with a warning. Raises ValueError for an unknown name.
+    """
+    if name is None:
+        name = os.environ.get("LOOMLM_LINEAR_METHOD", "auto")
+        if os.environ.get("LOOMLM_PACKED_GEMM", "1") == "0":
+            name = "torch"
+    if name not in METHOD_NAMES:
+        raise ValueError(f"unknown linear method {name!r}; expected one of {', '.join(METHOD_NAMES)}")
+    if name == "torch" or device.type != "cpu" or dtype != torch.float32:
+        return TORCH_METHOD
+    native_ok = cpu_kernels() is not None
+    mkl_ok = packed_gemm_available(device, dtype)
+    if name == "native" and native_ok:
+        return NativeLinearMethod()
+    if name == "mkl_packed" and mkl_ok:
+        return MklPackedLinearMethod()
+    if name != "auto":
+        logger.warning("linear method %r is unavailable here; choosing automatically", name)
+    if cpu_vendor() == "GenuineIntel":
+        order = (("mkl_packed", mkl_ok), ("native", native_ok))
+    else:
+        order = (("native", native_ok), ("mkl_packed", mkl_ok))
+    for method, ok in order:
+        if ok:
+            return NativeLinearMethod() if method == "native" else MklPackedLinearMethod()
+    return TORCH_METHOD
+
