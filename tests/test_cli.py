@@ -29,6 +29,7 @@ def test_serve_help_lists_flags() -> None:
         "--max-num-seqs",
         "--max-num-batched-tokens",
         "--dtype",
+        "--quantization",
     ):
         assert flag in result.stdout
 

@@ -30,6 +30,7 @@ _ENGINE_FLAGS = (
     "tokenizer",
     "tokenizer_revision",
     "trust_remote_code",
+    "quantization",
 )
 
 
@@ -58,6 +59,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-revision", default=None, help="hub revision of the tokenizer (default: --revision)")
     group.add_argument("--trust-remote-code", action="store_true", default=None,
                        help="vLLM's flag, refused: loomlm runs no code from model repos")
+    group.add_argument("--quantization", "-q", default=None, choices=["gguf"],
+                       help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
+                            "quantized kernels (default: dequantize to float at load)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

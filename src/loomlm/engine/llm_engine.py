@@ -17,8 +17,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import torch
+
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
-from loomlm.config import EngineConfig
+from loomlm.config import EngineConfig, ModelConfig
 from loomlm.engine.beam_search_group import BeamSearchGroup
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.detokenizer import IncrementalDetokenizer
@@ -81,7 +83,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's context window ({model_max}).")
         max_len = mc.max_model_len or model_max
         self.model_runner = ModelRunner(mc, config.cache_config, self.hf_config,
-                                        iter_weights(self.source, mc.torch_dtype), max_len)
+                                        model_weights(self.source, mc), max_len)
         capacity = self.model_runner.num_blocks * config.cache_config.block_size
         if capacity < max_len:
             logger.warning("KV cache holds %d tokens < context window %d: capping max_model_len", capacity, max_len)
@@ -520,3 +522,22 @@ def model_context_window(hf_config) -> int:
     if rope_type == "yarn":
         model_max = params.get("original_max_position_embeddings") or model_max
     return int(model_max * float(factor))
+
+
+def model_weights(source, model_config: ModelConfig):
+    """The (HF name, tensor) pairs the model loads: float, or for quantization="gguf" the GGUF
+    file's linear weights as `QuantizedWeight` blocks (kernel-supported types; the rest float).
+
+    Raises ValueError for quantization="gguf" on a checkpoint that is not a GGUF file, or off the CPU.
+    """
+    if model_config.quantization != "gguf":
+        return iter_weights(source, model_config.torch_dtype)
+    if source.format != "gguf":
+        raise ValueError(f"quantization='gguf' needs a GGUF file; {source.name!r} is a {source.format} checkpoint.")
+    if model_config.torch_device.type != "cpu" or model_config.torch_dtype != torch.float32:
+        raise ValueError("quantization='gguf' runs on the CPU in float32 (the native quantized kernels); "
+                         f"got device {model_config.torch_device} and dtype {model_config.torch_dtype}.")
+    from loomlm.layers.linear_method import GGUF_KERNEL_TYPES
+    from loomlm.models import gguf_loader
+
+    return gguf_loader.iter_gguf_weights(source.weights_path, source.hf_config, keep_quantized=GGUF_KERNEL_TYPES)

@@ -23,7 +23,7 @@ from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_con
 from loomlm.layers.linear import Linear
 from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.lora import LoRABatch
-from loomlm.layers.linear_method import select_linear_method
+from loomlm.layers.linear_method import GGUFLinearMethod, select_linear_method
 from loomlm.layers.packed_gemm import return_freed_memory
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
 from loomlm.models.registry import model_class_for
@@ -72,6 +72,8 @@ class ModelRunner:
                 module.cos_cached = module.cos_cached.float()
                 module.sin_cached = module.sin_cached.float()
         self.linear_method = select_linear_method(self.device, self.dtype)
+        if model_config.quantization == "gguf":
+            self.linear_method = GGUFLinearMethod(float_method=self.linear_method)
         if self.linear_method.releases_plain:
             for module in self.model.modules():
                 if isinstance(module, (Linear, SparseMoeBlock)):  # the MoE block processes its experts

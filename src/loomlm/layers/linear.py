@@ -16,7 +16,7 @@ from torch import nn
 
 from loomlm.layers.forward_context import current_lora_batch
 from loomlm.layers.lora import ShardLoRA, SlotLoRA, StackedLoRA, add_lora
-from loomlm.layers.linear_method import TORCH_METHOD, LinearMethod
+from loomlm.layers.linear_method import TORCH_METHOD, GGUFLinearMethod, LinearMethod, QuantizedWeight
 from loomlm.layers.packed_gemm import release_storage
 
 
@@ -45,9 +45,15 @@ class Linear(nn.Module):
         # The linear method and its form of the weight (`process_weights`); plain x @ weight_t until then.
         self.method: LinearMethod = TORCH_METHOD
         self.weight_state = None
+        # Shards loaded as GGML blocks (`QuantizedWeight`); kept as blocks by the "gguf" method.
+        self.quantized_shards: dict[str, QuantizedWeight] = {}
 
-    def load_shard(self, shard: str, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    def load_shard(self, shard: str, weight: torch.Tensor | QuantizedWeight | None = None,
+                   bias: torch.Tensor | None = None) -> None:
         """Copy an HF weight ([out, in], as in nn.Linear) and/or bias ([out]) into shard `shard`.
+
+        A `QuantizedWeight` (GGML blocks of the same logical shape) is kept as is, for the
+        "gguf" linear method; any other method gets it dequantized at `process_weights`.
 
         Raises ValueError on a shape mismatch or an unknown shard.
         """
@@ -56,6 +62,11 @@ class Linear(nn.Module):
         if self.weight_state is not None:
             raise RuntimeError("the weight is packed (and its plain copy released): load shards before process_weights()")
         start, end = self.shard_offsets[shard]
+        if isinstance(weight, QuantizedWeight):
+            if tuple(weight.shape) != (end - start, self.in_features):
+                raise ValueError(f"shard {shard!r}: weight shape {tuple(weight.shape)} != {(end - start, self.in_features)}")
+            self.quantized_shards[shard] = weight
+            weight = None
         if weight is not None:
             if tuple(weight.shape) != (end - start, self.in_features):
                 raise ValueError(f"shard {shard!r}: weight shape {tuple(weight.shape)} != {(end - start, self.in_features)}")
@@ -72,9 +83,27 @@ class Linear(nn.Module):
         its storage (no second copy of the model in memory). Call after the last `load_shard`.
         """
         self.method = method
-        self.weight_state = method.process_weights(self.weight_t.data)
+        if self.quantized_shards and isinstance(method, GGUFLinearMethod) and \
+                set(self.quantized_shards) == set(self.shard_offsets):
+            shards = [(*self.shard_offsets[name], self.quantized_shards[name]) for name in self.shard_offsets]
+            self.weight_state = method.process_quantized(shards)
+        else:
+            self._dequantize_shards()
+            self.weight_state = method.process_weights(self.weight_t.data)
+        self.quantized_shards = {}
         if method.releases_plain:
             self.weight_t.data = release_storage(self.weight_t.data)
+
+    def _dequantize_shards(self) -> None:
+        """Write any GGML-block shards into weight_t as float (a layer the "gguf" method cannot keep whole)."""
+        if not self.quantized_shards:
+            return
+        from loomlm.layers.kernels import cpu_kernels
+
+        for shard, weight in self.quantized_shards.items():
+            start, end = self.shard_offsets[shard]
+            dense = cpu_kernels().quant_dequantize(weight.data, weight.qtype, weight.shape[1])  # [out, in]
+            self.weight_t.data[:, start:end].copy_(dense.t())
 
     def check_lora(self, shard: str, a_t: torch.Tensor, b_t: torch.Tensor) -> None:
         """ValueError unless a_t [in, r] / b_t [r, shard size] fit shard `shard` (which must exist)."""

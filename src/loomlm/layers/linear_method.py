@@ -18,6 +18,10 @@ Methods (CPU float32 unless noted):
 "auto" picks "mkl_packed" on Intel CPUs and "native" elsewhere (AMD), each when available,
 else the next one that is. The environment variable LOOMLM_LINEAR_METHOD overrides the choice
 (auto, torch, mkl_packed, native); LOOMLM_PACKED_GEMM=0 means "torch".
+
+- "gguf" (`GGUFLinearMethod`, `quantization="gguf"`, vLLM's name): layers whose weights came
+  from a GGUF file as `QuantizedWeight` blocks keep them (kernels/quant_cpu.cpp: 8-bit
+  activations, integer dot products per block, as llama.cpp); the others use the float method.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -97,6 +102,83 @@ class NativeLinearMethod(LinearMethod):
 
 
 TORCH_METHOD = LinearMethod()
+
+# GGML types quant_gemm computes on directly (gguf.GGMLQuantizationType values).
+GGUF_KERNEL_TYPES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: a tensor field
+class QuantizedWeight:
+    """A linear weight kept in GGML blocks: `data` uint8 [out_features, row_bytes], row n = output n.
+
+    `qtype`: the GGML type id (a key of GGUF_KERNEL_TYPES); `shape`: the logical (out, in), as
+    the float weight's HF layout would be.
+    """
+
+    data: torch.Tensor
+    qtype: int
+    shape: tuple[int, int]
+
+    def split(self, sizes: list[int], dim: int = 0) -> tuple[QuantizedWeight, ...]:
+        """Split along the output rows (a fused checkpoint tensor into its shards), as Tensor.split."""
+        if dim != 0:
+            raise ValueError("GGML blocks split along the output rows only")
+        parts = self.data.split(sizes, dim=0)
+        return tuple(QuantizedWeight(part, self.qtype, (part.shape[0], self.shape[1])) for part in parts)
+
+
+@dataclass(frozen=True, eq=False)
+class _QuantGroup:
+    start: int  # first output column of the group
+    end: int
+    data: torch.Tensor  # uint8 [end - start, row_bytes]
+    qtype: int
+
+
+class GGUFLinearMethod(LinearMethod):
+    """GGUF blocks where a layer has them (`QuantizedWeight` shards), `float_method` elsewhere.
+
+    Adjacent shards of one type (q, k and v of one GGML type) are joined into one block matrix
+    at load, so a fused layer is one kernel call; shards of different types (Q5_0 q and k,
+    Q8_0 v in Gemma 3's Q4_K_M file) run one call each into their columns.
+    """
+
+    name = "gguf"
+    releases_plain = True
+
+    def __init__(self, float_method: LinearMethod) -> None:
+        kernels = cpu_kernels()
+        if kernels is None:
+            raise RuntimeError("quantization='gguf' needs the native CPU kernels (see loomlm.layers.kernels)")
+        self._kernels = kernels
+        self.float_method = float_method
+
+    def process_weights(self, weight_t: torch.Tensor) -> Any:
+        return ("float", self.float_method.process_weights(weight_t))
+
+    def process_quantized(self, shards: list[tuple[int, int, QuantizedWeight]]) -> Any:
+        """shards: (start column, end column, weight) in column order, covering the whole output."""
+        groups: list[_QuantGroup] = []
+        for start, end, weight in shards:
+            last = groups[-1] if groups else None
+            if last is not None and last.qtype == weight.qtype and last.end == start:
+                groups[-1] = _QuantGroup(last.start, end, torch.cat([last.data, weight.data]), weight.qtype)
+            else:
+                groups.append(_QuantGroup(start, end, weight.data.contiguous(), weight.qtype))
+        return ("gguf", groups)
+
+    def apply(self, state: Any, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kind, inner = state
+        if kind == "float":
+            return self.float_method.apply(inner, x, weight_t, bias)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        gemm = self._kernels.quant_gemm
+        if len(inner) == 1:
+            group = inner[0]
+            return gemm(x, group.data, group.qtype, group.end - group.start, bias)
+        y = torch.cat([gemm(x, g.data, g.qtype, g.end - g.start) for g in inner], dim=1)
+        return y if bias is None else y + bias
 
 
 @functools.cache

@@ -63,6 +63,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from loomlm.layers.linear_method import QuantizedWeight
+
 # Bump when what is written into a cache entry changes, so stale entries are ignored.
 CACHE_FORMAT_VERSION = 1
 CACHE_DIR_ENV = "LOOMLM_CACHE_DIR"
@@ -200,6 +202,11 @@ class GGUFFile:
             if info.name == name:
                 return info
         raise ValueError(f"{self.path} has no tensor {name!r}.")
+
+    def read_raw_rows(self, info: GGUFTensorInfo) -> np.ndarray:
+        """A 2-D tensor's stored bytes as uint8 [rows, row_bytes] (a new array: row n = output feature n)."""
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+        return np.array(raw.reshape(info.shape[0], -1))
 
     def read_tensor(self, info: GGUFTensorInfo) -> np.ndarray:
         """The tensor dequantized to float32: a new, writable, C-contiguous array of ``info.shape``.
@@ -713,7 +720,24 @@ def gguf_to_hf_names(gguf_arch: str, hf_names: Collection[str], num_layers: int)
     return names
 
 
-def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _row_permutation(arch: GGUFArchitecture, gguf_name: str, rows: int, config: PretrainedConfig) -> np.ndarray | None:
+    """The output-row order the architecture's transform gives a [rows, in] tensor (None: not a row reorder).
+
+    The transform is run on a column of row indices: a reorder of whole rows (Llama's Q/K
+    un-permutation) comes back as a permutation; anything else (GPT-2's transposes, Gemma's
+    norm offset) does not, and that tensor is dequantized instead.
+    """
+    index = np.arange(rows, dtype=np.float32)[:, None]
+    if arch.transform is None:
+        return np.arange(rows)
+    out = arch.transform(gguf_name, index.copy(), config)
+    if out.shape != (rows, 1) or not np.array_equal(np.sort(out[:, 0]), index[:, 0]):
+        return None
+    return out[:, 0].astype(np.int64)
+
+
+def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
+                      keep_quantized: Collection[int] = ()) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Dequantize every tensor of a GGUF file into float32, in HF names and layouts.
 
     Applies the architecture's ``transform`` (Llama Q/K un-permutation, Gemma norm
@@ -724,6 +748,9 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig) -> Iterator[tup
         ``[num_kv_heads * head_dim, hidden]`` float32, or for Qwen3-MoE
         ``model.layers.0.mlp.experts.5.down_proj.weight`` ``[hidden, moe_intermediate]``.
         No ``lm_head.weight`` when the embeddings are tied (the file has no ``output.weight``).
+        With ``keep_quantized`` (GGML type ids), a linear layer's weight (``*proj.weight``,
+        ``lm_head.weight``) stored in one of those types comes as a ``QuantizedWeight``: its
+        blocks as stored, rows in HF order, for the "gguf" linear method.
 
     Raises:
         ValueError: unreadable file or unsupported architecture; a tensor no HF
@@ -738,6 +765,25 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig) -> Iterator[tup
     for info in gguf_file.tensors:
         if info.name in arch.config_tensors:
             continue
+        hf_name = names.get(info.name)
+        if (int(info.ggml_type) in keep_quantized and len(info.shape) == 2 and hf_name is not None
+                and hf_name.endswith(("proj.weight", "lm_head.weight"))):
+            order = _row_permutation(arch, info.name, info.shape[0], config)
+            if order is not None:
+                shape = expected.pop(hf_name, None)
+                if shape is None or tuple(info.shape) != tuple(shape):
+                    raise ValueError(f"GGUF tensor {info.name!r} gives {hf_name!r} the shape {list(info.shape)}; "
+                                     f"the file's metadata implies {list(shape) if shape else 'no such tensor'}.")
+                rows = gguf_file.read_raw_rows(info)[order]
+                yield hf_name, QuantizedWeight(torch.from_numpy(np.ascontiguousarray(rows)), int(info.ggml_type),
+                                               (int(info.shape[0]), int(info.shape[1])))
+                continue
+        if (hf_name == "model.embed_tokens.weight" and int(info.ggml_type) in keep_quantized
+                and getattr(config, "tie_word_embeddings", False)
+                and np.array_equal(_row_permutation(arch, info.name, info.shape[0], config), np.arange(info.shape[0]))):
+            # Tied embeddings: the lookup needs float rows, but the LM head can read the blocks.
+            yield "lm_head.weight", QuantizedWeight(torch.from_numpy(gguf_file.read_raw_rows(info)),
+                                                    int(info.ggml_type), (int(info.shape[0]), int(info.shape[1])))
         array = gguf_file.read_tensor(info)
         if arch.transform is not None:
             array = arch.transform(info.name, array, config)

@@ -21,6 +21,7 @@ from loomlm.layers.activation import gelu_tanh_and_mul, silu_and_mul
 from loomlm.layers.attention import PagedAttention
 from loomlm.layers.forward_context import current_forward_batch
 from loomlm.layers.linear import Linear
+from loomlm.layers.linear_method import QuantizedWeight
 from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.norm import RMSNorm
 from loomlm.layers.rotary import RotaryEmbedding, apply_rotary_
@@ -222,8 +223,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             key = name.removeprefix("model.")
             if name == "lm_head.weight":
-                if self.tie_word_embeddings:
-                    continue  # tied: some checkpoints still carry a copy
+                if self.tie_word_embeddings and not isinstance(tensor, QuantizedWeight):
+                    continue  # tied: some checkpoints still carry a copy (GGML blocks of the tied table are used)
                 self.lm_head.load_shard("lm_head", weight=tensor)
                 loaded.add("lm_head")
                 continue
@@ -238,7 +239,7 @@ class LlamaForCausalLM(nn.Module):
                 tensor = tensor.float() + self.spec.norm_weight_offset  # Gemma's (1 + w), as it computes it
             default_weight_loader(params[key], tensor, name)
             loaded.add(key)
-        if self.tie_word_embeddings and "embed_tokens.weight" in loaded:
+        if self.tie_word_embeddings and "embed_tokens.weight" in loaded and "lm_head" not in loaded:
             self.lm_head.load_shard("lm_head", weight=self.embed_tokens.weight.data)
             loaded.add("lm_head")
         for i, layer in enumerate(self.layers):

@@ -81,22 +81,28 @@ void tile_scalar(const float* x, int64_t ldx, int rows, const float* w, int64_t 
 #if LOOMLM_X86
 // R rows x 16 columns. With few rows the FMA chains are too short to hide FMA latency (4 cycles,
 // 2 per cycle: 8 independent chains needed), so U groups of accumulators take interleaved k's and
-// are summed at the end: R * 2 * U <= 12 registers.
+// are summed at the end: R * 2 * U <= 12 registers. The loops over r and u are unrolled before
+// GCC's scalar replacement runs (the pragmas), so the accumulator arrays live in registers; left
+// to itself GCC kept a copy of every accumulator on the stack, stored each iteration (3x slower).
 template <int R, int U>
 __attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, const float* w, int64_t K, float* y,
                                                    int64_t ldy, int64_t cols, const float* bias) {
   __m256 acc0[U][R], acc1[U][R];
+#pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       acc0[u][r] = _mm256_setzero_ps();
       acc1[u][r] = _mm256_setzero_ps();
     }
   }
-  int64_t k = 0;
-  for (; k + U <= K; k += U) {
+  const int64_t k_main = K - K % U;
+  for (int64_t k = 0; k < k_main; k += U) {
+#pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       const __m256 w0 = _mm256_loadu_ps(w + (k + u) * kPanel);
       const __m256 w1 = _mm256_loadu_ps(w + (k + u) * kPanel + 8);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k + u);
         acc0[u][r] = _mm256_fmadd_ps(xv, w0, acc0[u][r]);
@@ -104,16 +110,19 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, 
       }
     }
   }
-  for (; k < K; ++k) {
+  for (int64_t k = k_main; k < K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(w + k * kPanel);
     const __m256 w1 = _mm256_loadu_ps(w + k * kPanel + 8);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k);
       acc0[0][r] = _mm256_fmadd_ps(xv, w0, acc0[0][r]);
       acc1[0][r] = _mm256_fmadd_ps(xv, w1, acc1[0][r]);
     }
   }
+#pragma GCC unroll 8
   for (int u = 1; u < U; ++u) {
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       acc0[0][r] = _mm256_add_ps(acc0[0][r], acc0[u][r]);
       acc1[0][r] = _mm256_add_ps(acc1[0][r], acc1[u][r]);
@@ -125,6 +134,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, 
       b0 = _mm256_loadu_ps(bias);
       b1 = _mm256_loadu_ps(bias + 8);
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm256_storeu_ps(y + r * ldy, _mm256_add_ps(acc0[0][r], b0));
       _mm256_storeu_ps(y + r * ldy + 8, _mm256_add_ps(acc1[0][r], b1));
@@ -132,6 +142,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, 
     return;
   }
   alignas(32) float tile[kPanel];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     _mm256_store_ps(tile, acc0[0][r]);
     _mm256_store_ps(tile + 8, acc1[0][r]);
