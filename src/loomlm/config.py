@@ -15,6 +15,10 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# Values of ModelConfig.quantization (vLLM's engine arg of that name).
+QUANTIZATION_METHODS = (None, "gguf")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to run and how.
@@ -33,6 +37,10 @@ class ModelConfig:
         device: "cpu", "cuda", or "auto" (cuda when available).
         max_logprobs: most `logprobs` / `prompt_logprobs` alternatives a request may ask for
             (vLLM's engine arg; OpenAI's own limit for top_logprobs is 20).
+        quantization: vLLM's engine arg. None: weights in float (a GGUF file is dequantized at
+            load); "gguf": a GGUF file's linear weights stay in their GGML blocks (Q4_0, Q4_1,
+            Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) and run on the native quantized kernels (CPU, float32
+            activations); other types and the embedding table are dequantized.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -46,8 +54,12 @@ class ModelConfig:
     served_model_name: str | None = None
     device: str = "auto"
     max_logprobs: int = 20
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATION_METHODS))}, "
+                             f"got {self.quantization!r}.")
         if self.trust_remote_code:
             raise ValueError(
                 "loomlm runs no remote code: each supported architecture is implemented in loomlm "
