@@ -98,6 +98,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> None:
           f"moe_intermediate {args.moe_intermediate}, top-{args.top_k}, vocab {vocab}")
     max_c = max(args.concurrency)
     llm = LLM(str(model_dir), max_num_seqs=max(max_c, 1), max_num_batched_tokens=max(512, max_c))
+    print(f"loomlm linear method: {llm.llm_engine.model_runner.linear_method.name}")
     reference = None
     if not args.skip_transformers:
         kwargs = {} if args.hf_experts is None else {"experts_implementation": args.hf_experts}

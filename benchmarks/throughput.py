@@ -6,7 +6,7 @@ ratio loomlm / transformers. Each is run `--rounds` times, alternating, and the
 best round of each counts: this machine's speed drifts by up to 2x within an
 hour, and alternating keeps one system from getting all the fast minutes.
 Run: `.venv/bin/python benchmarks/throughput.py` (options: --concurrency 1 8 32
---prompt-len 128 --gen-len 128 --rounds 2 --model ALIAS_OR_PATH).
+--prompt-len 128 --gen-len 128 --rounds 2 --model ALIAS_OR_PATH --quantization gguf).
 """
 
 from __future__ import annotations
@@ -92,13 +92,17 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the best counts")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--quantization", default=None, choices=["gguf"],
+                        help="run loomlm on the GGUF file's quantized blocks (transformers stays float32)")
     args = parser.parse_args()
     print_machine()
 
     from loomlm import LLM
 
     max_c = max(args.concurrency)
-    llm = LLM(args.model, max_num_seqs=max(max_c, 1), max_num_batched_tokens=max(512, max_c))
+    llm = LLM(args.model, max_num_seqs=max(max_c, 1), max_num_batched_tokens=max(512, max_c),
+              quantization=args.quantization)
+    print(f"loomlm linear method: {llm.llm_engine.model_runner.linear_method.name}")
     vocab = llm.llm_engine.hf_config.vocab_size
     reference = None if args.skip_transformers else load_reference(args.model)
     compare(llm, reference, vocab, args)

@@ -12,10 +12,16 @@ from loomlm.engine.scheduler import Scheduler
 from loomlm.sampling_params import SamplingParams
 
 
-def make_request(rid: str, prompt_len: int, max_tokens: int, stop_token: int | None = None) -> Request:
+def make_request(rid: str, prompt_len: int, max_tokens: int, stop_token: int | None = None,
+                 first_token_id: int = 0) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                             stop_token_ids=[stop_token] if stop_token is not None else None)
-    return Request(rid, list(range(prompt_len)), params, max_tokens, detokenizer=None)
+    prompt = list(range(first_token_id, first_token_id + prompt_len))
+    return Request(rid, prompt, params, max_tokens, detokenizer=None)
+
+
+def scheduled(out) -> list[tuple[str, int]]:
+    return [(it.request.request_id, it.num_new_tokens) for it in out.scheduled]
 
 
 def check_step(sched: Scheduler, out) -> None:
@@ -111,3 +117,72 @@ def test_random_mix_of_finish_abort_preempt_leaks_nothing():
                     assert r.output_token_ids[-1] == 3 and 3 not in r.output_token_ids[:-1]
                 else:
                     assert r.num_output_tokens == r.max_tokens
+
+
+def test_decodes_first_then_the_oldest_prefill_chunks():
+    cfg = SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=8, long_prefill_token_threshold=4)
+    sched = Scheduler(cfg, BlockManager(64, 4, enable_caching=False))
+    sched.add_request(make_request("A", 20, 4))  # a long prompt, 4 tokens a step
+    sched.add_request(make_request("B", 2, 4))
+    out = sched.schedule()
+    assert scheduled(out) == [("A", 4), ("B", 2)]
+    sched.update_from_output(out, {"B": 7})  # B decodes from now on; A is still prefilling
+    for rid in ("C", "D", "E"):
+        sched.add_request(make_request(rid, 6, 4))
+    out = sched.schedule()
+    check_step(sched, out)
+    # B's decode token, then the budget left (9) to prefill chunks, oldest first: A (running),
+    # C (first waiting), then the single token left to D; E waits.
+    assert scheduled(out) == [("B", 1), ("A", 4), ("C", 4), ("D", 1)]
+    assert [r.request_id for r in sched.waiting] == ["E"]
+
+
+def test_an_older_prefill_preempts_a_later_decode_scheduled_before_it():
+    cfg = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4, long_prefill_token_threshold=4)
+    sched = Scheduler(cfg, BlockManager(4, 4, enable_caching=False))
+    a, b = make_request("A", 12, 2), make_request("B", 3, 8)
+    sched.add_request(a)
+    sched.add_request(b)
+    for _ in range(2):  # A prefills 8 of its 12 prompt tokens (2 blocks), B decodes (2 blocks)
+        out = sched.schedule()
+        check_step(sched, out)
+        sched.update_from_output(out, {it.request.request_id: 7 for it in out.scheduled if it.samples_token})
+    # B's decode is scheduled first and takes the last free block; A's chunk needs one more, so
+    # B, the latest arrival, is preempted: its decode is undone and its blocks go to A.
+    out = sched.schedule()
+    check_step(sched, out)
+    assert scheduled(out) == [("A", 4)]
+    assert out.total_num_scheduled_tokens == 4
+    assert out.preempted_request_ids == ["B"]
+    assert list(sched.waiting) == [b] and b.num_computed_tokens == 0 and b.output_token_ids == [7, 7]
+
+
+def test_default_config_admits_a_burst_of_128_and_prefills_it_in_arrival_order():
+    cfg = SchedulerConfig()  # the defaults, as `loomlm serve` runs them
+    budget = cfg.max_num_batched_tokens
+    sched = Scheduler(cfg, BlockManager(128 * 256 // 16, 16))  # room for 128 requests of 128 + 128 tokens
+    requests = [make_request(f"r{i}", 128, 128, first_token_id=128 * i) for i in range(128)]
+    for r in requests:
+        sched.add_request(r)
+    first_token_step: dict[str, int] = {}
+    max_running, step = 0, 0
+    while len(first_token_step) < len(requests):
+        num_decodes = sum(r.num_tokens - r.num_computed_tokens == 1 for r in sched.running)
+        num_prompt_left = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in requests)
+        out = sched.schedule()
+        check_step(sched, out)
+        # Work-conserving: every running request decodes, and the rest of the budget prefills.
+        assert out.total_num_scheduled_tokens == min(budget, num_decodes + num_prompt_left)
+        max_running = max(max_running, len(sched.running))
+        sampled = {it.request.request_id: 7 for it in out.scheduled if it.samples_token}
+        sched.update_from_output(out, sampled)
+        for rid in sampled:
+            first_token_step.setdefault(rid, step)
+        step += 1
+    assert max_running == 128 and not sched.waiting
+    assert sched.num_preemptions == 0
+    steps = [first_token_step[r.request_id] for r in requests]
+    assert steps == sorted(steps), "first tokens must come in arrival order"
+    assert steps[0] == 0
+    # Every request streams before the first one finishes (no second wave waiting for slots).
+    assert not any(r.is_finished for r in requests)

@@ -149,13 +149,15 @@ class SchedulerConfig:
 
     Attributes:
         max_num_batched_tokens: token budget of one step (prefill chunks + decode tokens).
-        max_num_seqs: most requests in the running batch.
+        max_num_seqs: most requests in the running batch. 128 is vLLM's default for `vllm serve` on
+            CPU: a burst of 128 streams is admitted and prefilled in arrival order at once, instead of
+            its second half waiting for free slots until the first half has finished (TTFT).
         long_prefill_token_threshold: most prompt tokens one request may prefill in a step
             (0: up to the whole budget), so a long prompt does not starve decodes.
     """
 
     max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:

@@ -1,14 +1,18 @@
 """Continuous batching with chunked prefill and preemption by recompute.
 
-Each step gets a token budget (`max_num_batched_tokens`). Running requests are
-served first, in arrival order: one token for a decoding request, the next
-prompt chunk for one still prefilling. When the KV pool cannot hold a running
-request's next tokens, the most recently arrived running request is preempted:
-its blocks are freed and it goes back to the front of the waiting queue with
-`num_computed_tokens = 0`, to be recomputed later (prompt + tokens generated so
-far); nothing it generated is lost. Then waiting requests are admitted in FCFS
-order while budget, sequence slots and blocks last. Follows vLLM v1's
-scheduler (`vllm/v1/core/sched/scheduler.py`), without its phases.
+Each step gets a token budget (`max_num_batched_tokens`). Decode tokens come first: one for
+every running request past its prompt, in arrival order, so a long prompt never stalls the
+streams already generating. Then prefill chunks, oldest request first: running requests still
+prefilling (or recomputing), then waiting requests admitted in FCFS order while budget,
+sequence slots (`max_num_seqs`) and blocks last. A burst is thus prefilled in arrival order,
+and its first requests stream while later prompts are still being prefilled.
+
+When the KV pool cannot hold a request's next tokens, the most recently arrived running
+request is preempted (a decode already scheduled this step is undone; it may be the request
+itself): its blocks are freed and it goes back to the front of the waiting queue with
+`num_computed_tokens = 0`, to be recomputed later (prompt + tokens generated so far); nothing
+it generated is lost. Follows vLLM v1's scheduler (`vllm/v1/core/sched/scheduler.py`),
+without its phases.
 """
 
 from __future__ import annotations
@@ -101,18 +105,26 @@ class Scheduler:
         bm = self.block_manager
         now = time.time()
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        # Decodes first, then prefill chunks; the stable sort keeps arrival order within each.
+        scheduled: dict[str, ScheduledRequest] = {}
+        copies: dict[str, tuple[int, int]] = {}
+        for request in sorted(self.running, key=_is_prefilling):
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
             num_new = self._chunk(request, budget)
             if num_new == 0:
                 # Nothing to compute: a beam that already gave its candidates waits for the
                 # other beams of its group to choose its next token.
-                i += 1
                 continue
             target = request.num_computed_tokens + num_new
             while not bm.can_allocate(request.request_id, target, request.num_computed_tokens):
                 victim = self.running.pop()  # the latest arrival loses its blocks first
+                # A later decode scheduled before this older prefill chunk gives its tokens back.
+                if (undone := scheduled.pop(victim.request_id, None)) is not None:
+                    budget += undone.num_new_tokens
+                    copies.pop(victim.request_id, None)
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
                 if victim is request:
@@ -120,13 +132,12 @@ class Scheduler:
             else:
                 copy = bm.copy_on_write(request.request_id, request.num_computed_tokens)
                 if copy is not None:
-                    out.blocks_to_copy.append(copy)
+                    copies[request.request_id] = copy
                 bm.allocate(request.request_id, target)
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                scheduled[request.request_id] = ScheduledRequest(request, num_new)
                 budget -= num_new
-                i += 1
-                continue
-            break  # the request itself was preempted: it was the last running one
+        out.scheduled = list(scheduled.values())
+        out.blocks_to_copy = list(copies.values())
 
         # Admit waiting requests only if nobody was preempted this step (the pool is tight),
         # in arrival order, passing over those whose grammar is still compiling or whose
@@ -245,6 +256,12 @@ class Scheduler:
     def abort(self, request: Request) -> None:
         if not request.is_finished:
             self.finish(request, RequestStatus.FINISHED_ABORTED)
+
+
+def _is_prefilling(request: Request) -> bool:
+    """True while the request has more than one token to compute: a prompt (or, after a
+    preemption, prompt + output) chunk rather than a single decode token."""
+    return request.num_tokens - request.num_computed_tokens > 1
 
 
 def _cache_extra(request: Request) -> str | None:
