@@ -78,3 +78,29 @@ def test_torch_fallbacks_match_native():
     apply_rotary_(a, cos.double(), sin.double(), 2, 16)
     apply_rotary_(b, cos, sin, 2, 16)
     torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_argmax_rows_matches_torch_argmax():
+    """The native argmax gives torch.argmax's answer: the first maximum on ties, the first NaN of a
+    row holding one, index 0 for an all -inf row, on strided rows and at vocabulary sizes that are
+    not a multiple of the vector width."""
+    from loomlm.layers.sampler import argmax_rows
+
+    gen = _gen(7)
+    for vocab in (1, 5, 63, 64, 65, 1000, 49152):
+        x = torch.randn(9, vocab, generator=gen)
+        x[1] = 0.0  # all tied: index 0
+        x[2, vocab // 2:] = 3.0  # tie between later positions: the first
+        x[3, vocab - 1] = float("nan")
+        x[4, :] = float("-inf")
+        x[5, vocab // 3] = float("nan")
+        x[5, 0] = float("inf")
+        x[6, vocab - 1] = float("inf")
+        x[7] = x[7].round()  # many ties at the max
+        torch.testing.assert_close(cpu_kernels().argmax_rows(x), x.argmax(dim=-1), rtol=0, atol=0)
+        torch.testing.assert_close(argmax_rows(x), x.argmax(dim=-1), rtol=0, atol=0)
+    wide = torch.randn(4, 300, generator=gen)
+    strided = wide[:, :257]  # rows 300 apart
+    torch.testing.assert_close(argmax_rows(strided), strided.argmax(dim=-1), rtol=0, atol=0)
+    column_major = wide.t()  # last dim not contiguous: the torch path
+    torch.testing.assert_close(argmax_rows(column_major), column_major.argmax(dim=-1), rtol=0, atol=0)

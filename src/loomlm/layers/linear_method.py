@@ -11,9 +11,9 @@ Methods (CPU float32 unless noted):
 - "mkl_packed": MKL's packed GEMM (packed_gemm.py). Fast on Intel CPUs.
 - "native": our AVX2/FMA kernel on weights packed into 16-column panels
   (kernels/gemm_cpu.cpp). MKL runs its generic code path on AMD CPUs and reads a large weight
-  several times at decode sizes; the native kernel streams each weight once per step. From
-  `NATIVE_LARGE_M` rows up (prefill) it unpacks panels chunk by chunk into a BLAS GEMM, which is
-  faster there (benchmarks/gemm.py measures both).
+  several times at decode sizes; the native kernel streams each weight once per step, and with
+  2 threads it also beats BLAS on prefill chunks. From `NATIVE_LARGE_M` rows up it unpacks
+  panels chunk by chunk into a BLAS GEMM (benchmarks/gemm.py measures both).
 
 "auto" picks "mkl_packed" on Intel CPUs and "native" elsewhere (AMD), each when available,
 else the next one that is. The environment variable LOOMLM_LINEAR_METHOD overrides the choice
@@ -39,9 +39,12 @@ from loomlm.layers.packed_gemm import pack_weight, packed_gemm_available, packed
 
 logger = logging.getLogger(__name__)
 
-# Row count from which the native method hands the product to BLAS (prefill sizes). Measured on
-# an AMD EPYC (Zen 3, AVX2), 2 threads: the panel kernel wins up to about 64 rows.
-NATIVE_LARGE_M = 96
+# Row count from which the native method hands the product to BLAS. Measured on an AMD EPYC
+# (Zen 3, AVX2), 2 threads, since the micro-kernel keeps its accumulators in registers: the panel
+# kernel beats the unpacked-BLAS path 1.1-2.7x from 96 to 1024 rows (e.g. [512] -> [1536] at 128
+# rows, an MoE expert in a 512-token prefill chunk: 117 vs 76 GFLOP/s; [2048] -> [8192] at 512:
+# 121 vs 97) and ties it at 2048 (benchmarks/gemm.py prints both per shape).
+NATIVE_LARGE_M = 2048
 METHOD_NAMES = ("auto", "torch", "mkl_packed", "native")
 
 

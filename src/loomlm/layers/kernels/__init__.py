@@ -4,8 +4,8 @@
 compiler, no ninja, `LOOMLM_NATIVE_KERNELS=0`): callers then use the pure
 PyTorch path, which computes the same thing. The module holds:
 - `paged_decode_attention` (paged_decode_cpu.cpp), the "cpu_native" decode backend;
-- `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_` (fused_ops_cpu.cpp),
-  reached through `loomlm.layers.fused_ops`.
+- `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `argmax_rows` (fused_ops_cpu.cpp),
+  reached through layers/norm.py, activation.py, rotary.py and sampler.py;
 - `pack_f32`, `gemm_f32`, `gemm_isa` (gemm_cpu.cpp): float32 GEMM on panel-packed weights,
   the "native" linear method (layers/linear_method.py);
 - `quant_gemm`, `quant_dequantize`, `quant_isa` (quant_cpu.cpp): GEMM/GEMV on GGUF-quantized
@@ -30,7 +30,10 @@ logger = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 _SOURCES = ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp", "quant_cpu.cpp")
 _HEADERS = ("vec_math.h",)
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -fno-trapping-math: lets GCC turn the branches of vec_math.h's exp/sigmoid (clamps, sign
+# selects) into blends, so the loops that call them vectorize; without it they ran scalar
+# (silu_and_mul 9 ns per element). Results are unchanged: no FP exception is ever inspected.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 
 
 @functools.cache

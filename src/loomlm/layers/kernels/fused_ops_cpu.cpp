@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "vec_math.h"
 
@@ -126,4 +127,45 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_
       }
     }
   });
+}
+
+// x: [R, V] float32 (rows contiguous) -> int64 [R]: each row's argmax as torch.argmax gives it
+// (the first maximal index; a row holding NaN gives its first NaN). ATen's CPU argmax is a scalar
+// loop (2 ms for 32 rows of a 49152-token vocabulary on an AMD EPYC); here one vectorized pass
+// finds the max (and whether a NaN is present), a second the first index holding it.
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_rows(x, "argmax_rows x");
+  const int64_t V = x.size(1);
+  TORCH_CHECK(V > 0, "argmax_rows: empty rows");
+  auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t xs = x.stride(0);
+  constexpr int64_t kChunk = 64;
+  at::parallel_for(0, x.size(0), rows_per_task(V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict row = xp + r * xs;
+      float m = -std::numeric_limits<float>::infinity();
+      int has_nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : has_nan)
+      for (int64_t i = 0; i < V; ++i) {
+        m = row[i] > m ? row[i] : m;
+        has_nan |= row[i] != row[i];
+      }
+      int64_t index = 0;
+      for (int64_t i0 = 0; i0 < V; i0 += kChunk) {
+        const int64_t i1 = std::min(V, i0 + kChunk);
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t i = i0; i < i1; ++i) hit |= has_nan ? row[i] != row[i] : row[i] == m;
+        if (!hit) continue;
+        for (index = i0; index < i1; ++index) {
+          if (has_nan ? row[index] != row[index] : row[index] == m) break;
+        }
+        break;
+      }
+      op[r] = index;
+    }
+  });
+  return out;
 }

@@ -277,6 +277,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps);
 at::Tensor silu_and_mul(const at::Tensor& gate_up);
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t head_dim);
+at::Tensor argmax_rows(const at::Tensor& x);
 // gemm_cpu.cpp
 at::Tensor pack_f32(const at::Tensor& weight_t);
 at::Tensor gemm_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const c10::optional<at::Tensor>& bias,
@@ -297,6 +298,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = rms_norm(residual), in place (CPU, float32)", no_gil);
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused gate+up projection (CPU, float32)", no_gil);
   m.def("rotary_", &rotary_, "rotate-half RoPE in place on the leading heads of each row (CPU, float32)", no_gil);
+  m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) of [R, V] rows (CPU, float32)", no_gil);
   m.def("pack_f32", &pack_f32, "pack a [K, N] weight into [ceil(N/16), K, 16] panels (CPU, float32)", no_gil);
   m.def("gemm_f32", &gemm_f32, "x [M, K] @ packed weight (+ bias) -> [M, N] (CPU, float32)", pybind11::arg("x"),
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
