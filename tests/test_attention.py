@@ -70,7 +70,7 @@ def make_meta(backend, tables, lens, kvh, num_pool_blocks, bs, d):
 
 
 @pytest.mark.parametrize("backend", sorted(DECODE_BACKENDS))
-@pytest.mark.parametrize("kvh,group,d", [(3, 3, 64), (2, 1, 16), (1, 4, 128), (2, 2, 24)])
+@pytest.mark.parametrize("kvh,group,d", [(3, 3, 64), (2, 1, 16), (1, 4, 128), (2, 2, 24), (1, 2, 256)])
 @pytest.mark.parametrize("bs,q_scale", [(4, 1.0), (16, 1.0), (2, 1.0), (8, 30.0)])
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (5, 2.0), (8, None)])
 def test_decode_backends_match_reference(backend, kvh, group, d, bs, q_scale, window, soft_cap):
