@@ -161,6 +161,35 @@ def test_avx2_and_scalar_agree(qtype):
         assert np.array_equal(_gemm(x, w, qtype, isa="auto"), avx2)  # auto picks AVX2 here
 
 
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_two_activation_planes_within_the_residual_bound(qtype):
+    """activation_planes=2: x ~ d1 q1 + d2 q2 (q2 the residual's 8-bit code), so each element is at
+    most d2 / 2 <= d1 / 254 off: the one-plane bound / 254, plus fp32 rounding. Both ISAs, bias
+    added once, and AVX2 and scalar agree."""
+    gen = torch.Generator().manual_seed(200 + int(qtype))
+    block = GGML_QUANT_SIZES[qtype][0]
+    for m, n, k in [(1, 33, 2 * block), (3, 7, 2304), (6, 17, block)]:  # m = 6: plane pairs across row groups
+        w = _weights(qtype, n, k, seed=m + n + k)
+        x = torch.randn(m, k, generator=gen) * 3
+        bias = torch.randn(n, generator=gen)
+        x64 = x.numpy().astype(np.float64)
+        w64 = gguf.quants.dequantize(w, qtype).astype(np.float64)
+        dx = _act_scale(x64, qtype)
+        rounding = 2 * RFLOAT * ((np.abs(x64) + dx) @ (np.abs(w64) + np.abs(_offsets(w, qtype))).T + np.abs(
+            bias.numpy())) + 1e-30
+        bound = 0.5 * (1 + 1e-4) * (dx @ np.abs(w64).T) / 254 + rounding
+        outs = {}
+        for isa in _ISAS:
+            got = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, isa,
+                                           activation_planes=2).numpy().astype(np.float64)
+            assert np.all(np.abs(got - (x64 @ w64.T + bias.numpy())) <= bound), f"{qtype.name} {isa} m={m}"
+            outs[isa] = got
+        if "avx2" in outs:
+            assert np.all(np.abs(outs["avx2"] - outs["scalar"]) <= rounding), qtype.name
+    with pytest.raises(RuntimeError, match="activation_planes"):
+        cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, activation_planes=3)
+
+
 @pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0, QT.Q6_K], ids=lambda q: q.name)
 def test_gemm_bias_and_strided_rows(qtype):
     gen = torch.Generator().manual_seed(7)

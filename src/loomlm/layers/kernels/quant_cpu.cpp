@@ -570,8 +570,13 @@ int64_t check_weight(const at::Tensor& w, const QFormat& f, int64_t k, const cha
 // x: [M, K] float32 (rows contiguous), w: [N, row_bytes] uint8 GGUF blocks (row n = output feature n),
 // bias: [N] or None. Returns y [M, N] float32 = x @ dequant(w).T (+ bias), with x quantized to 8 bits
 // per block. isa: "auto" (the CPU's best), "avx2" or "scalar" (tests compare them).
+// activation_planes 2: each activation row is quantized twice, x ~ d1 q1 + d2 q2 with q2 the 8-bit
+// code of the residual x - d1 q1, and both planes run as rows of one group (each weight block read
+// once for both): the activation error shrinks from d1 / 2 to d2 / 2 <= d1 / 254 per element, for
+// twice the integer work. 1: llama.cpp's single 8-bit plane.
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
-                      const c10::optional<at::Tensor>& bias, const std::string& isa_name) {
+                      const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes) {
+  TORCH_CHECK(activation_planes == 1 || activation_planes == 2, "quant_gemm: activation_planes must be 1 or 2");
   const QFormat& f = find_format(qtype, "quant_gemm");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "quant_gemm: x must be a float32 CPU tensor");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_gemm: x must be [M, K] with contiguous rows");
@@ -590,19 +595,30 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
 
-  // Quantize every activation row once.
+  // Quantize every activation row once (per plane): virtual row P * m + p is plane p of row m.
+  const int64_t P = activation_planes, R = M * P;
   const bool k_quant = is_k_quant(f.type);
   const int64_t xrow_bytes = num_blocks * static_cast<int64_t>(k_quant ? sizeof(XBlock256) : sizeof(XBlock32));
-  std::vector<uint8_t> xq(static_cast<size_t>(M * xrow_bytes));
+  std::vector<uint8_t> xq(static_cast<size_t>(R * xrow_bytes));
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    std::vector<float> residual(P > 1 ? K : 0);
     for (int64_t m = m0; m < m1; ++m) {
-      uint8_t* dst = xq.data() + m * xrow_bytes;
+      uint8_t* dst = xq.data() + P * m * xrow_bytes;
+      const float* row = xp + m * ldx;
       if (k_quant) {
-        quantize_row_256(xp + m * ldx, num_blocks, reinterpret_cast<XBlock256*>(dst));
+        auto* blocks = reinterpret_cast<XBlock256*>(dst);
+        quantize_row_256(row, num_blocks, blocks);
+        if (P == 1) continue;
+        for (int64_t i = 0; i < K; ++i) residual[i] = row[i] - blocks[i / 256].d * blocks[i / 256].q[i % 256];
+        quantize_row_256(residual.data(), num_blocks, reinterpret_cast<XBlock256*>(dst + xrow_bytes));
       } else {
-        quantize_row_32(xp + m * ldx, num_blocks, reinterpret_cast<XBlock32*>(dst));
+        auto* blocks = reinterpret_cast<XBlock32*>(dst);
+        quantize_row_32(row, num_blocks, blocks);
+        if (P == 1) continue;
+        for (int64_t i = 0; i < K; ++i) residual[i] = row[i] - blocks[i / 32].d * blocks[i / 32].q[i % 32];
+        quantize_row_32(residual.data(), num_blocks, reinterpret_cast<XBlock32*>(dst + xrow_bytes));
       }
     }
   });
@@ -611,26 +627,37 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
   for (int r = 0; r < kMaxGroupRows; ++r) kernels[r] = pick(f.type, isa, r + 1);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
-  float* yp = y.data_ptr<float>();
+  // One plane: straight into y with the bias. Two: the planes' products, summed into y below.
+  std::vector<float> planes(P > 1 ? R * n : 0);
+  float* yp = P > 1 ? planes.data() : y.data_ptr<float>();
+  const float* row_bias = P > 1 ? nullptr : bias_ptr;
   // >= 16 weight rows per task, more when a row is little work (~32K multiply-adds per task).
-  const int64_t grain = std::max<int64_t>(kPanelRows, 32768 / (M * K) + 1);
+  const int64_t grain = std::max<int64_t>(kPanelRows, 32768 / (R * K) + 1);
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
     const uint8_t* xs[kMaxGroupRows];
     float out[kMaxGroupRows];
     for (int64_t p0 = n0; p0 < n1; p0 += kPanelRows) {
       const int64_t p1 = std::min(n1, p0 + kPanelRows);
-      for (int64_t m = 0; m < M; m += kMaxGroupRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMaxGroupRows, M - m));
+      for (int64_t m = 0; m < R; m += kMaxGroupRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxGroupRows, R - m));
         for (int r = 0; r < rows; ++r) xs[r] = xq.data() + (m + r) * xrow_bytes;
         const VecDot kernel = kernels[rows - 1];
         for (int64_t j = p0; j < p1; ++j) {
           kernel(wp + j * row_bytes, xs, num_blocks, out);
-          const float b = bias_ptr ? bias_ptr[j] : 0.f;
+          const float b = row_bias ? row_bias[j] : 0.f;
           for (int r = 0; r < rows; ++r) yp[(m + r) * n + j] = out[r] + b;
         }
       }
     }
   });
+  if (P > 1) {
+    float* out = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const float* first = yp + 2 * m * n;
+      const float* second = first + n;
+      for (int64_t j = 0; j < n; ++j) out[m * n + j] = first[j] + second[j] + (bias_ptr ? bias_ptr[j] : 0.f);
+    }
+  }
   return y;
 }
 
