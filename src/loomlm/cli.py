@@ -59,9 +59,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-revision", default=None, help="hub revision of the tokenizer (default: --revision)")
     group.add_argument("--trust-remote-code", action="store_true", default=None,
                        help="vLLM's flag, refused: loomlm runs no code from model repos")
-    group.add_argument("--quantization", "-q", default=None, choices=["gguf"],
+    group.add_argument("--quantization", "-q", default=None, choices=["gguf", "q8_0", "q4_0"],
                        help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
-                            "quantized kernels (default: dequantize to float at load)")
+                            "quantized kernels (default: dequantize to float at load); q8_0 / q4_0: quantize "
+                            "any checkpoint's projection weights to that GGML type at load")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

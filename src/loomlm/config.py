@@ -16,7 +16,9 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # Values of ModelConfig.quantization (vLLM's engine arg of that name).
-QUANTIZATION_METHODS = (None, "gguf")
+QUANTIZATION_METHODS = (None, "gguf", "q8_0", "q4_0")
+# Those that quantize a float checkpoint's linear weights at load, to these GGML types.
+LOAD_TIME_QUANTIZATION = {"q8_0": 8, "q4_0": 2}
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,11 @@ class ModelConfig:
         quantization: vLLM's engine arg. None: weights in float (a GGUF file is dequantized at
             load); "gguf": a GGUF file's linear weights stay in their GGML blocks (Q4_0, Q4_1,
             Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) and run on the native quantized kernels (CPU, float32
-            activations); other types and the embedding table are dequantized.
+            activations); other types and the embedding table are dequantized. "q8_0" / "q4_0":
+            any checkpoint's projection weights (in-features a multiple of 32) are quantized at
+            load to that GGML type (gguf-py's reference quantizer, as llama.cpp's
+            `llama-quantize`) and run on the same kernels; the embedding table, the LM head and
+            MoE experts stay float.
     """
 
     model: str = "smollm2-135m-instruct"

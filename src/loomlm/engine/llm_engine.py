@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
-from loomlm.config import EngineConfig, ModelConfig
+from loomlm.config import LOAD_TIME_QUANTIZATION, EngineConfig, ModelConfig
 from loomlm.engine.beam_search_group import BeamSearchGroup
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.detokenizer import IncrementalDetokenizer
@@ -530,13 +530,25 @@ def model_weights(source, model_config: ModelConfig):
 
     Raises ValueError for quantization="gguf" on a checkpoint that is not a GGUF file, or off the CPU.
     """
-    if model_config.quantization != "gguf":
+    method = model_config.quantization
+    if method is None:
         return iter_weights(source, model_config.torch_dtype)
-    if source.format != "gguf":
-        raise ValueError(f"quantization='gguf' needs a GGUF file; {source.name!r} is a {source.format} checkpoint.")
+    if method == "gguf" and source.format != "gguf":
+        raise ValueError(f"quantization='gguf' needs a GGUF file; {source.name!r} is a {source.format} checkpoint "
+                         "(quantization='q8_0' or 'q4_0' quantizes it at load).")
     if model_config.torch_device.type != "cpu" or model_config.torch_dtype != torch.float32:
-        raise ValueError("quantization='gguf' runs on the CPU in float32 (the native quantized kernels); "
+        raise ValueError(f"quantization={method!r} runs on the CPU in float32 (the native quantized kernels); "
                          f"got device {model_config.torch_device} and dtype {model_config.torch_dtype}.")
+    if method in LOAD_TIME_QUANTIZATION:
+        from loomlm.models.quantize import quantize_projections
+        from loomlm.models.registry import MODEL_REGISTRY
+
+        model_type = getattr(source.hf_config, "model_type", None)
+        if model_type not in MODEL_REGISTRY or MODEL_REGISTRY[model_type].module != "loomlm.models.llama":
+            raise ValueError(f"quantization={method!r} runs the Llama-family models (llama, mistral, qwen2/3, "
+                             f"gemma 1-3, phi3, olmo2, granite, smollm3, MoE); {model_type!r} is not one of them.")
+
+        return quantize_projections(iter_weights(source, model_config.torch_dtype), LOAD_TIME_QUANTIZATION[method])
     from loomlm.layers.linear_method import GGUF_KERNEL_TYPES
     from loomlm.models import gguf_loader
 

@@ -72,7 +72,7 @@ class ModelRunner:
                 module.cos_cached = module.cos_cached.float()
                 module.sin_cached = module.sin_cached.float()
         self.linear_method = select_linear_method(self.device, self.dtype)
-        if model_config.quantization == "gguf":
+        if model_config.quantization is not None:  # "gguf", or quantized at load ("q8_0", "q4_0")
             self.linear_method = GGUFLinearMethod(float_method=self.linear_method)
         if self.linear_method.releases_plain:
             for module in self.model.modules():
