@@ -28,7 +28,6 @@ else the next one that is. The environment variable LOOMLM_LINEAR_METHOD overrid
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 
 import torch
 
-from loomlm.layers.kernels import cpu_kernels
+from loomlm.layers.kernels import cpu_kernels, cpuinfo_field
 from loomlm.layers.packed_gemm import pack_weight, packed_gemm_available, packed_linear
 
 logger = logging.getLogger(__name__)
@@ -212,17 +211,9 @@ class GGUFLinearMethod(LinearMethod):
         return y if bias is None else y + bias
 
 
-@functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), "" when unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo_field("vendor_id")
 
 
 def select_linear_method(device: torch.device, dtype: torch.dtype, name: str | None = None) -> LinearMethod:

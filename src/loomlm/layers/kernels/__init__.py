@@ -49,7 +49,7 @@ def cpu_kernels():
         digest.update(" ".join(_CFLAGS).encode())
         # -march=native targets the building CPU: a build cached on a shared disk by another CPU
         # kind (AVX-512 vs AVX2 hosts) must not be loaded here.
-        digest.update(_cpu_flags().encode())
+        digest.update(cpuinfo_field("flags").encode())
         logger.info("loading the native CPU kernels (compiled on first use, about a minute)")
         return load(name=f"loomlm_cpu_kernels_{digest.hexdigest()[:12]}", sources=[str(_DIR / s) for s in _SOURCES],
                     extra_include_paths=[str(_DIR)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
@@ -58,13 +58,15 @@ def cpu_kernels():
         return None
 
 
-def _cpu_flags() -> str:
-    """The CPU's feature flags from /proc/cpuinfo ("" where there is none)."""
+@functools.cache
+def cpuinfo_field(key: str) -> str:
+    """The first value of `key` in /proc/cpuinfo ("flags", "vendor_id", ...); "" where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
     return ""
