@@ -683,3 +683,31 @@ def test_llama3_rope_freqs_matches_transformers(
     plain.load_state_dict(expected, strict=False)
     with torch.inference_mode():
         assert (plain(torch.tensor([ids])).logits[0].float() - theirs).abs().max().item() > 1e-3
+
+
+def test_unsupported_quant_type_is_requantized_to_q8_0(
+    tokenizer_metadata: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """quantization="gguf" on a file whose projections are Q5_1 (no native kernel): each comes as
+    Q8_0 blocks of the dequantized Q5_1 values (rows in HF order), with one log line for the type;
+    norms stay float. Without keep_quantized the same file reads as float."""
+    from loomlm.layers.linear_method import GGUF_KERNEL_TYPES, QuantizedWeight
+
+    case = TinyCase("llama", TINY_CASES["llama-q8_0"].make_config, GGMLQuantizationType.Q5_1)
+    gguf_path = tmp_path / "tiny-q5_1.gguf"
+    config, expected = write_tiny_gguf(case, tokenizer_metadata, gguf_path)
+    with caplog.at_level("INFO", logger="loomlm.models.gguf_loader"):
+        ours = dict(gguf_loader.iter_gguf_weights(gguf_path, config, keep_quantized=GGUF_KERNEL_TYPES))
+    assert sum("Q5_1 weights have no native kernel" in r.getMessage() for r in caplog.records) == 1
+    projections = [name for name in ours if name.endswith("proj.weight")]
+    assert len(projections) == 2 * 7
+    for name in projections:
+        weight = ours[name]
+        assert isinstance(weight, QuantizedWeight) and weight.qtype == int(GGMLQuantizationType.Q8_0), name
+        assert weight.shape == tuple(expected[name].shape)
+        reference = gguf.quants.quantize(expected[name].numpy(), GGMLQuantizationType.Q8_0)
+        assert np.array_equal(weight.data.numpy(), reference), name
+    assert isinstance(ours["model.layers.0.input_layernorm.weight"], torch.Tensor)
+    floats = dict(gguf_loader.iter_gguf_weights(gguf_path, config))
+    torch.testing.assert_close(floats["model.layers.0.self_attn.q_proj.weight"],
+                               expected["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=0)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -64,6 +65,13 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from loomlm.layers.linear_method import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+# Storage types read as float; any other GGML type is a quantized one.
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                GGMLQuantizationType.F64)
+_Q8_0_BLOCK = 32  # elements per Q8_0 block
 
 # Bump when what is written into a cache entry changes, so stale entries are ignored.
 CACHE_FORMAT_VERSION = 1
@@ -750,7 +758,11 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
         No ``lm_head.weight`` when the embeddings are tied (the file has no ``output.weight``).
         With ``keep_quantized`` (GGML type ids), a linear layer's weight (``*proj.weight``,
         ``lm_head.weight``) stored in one of those types comes as a ``QuantizedWeight``: its
-        blocks as stored, rows in HF order, for the "gguf" linear method.
+        blocks as stored, rows in HF order, for the "gguf" linear method. One stored in another
+        quantized type (Q5_1, Q2_K, IQ4_NL, ...) is dequantized and requantized to Q8_0, the
+        nearest kernel type that loses nothing the source kept (8 bits per weight against at
+        most 6.6), with a log line per type; float (F32/F16/BF16) weights and MoE experts
+        stay float.
 
     Raises:
         ValueError: unreadable file or unsupported architecture; a tensor no HF
@@ -762,6 +774,7 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
     arch = gguf_architecture(gguf_file)
     expected = hf_checkpoint_shapes(config)
     names = gguf_to_hf_names(gguf_file.architecture, expected, _num_layers(config))
+    requantized: set[str] = set()
     for info in gguf_file.tensors:
         if info.name in arch.config_tensors:
             continue
@@ -787,6 +800,7 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
         array = gguf_file.read_tensor(info)
         if arch.transform is not None:
             array = arch.transform(info.name, array, config)
+        requantize = bool(keep_quantized) and info.ggml_type not in _FLOAT_TYPES
         for hf_name, part in _hf_tensors(info.name, array, names, arch):
             shape = expected.pop(hf_name, None)
             if shape is None:
@@ -796,6 +810,17 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
                     f"GGUF tensor {info.name!r} gives {hf_name!r} the shape {list(part.shape)}; "
                     f"the file's metadata implies {list(shape)}."
                 )
+            if (requantize and hf_name.endswith(("proj.weight", "lm_head.weight")) and ".experts." not in hf_name
+                    and part.ndim == 2 and part.shape[1] % _Q8_0_BLOCK == 0):
+                if info.ggml_type.name not in requantized:
+                    requantized.add(info.ggml_type.name)
+                    logger.info("GGUF %s weights have no native kernel: dequantized and requantized to Q8_0",
+                                info.ggml_type.name)
+                blocks = gguf.quants.quantize(np.ascontiguousarray(part, dtype=np.float32),
+                                              gguf.GGMLQuantizationType.Q8_0)
+                yield hf_name, QuantizedWeight(torch.from_numpy(np.ascontiguousarray(blocks)),
+                                               int(gguf.GGMLQuantizationType.Q8_0), tuple(part.shape))
+                continue
             yield hf_name, torch.from_numpy(part)
     if expected:
         missing = sorted(expected)
