@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -52,11 +53,21 @@ class LlamaCpp:
         import llama_cpp
 
         self.lib = llama_cpp
-        self.model = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=max(512, n_seq), n_ubatch=max(512, n_seq),
-                                     n_threads=n_threads, n_threads_batch=n_threads, n_seq_max=n_seq,
-                                     logits_all=False, verbose=False)
-        self.ctx = self.model.ctx
-        self.n_vocab = self.model.n_vocab()
+        verbose = bool(os.environ.get("LLAMA_VERBOSE"))
+        # The high-level Llama loads the model; the context is made here, because Llama() does
+        # not pass n_seq_max (streams) through. One KV pool shared by all sequences.
+        self.llama = llama_cpp.Llama(str(path), n_ctx=64, n_threads=n_threads, verbose=verbose)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = max(512, n_seq)
+        params.n_seq_max = n_seq
+        params.n_outputs_max = max(params.n_outputs_max, n_seq)
+        params.n_threads = params.n_threads_batch = n_threads
+        params.kv_unified = True
+        self.ctx = llama_cpp.llama_init_from_model(self.llama.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.n_vocab = self.llama.n_vocab()
 
     def _clear(self) -> None:
         mem = self.lib.llama_get_memory(self.ctx)
