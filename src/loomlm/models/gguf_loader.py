@@ -65,13 +65,13 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from loomlm.layers.linear_method import QuantizedWeight
+from loomlm.models.quantize import GGML_BLOCK, quantize_weight
 
 logger = logging.getLogger(__name__)
 
 # Storage types read as float; any other GGML type is a quantized one.
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
                 GGMLQuantizationType.F64)
-_Q8_0_BLOCK = 32  # elements per Q8_0 block
 
 # Bump when what is written into a cache entry changes, so stale entries are ignored.
 CACHE_FORMAT_VERSION = 1
@@ -811,15 +811,12 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
                     f"the file's metadata implies {list(shape)}."
                 )
             if (requantize and hf_name.endswith(("proj.weight", "lm_head.weight")) and ".experts." not in hf_name
-                    and part.ndim == 2 and part.shape[1] % _Q8_0_BLOCK == 0):
+                    and part.ndim == 2 and part.shape[1] % GGML_BLOCK == 0):
                 if info.ggml_type.name not in requantized:
                     requantized.add(info.ggml_type.name)
                     logger.info("GGUF %s weights have no native kernel: dequantized and requantized to Q8_0",
                                 info.ggml_type.name)
-                blocks = gguf.quants.quantize(np.ascontiguousarray(part, dtype=np.float32),
-                                              gguf.GGMLQuantizationType.Q8_0)
-                yield hf_name, QuantizedWeight(torch.from_numpy(np.ascontiguousarray(blocks)),
-                                               int(gguf.GGMLQuantizationType.Q8_0), tuple(part.shape))
+                yield hf_name, quantize_weight(part, int(GGMLQuantizationType.Q8_0))
                 continue
             yield hf_name, torch.from_numpy(part)
     if expected:

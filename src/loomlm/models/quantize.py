@@ -22,6 +22,16 @@ from loomlm.layers.linear_method import QuantizedWeight
 GGML_BLOCK = 32  # elements per Q8_0 / Q4_0 block
 
 
+def quantize_weight(weight: torch.Tensor | np.ndarray, qtype: int) -> QuantizedWeight:
+    """A float weight [out, in] (in a multiple of 32) -> its `QuantizedWeight` in GGML type `qtype`.
+
+    gguf-py's reference quantizer; raises gguf's errors for a type it cannot quantize.
+    """
+    dense = weight.detach().to(torch.float32).numpy() if isinstance(weight, torch.Tensor) else weight
+    blocks = gguf.quants.quantize(np.ascontiguousarray(dense, dtype=np.float32), gguf.GGMLQuantizationType(qtype))
+    return QuantizedWeight(torch.from_numpy(np.ascontiguousarray(blocks)), qtype, tuple(dense.shape))
+
+
 def quantize_projections(weights: Iterable[tuple[str, torch.Tensor]], qtype: int
                          ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """(HF name, float tensor) pairs -> the same, with eligible projection weights as `QuantizedWeight`.
@@ -29,12 +39,9 @@ def quantize_projections(weights: Iterable[tuple[str, torch.Tensor]], qtype: int
     `qtype`: a GGML type id gguf-py can quantize (Q8_0 = 8, Q4_0 = 2). Weights are converted one
     at a time, so no second float copy of the model is held.
     """
-    ggml_type = gguf.GGMLQuantizationType(qtype)
     for name, tensor in weights:
-        if (name.endswith("proj.weight") and ".experts." not in name and tensor.dim() == 2
-                and tensor.shape[1] % GGML_BLOCK == 0):
-            dense = tensor.detach().to(torch.float32).contiguous().numpy()
-            blocks = np.ascontiguousarray(gguf.quants.quantize(dense, ggml_type))
-            yield name, QuantizedWeight(torch.from_numpy(blocks), qtype, tuple(tensor.shape))
+        if name.endswith("proj.weight") and ".experts." not in name and tensor.dim() == 2 \
+                and tensor.shape[1] % GGML_BLOCK == 0:
+            yield name, quantize_weight(tensor, qtype)
         else:
             yield name, tensor
