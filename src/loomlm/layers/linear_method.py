@@ -199,16 +199,15 @@ class GGUFLinearMethod(LinearMethod):
             return self.float_method.apply(inner, x, weight_t, bias)
         if x.stride(-1) != 1:
             x = x.contiguous()
-        planes = self.activation_planes
-
-        def gemm(group: _QuantGroup, b: torch.Tensor | None = None) -> torch.Tensor:
-            return self._kernels.quant_gemm(x, group.data, group.qtype, group.end - group.start, b,
-                                            activation_planes=planes)
-
         if len(inner) == 1:
-            return gemm(inner[0], bias)
-        y = torch.cat([gemm(g) for g in inner], dim=1)
+            return self._group_gemm(x, inner[0], bias)
+        y = torch.cat([self._group_gemm(x, g) for g in inner], dim=1)
         return y if bias is None else y + bias
+
+    def _group_gemm(self, x: torch.Tensor, group: _QuantGroup, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [M, in] -> [M, group.end - group.start]
+        return self._kernels.quant_gemm(x, group.data, group.qtype, group.end - group.start, bias,
+                                        activation_planes=self.activation_planes)
 
 
 def cpu_vendor() -> str:
