@@ -3,10 +3,13 @@
 Layer level: a fused Linear of shards in different GGML types equals the float product on the
 dequantized weights within the error of the activation quantization (one 8-bit plane, or two).
 Model level: the default model (Q4_1 layers, Q8_0 tied embedding read by the LM head as blocks)
-against the same file dequantized to float32, on 8 prompts x 16 greedy tokens:
+against the same file dequantized to float32, on 8 prompts x 16 greedy tokens, with the integer
+kernels at every row count (LOOMLM_GGUF_FLOAT_ROWS=0):
 - two activation planes (the default): >= 7 of 8 continuations equal token for token (8 of 8
   measured), per-position KL < 1e-3 (measured max ~1e-4) and every prompt / continuation
   token's log-probability within 0.05 nats (measured max 0.001; issue 15's bound);
+- the default split (two planes below 3 rows, the dequantized-panel float path from 3): the same
+  bounds, and a prompt decoded alone (one row: the integer path) equal to float32;
 - one plane (llama.cpp's scheme, LOOMLM_GGUF_ACTIVATION_PLANES=1): near-ties flip later tokens
   (4-5 of 8 equal), so only the first 3 tokens of >= 7 are held, max KL < 0.1 and mean
   |d logprob| < 0.1 nats per prompt (measured max KL 0.04, mean 0.04-0.08).
@@ -75,7 +78,12 @@ def test_quantized_split_keeps_rows():
 
 @pytest.fixture(scope="module")
 def engines():
-    return LLM(quantization="gguf", num_gpu_blocks_override=64), LLM(num_gpu_blocks_override=64)
+    """(the integer path at every row count, float32): LOOMLM_GGUF_FLOAT_ROWS=0, so prefill and the
+    8-prompt decode steps run the integer kernels the bounds below are about."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOOMLM_GGUF_FLOAT_ROWS", "0")
+        integer = LLM(quantization="gguf", num_gpu_blocks_override=64)
+    return integer, LLM(num_gpu_blocks_override=64)
 
 
 def test_default_model_keeps_its_blocks(engines):
@@ -112,16 +120,32 @@ def _compare_to_float(quantized, full):
 def test_default_model_close_to_float(engines):
     """Two activation planes (the default): issue 15's bounds, >= 7 of 8 equal and 0.05 nats."""
     quantized, full = engines
-    assert quantized.llm_engine.model_runner.linear_method.activation_planes == 2
+    method = quantized.llm_engine.model_runner.linear_method
+    assert method.activation_planes == 2 and method.float_rows == 0
     equal, _, max_kl, max_diff, _ = _compare_to_float(quantized, full)
     assert equal >= 7, equal
     assert max_kl < 1e-3, max_kl
     assert max_diff < 0.05, max_diff
 
 
+def test_default_row_split_close_to_float(engines):
+    """The default: two planes below 3 rows, the float path from 3 (prefill and batched decode)."""
+    hybrid = LLM(quantization="gguf", num_gpu_blocks_override=64)
+    assert hybrid.llm_engine.model_runner.linear_method.float_rows == 3
+    equal, _, max_kl, max_diff, _ = _compare_to_float(hybrid, engines[1])
+    assert equal >= 7, equal
+    assert max_kl < 1e-3, max_kl
+    assert max_diff < 0.05, max_diff
+    # One prompt alone decodes at one row (the integer path): its continuation still matches.
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    alone = hybrid.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert alone == engines[1].generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_one_activation_plane_as_llama_cpp(engines, monkeypatch):
     """LOOMLM_GGUF_ACTIVATION_PLANES=1: llama.cpp's single 8-bit plane, its looser agreement."""
     monkeypatch.setenv("LOOMLM_GGUF_ACTIVATION_PLANES", "1")
+    monkeypatch.setenv("LOOMLM_GGUF_FLOAT_ROWS", "0")
     one_plane = LLM(quantization="gguf", num_gpu_blocks_override=64)
     assert one_plane.llm_engine.model_runner.linear_method.activation_planes == 1
     _, equal3, max_kl, _, max_mean_diff = _compare_to_float(one_plane, engines[1])
@@ -130,6 +154,10 @@ def test_one_activation_plane_as_llama_cpp(engines, monkeypatch):
     assert max_mean_diff < 0.1, max_mean_diff
     monkeypatch.setenv("LOOMLM_GGUF_ACTIVATION_PLANES", "3")
     with pytest.raises(ValueError, match="LOOMLM_GGUF_ACTIVATION_PLANES"):
+        LLM(quantization="gguf", num_gpu_blocks_override=64)
+    monkeypatch.setenv("LOOMLM_GGUF_ACTIVATION_PLANES", "2")
+    monkeypatch.setenv("LOOMLM_GGUF_FLOAT_ROWS", "-1")
+    with pytest.raises(ValueError, match="LOOMLM_GGUF_FLOAT_ROWS"):
         LLM(quantization="gguf", num_gpu_blocks_override=64)
 
 

@@ -190,6 +190,35 @@ def test_two_activation_planes_within_the_residual_bound(qtype):
         cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, activation_planes=3)
 
 
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_float_path_matches_float_product(qtype):
+    """float_rows: from that many activation rows the weights are dequantized per panel (AVX2 for the
+    32-blocks) and met by float32 activations, so only fp32 rounding separates it from x @ dequant(w).T.
+    Ragged shapes: N not a multiple of the 4-row tile or the 16-row panel, odd M, strided rows."""
+    gen = torch.Generator().manual_seed(11)
+    block = GGML_QUANT_SIZES[qtype][0]
+    for m, n, k in [(1, 1, block), (3, 7, 2 * block), (4, 33, 2304), (9, 18, 3 * block)]:
+        w = _weights(qtype, n, k, seed=m + n + k)
+        wide = torch.randn(m, k + 32, generator=gen) * 3
+        x = wide[:, 16:16 + k]
+        bias = torch.randn(n, generator=gen)
+        x64 = x.numpy().astype(np.float64)
+        w64 = gguf.quants.dequantize(w, qtype).astype(np.float64)
+        rounding = 2 * RFLOAT * (np.abs(x64) @ np.abs(w64).T + np.abs(bias.numpy())) + 1e-30
+        outs = {}
+        for isa in _ISAS:
+            got = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, isa, activation_planes=2,
+                                           float_rows=m).numpy().astype(np.float64)
+            assert np.all(np.abs(got - (x64 @ w64.T + bias.numpy())) <= rounding), f"{qtype.name} {isa} m={m}"
+            outs[isa] = got
+        # Below float_rows the integer path runs: it differs by the activation quantization.
+        integer = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, activation_planes=1,
+                                           float_rows=m + 1).numpy().astype(np.float64)
+        assert not np.array_equal(integer, outs["scalar"])
+        if "avx2" in outs:
+            assert np.all(np.abs(outs["avx2"] - outs["scalar"]) <= rounding), qtype.name
+
+
 @pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0, QT.Q6_K], ids=lambda q: q.name)
 def test_gemm_bias_and_strided_rows(qtype):
     gen = torch.Generator().manual_seed(7)

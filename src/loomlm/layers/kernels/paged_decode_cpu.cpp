@@ -310,7 +310,8 @@ at::Tensor gemm_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, co
 std::string gemm_isa();
 // quant_cpu.cpp
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
-                      const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes);
+                      const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes,
+                      int64_t float_rows);
 at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k);
 std::string quant_isa();
 
@@ -332,7 +333,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_gemm", &quant_gemm, "x [M, K] @ dequant(GGUF blocks w [N, row_bytes]).T (+ bias) -> [M, N] (CPU)",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("n"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("isa") = "auto", pybind11::arg("activation_planes") = 1,
-        no_gil);
+        pybind11::arg("float_rows") = 0, no_gil);
   m.def("quant_dequantize", &quant_dequantize, "GGUF blocks w [N, row_bytes] -> float32 [N, k] (CPU)",
         pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("k"), no_gil);
   m.def("quant_isa", &quant_isa, "the instruction set quant_gemm uses on this CPU (avx2 or scalar)");

@@ -350,46 +350,77 @@ LOOMLM_AVX2 inline __m256i bits32_to_0x10(const uint8_t* p) {
 // An int32 vector holding v in lane 0: folds a per-block integer correction into the lane sums.
 LOOMLM_AVX2 inline __m256i lane0(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
 
-// One 32-element weight block against R activation rows: acc[r] += d_w * d_x * (integer lanes).
-template <QType T, int R>
-LOOMLM_AVX2 inline __attribute__((always_inline)) void block32_avx2(const uint8_t* blk, const uint8_t* const* xs,
-                                                                   int64_t b, __m256* acc, float* offset) {
-  constexpr int32_t zero = T == QType::kQ4_0 ? 8 : T == QType::kQ5_0 ? 16 : 0;
-  const float d = fp16_at_f16c(blk);
-  __m256i qw;  // unsigned quants (Q8_0: |q|, the sign moved onto x)
-  if constexpr (T == QType::kQ4_0) qw = nibbles32(blk + 2);
-  if constexpr (T == QType::kQ4_1) qw = nibbles32(blk + 4);
-  if constexpr (T == QType::kQ5_0) qw = _mm256_or_si256(nibbles32(blk + 6), bits32_to_0x10(blk + 2));
-  __m256i signs;
-  if constexpr (T == QType::kQ8_0) {
-    signs = load32(blk + 2);
-    qw = _mm256_sign_epi8(signs, signs);
+// WR weight rows (row_bytes apart) against R activation rows: out[wr * R + r]. One block step loads
+// each activation block once for all WR rows and decodes each weight block once for all R rows, so
+// the WR * R accumulators are independent FMA chains. The float terms that do not depend on the
+// element (Q4_1's m, the zero points -8 d / -16 d of Q4_0 / Q5_0, times d_x * sum(q_x)) run on
+// WR lanes at once.
+template <QType T, int WR, int R>
+LOOMLM_AVX2 void tile_avx2_32(const uint8_t* w, int64_t row_bytes, const uint8_t* const* xs, int64_t num_blocks,
+                              float* out) {
+  static_assert(WR >= 1 && WR <= 4, "WR weight rows fill one __m128 of offsets");
+  constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
+  constexpr bool kOffset = T != QType::kQ8_0;
+  constexpr float kZero = T == QType::kQ4_0 ? -8.f : T == QType::kQ5_0 ? -16.f : 0.f;
+  __m256 acc[WR][R];
+  __m128 offset[R];
+  for (int r = 0; r < R; ++r) {
+    offset[r] = _mm_setzero_ps();
+    for (int i = 0; i < WR; ++i) acc[i][r] = _mm256_setzero_ps();
+  }
+  // The tile's rows are read side by side, which the hardware prefetchers follow worse than one
+  // row at a time (decode at one stream is bound by reading the weights from memory): prefetch
+  // the tile two ahead at the rate this one is consumed, WR blocks per step.
+  const uint8_t* ahead = w + 2 * WR * row_bytes;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* blk0 = w + b * bytes;
+    if constexpr (WR > 1) {
+      for (int64_t line = 0; line < WR * bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + b * WR * bytes + line), _MM_HINT_T0);
+    }
+    __m256i xq[R];
+    __m256 xd[R];
+    for (int r = 0; r < R; ++r) {
+      const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
+      xq[r] = load32(x.q);
+      xd[r] = _mm256_set1_ps(x.d);
+    }
+    if constexpr (kOffset) {
+      // The WR rows' fp16 scales (Q4_1: mins) as 4 floats; lanes past WR stay 0.
+      uint16_t h[4] = {0, 0, 0, 0};
+      for (int i = 0; i < WR; ++i) std::memcpy(&h[i], blk0 + i * row_bytes + (T == QType::kQ4_1 ? 2 : 0), 2);
+      __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
+      if constexpr (kZero != 0.f) m = _mm_mul_ps(m, _mm_set1_ps(kZero));
+      for (int r = 0; r < R; ++r) {
+        const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
+        offset[r] = _mm_fmadd_ps(m, _mm_set1_ps(x.d * static_cast<float>(x.sum)), offset[r]);
+      }
+    }
+    for (int i = 0; i < WR; ++i) {
+      const uint8_t* blk = blk0 + i * row_bytes;
+      const __m256 d = _mm256_set1_ps(fp16_at_f16c(blk));
+      __m256i qw;  // unsigned quants (Q8_0: |q|, the sign moved onto x)
+      if constexpr (T == QType::kQ4_0) qw = nibbles32(blk + 2);
+      if constexpr (T == QType::kQ4_1) qw = nibbles32(blk + 4);
+      if constexpr (T == QType::kQ5_0) qw = _mm256_or_si256(nibbles32(blk + 6), bits32_to_0x10(blk + 2));
+      __m256i signs;
+      if constexpr (T == QType::kQ8_0) {
+        signs = load32(blk + 2);
+        qw = _mm256_sign_epi8(signs, signs);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256i xr = xq[r];
+        if constexpr (T == QType::kQ8_0) xr = _mm256_sign_epi8(xr, signs);
+        const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(qw, xr));
+        acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd[r]), isum, acc[i][r]);
+      }
+    }
   }
   for (int r = 0; r < R; ++r) {
-    const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
-    __m256i xq = load32(x.q);
-    if constexpr (T == QType::kQ8_0) xq = _mm256_sign_epi8(xq, signs);
-    __m256i isum = dot_u8s8(qw, xq);
-    if constexpr (zero != 0) isum = _mm256_add_epi32(isum, lane0(-zero * x.sum));
-    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(isum), acc[r]);
-    if constexpr (T == QType::kQ4_1) offset[r] += fp16_at_f16c(blk + 2) * (x.d * static_cast<float>(x.sum));
+    float off[4];
+    _mm_storeu_ps(off, offset[r]);
+    for (int i = 0; i < WR; ++i) out[i * R + r] = hsum(acc[i][r]) + (kOffset ? off[i] : 0.f);
   }
-}
-
-template <QType T, int R>
-LOOMLM_AVX2 void vec_avx2_32(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out) {
-  constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
-  // Two accumulator sets for even and odd blocks: two independent FMA chains when R is small.
-  __m256 acc0[R], acc1[R];
-  float offset[R] = {};  // Q4_1's + m * d_x * sum(q_x)
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 2 <= num_blocks; b += 2) {
-    block32_avx2<T, R>(w + b * bytes, xs, b, acc0, offset);
-    block32_avx2<T, R>(w + (b + 1) * bytes, xs, b + 1, acc1, offset);
-  }
-  if (b < num_blocks) block32_avx2<T, R>(w + b * bytes, xs, b, acc0, offset);
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + offset[r];
 }
 
 template <QType T, int R>
@@ -481,6 +512,56 @@ LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t 
 }
 #endif
 
+#if LOOMLM_X86
+// ---- Float path: dequantize a panel of weight rows in L1/L2, then float32 dot products ----
+
+// 32-element blocks -> floats, 8 at a time: d * (q - zero) (+ m) as one FMA per element. The
+// products are exact (an fp16 scale times a small integer), so this equals dequantize_row's
+// mul-then-add except where Q4_1's + m rounds (one rounding here, two there: <= 1 ulp).
+template <QType T>
+LOOMLM_AVX2 void dequantize_row_avx2(const uint8_t* w, int64_t num_blocks, float* y) {
+  constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    const float d = fp16_at_f16c(blk);
+    __m256i q;
+    if constexpr (T == QType::kQ4_0) q = nibbles32(blk + 2);
+    if constexpr (T == QType::kQ4_1) q = nibbles32(blk + 4);
+    if constexpr (T == QType::kQ5_0) q = _mm256_or_si256(nibbles32(blk + 6), bits32_to_0x10(blk + 2));
+    if constexpr (T == QType::kQ8_0) q = load32(blk + 2);
+    const float bias = T == QType::kQ4_1 ? fp16_at_f16c(blk + 2) : T == QType::kQ4_0 ? -8.f * d
+                       : T == QType::kQ5_0 ? -16.f * d : 0.f;
+    const __m256 vd = _mm256_set1_ps(d), vb = _mm256_set1_ps(bias);
+    const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+    for (int h = 0; h < 2; ++h) {
+      for (int e = 0; e < 2; ++e) {
+        const __m128i part = e ? _mm_srli_si128(halves[h], 8) : halves[h];
+        const __m256i ints = T == QType::kQ8_0 ? _mm256_cvtepi8_epi32(part) : _mm256_cvtepu8_epi32(part);
+        _mm256_storeu_ps(y + 32 * b + 16 * h + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), vd, vb));
+      }
+    }
+  }
+}
+
+// WR weight rows (float, K apart) against R activation rows: out[i * R + r] = dot over K (K % 8 == 0).
+template <int WR, int R>
+LOOMLM_AVX2 void dot_tile_avx2(const float* w, int64_t K, const float* x, int64_t ldx, float* out) {
+  __m256 acc[WR][R];
+  for (int i = 0; i < WR; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[WR];
+    for (int i = 0; i < WR; ++i) wv[i] = _mm256_loadu_ps(w + i * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+      for (int i = 0; i < WR; ++i) acc[i][r] = _mm256_fmadd_ps(wv[i], xv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < WR; ++i)
+    for (int r = 0; r < R; ++r) out[i * R + r] = hsum(acc[i][r]);
+}
+#endif
+
 constexpr int kMaxGroupRows = 4;  // activation rows sharing one read of a weight block
 constexpr int64_t kPanelRows = 16;  // weight rows a task keeps hot while it walks all row groups
 
@@ -508,32 +589,53 @@ Isa parse_isa(const std::string& name) {
   TORCH_CHECK(false, "quant_gemm: unknown isa '", name, "' (auto, avx2, scalar)");
 }
 
+// A row-group kernel over `wrows` weight rows at a time: out[wr * rows + r].
+using TileDot = void (*)(const uint8_t* w, int64_t row_bytes, const uint8_t* const* xs, int64_t num_blocks,
+                         float* out);
+struct Kernel {
+  TileDot fn;
+  int wrows;
+};
+
+// One weight row (WR = 1) through a VecDot.
+template <VecDot F>
+void one_row(const uint8_t* w, int64_t, const uint8_t* const* xs, int64_t num_blocks, float* out) {
+  F(w, xs, num_blocks, out);
+}
+
 template <QType T>
-VecDot pick_for(Isa isa, int rows) {
+Kernel pick_for(Isa isa, int rows, bool full_tile) {
 #if LOOMLM_X86
   if (isa == Isa::kAvx2) {
     if constexpr (is_k_quant(T)) {
-      constexpr VecDot k[] = {vec_avx2_k<T, 1>, vec_avx2_k<T, 2>, vec_avx2_k<T, 3>, vec_avx2_k<T, 4>};
-      return k[rows - 1];
+      constexpr TileDot k[] = {one_row<vec_avx2_k<T, 1>>, one_row<vec_avx2_k<T, 2>>, one_row<vec_avx2_k<T, 3>>,
+                               one_row<vec_avx2_k<T, 4>>};
+      return {k[rows - 1], 1};
     } else {
-      constexpr VecDot k[] = {vec_avx2_32<T, 1>, vec_avx2_32<T, 2>, vec_avx2_32<T, 3>, vec_avx2_32<T, 4>};
-      return k[rows - 1];
+      // 4 weight rows for 1-2 activation rows, 2 for 3-4: at most 8 accumulators of 16 registers.
+      constexpr TileDot wide[] = {tile_avx2_32<T, 4, 1>, tile_avx2_32<T, 4, 2>, tile_avx2_32<T, 2, 3>,
+                                  tile_avx2_32<T, 2, 4>};
+      constexpr TileDot narrow[] = {tile_avx2_32<T, 1, 1>, tile_avx2_32<T, 1, 2>, tile_avx2_32<T, 1, 3>,
+                                    tile_avx2_32<T, 1, 4>};
+      if (!full_tile) return {narrow[rows - 1], 1};
+      return {wide[rows - 1], rows <= 2 ? 4 : 2};
     }
   }
 #endif
-  constexpr VecDot k[] = {vec_scalar<T, 1>, vec_scalar<T, 2>, vec_scalar<T, 3>, vec_scalar<T, 4>};
-  return k[rows - 1];
+  constexpr TileDot k[] = {one_row<vec_scalar<T, 1>>, one_row<vec_scalar<T, 2>>, one_row<vec_scalar<T, 3>>,
+                           one_row<vec_scalar<T, 4>>};
+  return {k[rows - 1], 1};
 }
 
-VecDot pick(QType t, Isa isa, int rows) {
+Kernel pick(QType t, Isa isa, int rows, bool full_tile) {
   switch (t) {
-    case QType::kQ4_0: return pick_for<QType::kQ4_0>(isa, rows);
-    case QType::kQ4_1: return pick_for<QType::kQ4_1>(isa, rows);
-    case QType::kQ5_0: return pick_for<QType::kQ5_0>(isa, rows);
-    case QType::kQ8_0: return pick_for<QType::kQ8_0>(isa, rows);
-    case QType::kQ4_K: return pick_for<QType::kQ4_K>(isa, rows);
-    case QType::kQ5_K: return pick_for<QType::kQ5_K>(isa, rows);
-    case QType::kQ6_K: return pick_for<QType::kQ6_K>(isa, rows);
+    case QType::kQ4_0: return pick_for<QType::kQ4_0>(isa, rows, full_tile);
+    case QType::kQ4_1: return pick_for<QType::kQ4_1>(isa, rows, full_tile);
+    case QType::kQ5_0: return pick_for<QType::kQ5_0>(isa, rows, full_tile);
+    case QType::kQ8_0: return pick_for<QType::kQ8_0>(isa, rows, full_tile);
+    case QType::kQ4_K: return pick_for<QType::kQ4_K>(isa, rows, full_tile);
+    case QType::kQ5_K: return pick_for<QType::kQ5_K>(isa, rows, full_tile);
+    case QType::kQ6_K: return pick_for<QType::kQ6_K>(isa, rows, full_tile);
   }
   TORCH_CHECK(false, "quant_gemm: unreachable qtype");
 }
@@ -551,6 +653,78 @@ DequantRow pick_dequant(QType t) {
     case QType::kQ6_K: return dequantize_row<QType::kQ6_K>;
   }
   TORCH_CHECK(false, "quant_dequantize: unreachable qtype");
+}
+
+using FloatDot = void (*)(const float* w, int64_t K, const float* x, int64_t ldx, float* out);
+
+template <int WR, int R>
+void dot_tile_scalar(const float* w, int64_t K, const float* x, int64_t ldx, float* out) {
+  for (int i = 0; i < WR; ++i) {
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += w[i * K + k] * x[r * ldx + k];
+      out[i * R + r] = acc;
+    }
+  }
+}
+
+constexpr int kFloatTileRows = 4;  // weight rows per float dot tile (1 for a panel's tail)
+constexpr int kFloatTileCols = 2;  // activation rows per float dot tile: 8 accumulators + 4 weights + 1 x
+
+// [weight rows == 4][activation rows - 1]
+FloatDot pick_float_dot(Isa isa, bool four_rows, int rows) {
+#if LOOMLM_X86
+  if (isa == Isa::kAvx2) {
+    if (four_rows) return rows == 1 ? dot_tile_avx2<4, 1> : dot_tile_avx2<4, 2>;
+    return rows == 1 ? dot_tile_avx2<1, 1> : dot_tile_avx2<1, 2>;
+  }
+#endif
+  if (four_rows) return rows == 1 ? dot_tile_scalar<4, 1> : dot_tile_scalar<4, 2>;
+  return rows == 1 ? dot_tile_scalar<1, 1> : dot_tile_scalar<1, 2>;
+}
+
+// The dequantizer of the float path: AVX2 for 32-element blocks, else the exact scalar one.
+DequantRow pick_dequant_fast(QType t, Isa isa) {
+#if LOOMLM_X86
+  if (isa == Isa::kAvx2) {
+    switch (t) {
+      case QType::kQ4_0: return dequantize_row_avx2<QType::kQ4_0>;
+      case QType::kQ4_1: return dequantize_row_avx2<QType::kQ4_1>;
+      case QType::kQ5_0: return dequantize_row_avx2<QType::kQ5_0>;
+      case QType::kQ8_0: return dequantize_row_avx2<QType::kQ8_0>;
+      default: break;
+    }
+  }
+#endif
+  return pick_dequant(t);
+}
+
+// y = x @ dequant(w).T (+ bias) in float32: each task dequantizes a panel of kPanelRows weight rows
+// into a [rows, K] buffer (L1/L2) and meets every activation row with it in float dot products.
+void float_gemm(const float* xp, int64_t ldx, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes,
+                int64_t num_blocks, int64_t n, const float* bias, DequantRow dequant, Isa isa, float* yp) {
+  FloatDot kernels[2][kFloatTileCols];
+  for (int four = 0; four < 2; ++four)
+    for (int r = 0; r < kFloatTileCols; ++r) kernels[four][r] = pick_float_dot(isa, four, r + 1);
+  at::parallel_for(0, n, kPanelRows, [&](int64_t n0, int64_t n1) {
+    std::vector<float> panel(static_cast<size_t>(kPanelRows * K));
+    float out[kFloatTileRows * kFloatTileCols];
+    for (int64_t p0 = n0; p0 < n1; p0 += kPanelRows) {
+      const int64_t p1 = std::min(n1, p0 + kPanelRows);
+      for (int64_t j = p0; j < p1; ++j) dequant(wp + j * row_bytes, num_blocks, panel.data() + (j - p0) * K);
+      for (int64_t m = 0; m < M; m += kFloatTileCols) {
+        const int rows = static_cast<int>(std::min<int64_t>(kFloatTileCols, M - m));
+        for (int64_t j = p0; j < p1;) {
+          const int wr = j + kFloatTileRows <= p1 ? kFloatTileRows : 1;
+          kernels[wr == kFloatTileRows][rows - 1](panel.data() + (j - p0) * K, K, xp + m * ldx, ldx, out);
+          for (int i = 0; i < wr; ++i, ++j) {
+            const float b = bias ? bias[j] : 0.f;
+            for (int r = 0; r < rows; ++r) yp[(m + r) * n + j] = out[i * rows + r] + b;
+          }
+        }
+      }
+    }
+  });
 }
 
 // Checks w against K and returns the number of blocks per row.
@@ -575,7 +749,8 @@ int64_t check_weight(const at::Tensor& w, const QFormat& f, int64_t k, const cha
 // once for both): the activation error shrinks from d1 / 2 to d2 / 2 <= d1 / 254 per element, for
 // twice the integer work. 1: llama.cpp's single 8-bit plane.
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
-                      const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes) {
+                      const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes,
+                      int64_t float_rows) {
   TORCH_CHECK(activation_planes == 1 || activation_planes == 2, "quant_gemm: activation_planes must be 1 or 2");
   const QFormat& f = find_format(qtype, "quant_gemm");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "quant_gemm: x must be a float32 CPU tensor");
@@ -594,6 +769,13 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
   const Isa isa = parse_isa(isa_name);
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
+
+  if (float_rows > 0 && M >= float_rows) {
+    const DequantRow dequant = pick_dequant_fast(f.type, isa);
+    float_gemm(x.data_ptr<float>(), x.stride(0), M, K, w.data_ptr<uint8_t>(), w.size(1), num_blocks, n, bias_ptr,
+               dequant, isa, y.data_ptr<float>());
+    return y;
+  }
 
   // Quantize every activation row once (per plane): virtual row P * m + p is plane p of row m.
   const int64_t P = activation_planes, R = M * P;
@@ -623,8 +805,11 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
     }
   });
 
-  VecDot kernels[kMaxGroupRows];
-  for (int r = 0; r < kMaxGroupRows; ++r) kernels[r] = pick(f.type, isa, r + 1);
+  Kernel tiles[kMaxGroupRows], singles[kMaxGroupRows];  // WR rows at a time; one row for a panel's tail
+  for (int r = 0; r < kMaxGroupRows; ++r) {
+    tiles[r] = pick(f.type, isa, r + 1, true);
+    singles[r] = pick(f.type, isa, r + 1, false);
+  }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
   // One plane: straight into y with the bias. Two: the planes' products, summed into y below.
@@ -635,17 +820,19 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
   const int64_t grain = std::max<int64_t>(kPanelRows, 32768 / (R * K) + 1);
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
     const uint8_t* xs[kMaxGroupRows];
-    float out[kMaxGroupRows];
+    float out[4 * kMaxGroupRows];
     for (int64_t p0 = n0; p0 < n1; p0 += kPanelRows) {
       const int64_t p1 = std::min(n1, p0 + kPanelRows);
       for (int64_t m = 0; m < R; m += kMaxGroupRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kMaxGroupRows, R - m));
         for (int r = 0; r < rows; ++r) xs[r] = xq.data() + (m + r) * xrow_bytes;
-        const VecDot kernel = kernels[rows - 1];
-        for (int64_t j = p0; j < p1; ++j) {
-          kernel(wp + j * row_bytes, xs, num_blocks, out);
-          const float b = row_bias ? row_bias[j] : 0.f;
-          for (int r = 0; r < rows; ++r) yp[(m + r) * n + j] = out[r] + b;
+        for (int64_t j = p0; j < p1;) {
+          const Kernel k = j + tiles[rows - 1].wrows <= p1 ? tiles[rows - 1] : singles[rows - 1];
+          k.fn(wp + j * row_bytes, row_bytes, xs, num_blocks, out);
+          for (int i = 0; i < k.wrows; ++i, ++j) {
+            const float b = row_bias ? row_bias[j] : 0.f;
+            for (int r = 0; r < rows; ++r) yp[(m + r) * n + j] = out[i * rows + r] + b;
+          }
         }
       }
     }
