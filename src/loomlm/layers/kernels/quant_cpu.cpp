@@ -702,27 +702,28 @@ DequantRow pick_dequant_fast(QType t, Isa isa) {
   return pick_dequant(t);
 }
 
-// y = x @ dequant(w).T (+ bias) in float32: each task dequantizes a panel of kPanelRows weight rows
-// into a [rows, K] buffer (L1/L2) and meets every activation row with it in float dot products.
+// y = x @ dequant(w).T (+ bias) in float32: each task dequantizes a tile of kFloatTileRows weight
+// rows at a time into a [rows, K] buffer in L1 and meets every activation row with it in float
+// dot products.
 void float_gemm(const float* xp, int64_t ldx, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes,
                 int64_t num_blocks, int64_t n, const float* bias, DequantRow dequant, Isa isa, float* yp) {
   FloatDot kernels[2][kFloatTileCols];
   for (int four = 0; four < 2; ++four)
     for (int r = 0; r < kFloatTileCols; ++r) kernels[four][r] = pick_float_dot(isa, four, r + 1);
   at::parallel_for(0, n, kPanelRows, [&](int64_t n0, int64_t n1) {
-    std::vector<float> panel(static_cast<size_t>(kPanelRows * K));
+    std::vector<float> panel(static_cast<size_t>(kFloatTileRows * K));
     float out[kFloatTileRows * kFloatTileCols];
     for (int64_t p0 = n0; p0 < n1; p0 += kPanelRows) {
       const int64_t p1 = std::min(n1, p0 + kPanelRows);
-      for (int64_t j = p0; j < p1; ++j) dequant(wp + j * row_bytes, num_blocks, panel.data() + (j - p0) * K);
-      // Weight tile outer: its 4 rows (<= 24 KB at K = 1536) stay in L1 while the activation rows
-      // stream from L2 (2 loads per 8 FMAs); the other order reads both from L2 and ran at a
-      // third of the FMA rate.
+      // One weight tile at a time: dequantized into L1 (4 rows: <= 24 KB at K = 1536), then met by
+      // every activation row streaming from L2 (2 loads per 8 FMAs). Larger panels spill the
+      // dequantized rows to L2 and ran at a third of the FMA rate.
       for (int64_t j = p0; j < p1;) {
         const int wr = j + kFloatTileRows <= p1 ? kFloatTileRows : 1;
+        for (int i = 0; i < wr; ++i) dequant(wp + (j + i) * row_bytes, num_blocks, panel.data() + i * K);
         for (int64_t m = 0; m < M; m += kFloatTileCols) {
           const int rows = static_cast<int>(std::min<int64_t>(kFloatTileCols, M - m));
-          kernels[wr == kFloatTileRows][rows - 1](panel.data() + (j - p0) * K, K, xp + m * ldx, ldx, out);
+          kernels[wr == kFloatTileRows][rows - 1](panel.data(), K, xp + m * ldx, ldx, out);
           for (int i = 0; i < wr; ++i) {
             const float b = bias ? bias[j + i] : 0.f;
             for (int r = 0; r < rows; ++r) yp[(m + r) * n + j + i] = out[i * rows + r] + b;
