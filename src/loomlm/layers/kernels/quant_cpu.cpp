@@ -17,7 +17,13 @@
 // Work split: x is quantized once (all rows) into a scratch buffer; output features are split over
 // ATen's thread pool (torch's own threads, no oversubscription) in tasks of >= 16 rows; a task walks
 // panels of 16 weight rows, and for each group of up to 4 activation rows reads every weight block
-// once for the group. For decode (M = 1..4) that is a GEMV streaming the weights once.
+// once for the group, in tiles of 4 (1-2 activation rows) or 2 (3-4) weight rows that share each
+// activation block load. For decode (M = 1..4) that is a GEMV streaming the weights once.
+//
+// From `float_rows` activation rows on (quant_gemm's argument; the integer work grows with the
+// rows, the float path's dequantization does not), float_gemm runs instead: 4 weight rows at a time
+// are dequantized into an L1 buffer and meet the float32 activation rows in FMA dot products, the
+// float32 product of the dequantized weights up to summation order.
 //
 // The instruction set is picked at run time from the CPU's flags (`__builtin_cpu_supports`), never
 // from the build machine: the AVX2 kernels carry a function-level target attribute, and the portable
