@@ -168,3 +168,21 @@ def test_gguf_quantization_is_refused_where_it_cannot_run(make_tiny_model_dir):
         ModelConfig(quantization="awq")
     with pytest.raises(ValueError, match="needs a GGUF file"):
         LLM(str(make_tiny_model_dir("llama")), quantization="gguf")
+
+
+def test_gemma3_keeps_its_blocks_close_to_float():
+    """Gemma 3 270M's Q4_K_M file (Q4_K / Q5_0 / Q6_K / Q8_0 layers, the K-quants' 256-blocks):
+    the default split (integer kernels at 1-2 rows, the float path from 3) against the same file
+    dequantized to float32, with issue 15's bounds."""
+    quantized = LLM("gemma-3-270m", quantization="gguf", num_gpu_blocks_override=64)
+    full = LLM("gemma-3-270m", num_gpu_blocks_override=64)
+    linears = [m for m in quantized.llm_engine.model_runner.model.modules() if isinstance(m, Linear)]
+    types = {g.qtype for m in linears if m.weight_state[0] == "gguf" for g in m.weight_state[1]}
+    assert {int(gguf.GGMLQuantizationType.Q4_K), int(gguf.GGMLQuantizationType.Q6_K)} <= types, types
+    equal, _, max_kl, max_diff, _ = _compare_to_float(quantized, full)
+    assert equal >= 7, equal
+    assert max_kl < 1e-3, max_kl
+    assert max_diff < 0.05, max_diff
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    alone = quantized.generate(PROMPTS[1:2], params, use_tqdm=False)[0].outputs[0].token_ids  # one row: integer
+    assert alone == full.generate(PROMPTS[1:2], params, use_tqdm=False)[0].outputs[0].token_ids
