@@ -12,7 +12,7 @@ import torch
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from loomlm.layers.attention import PagedAttention
+from loomlm.layers.attention import PagedAttention, reshape_and_cache
 from loomlm.layers.decode_attention import DECODE_BACKENDS, DecodeMetadata
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.kernels import cpu_kernels
@@ -241,3 +241,25 @@ def test_rejects_bad_window_and_cap():
         PagedAttention(4, 2, 16, sliding_window=0)
     with pytest.raises(ValueError, match="logits_soft_cap"):
         PagedAttention(4, 2, 16, logits_soft_cap=0.0)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="native CPU kernels not built")
+def test_reshape_and_cache_native_equals_index_copy():
+    """The native KV write (strided key/value rows, as sliced from a fused QKV output) puts every
+    token's heads where the index_copy_ path does, touches no other slot, and refuses a slot
+    outside the pool."""
+    gen = torch.Generator().manual_seed(3)
+    kvh, blocks, bs, d, t = 3, 6, 4, 64, 5
+    qkv = torch.randn(t, (4 + 2 * kvh) * d, generator=gen)  # q (4 heads), k, v side by side
+    k = qkv[:, 4 * d:(4 + kvh) * d].unflatten(1, (kvh, d))
+    v = qkv[:, (4 + kvh) * d:].unflatten(1, (kvh, d))
+    slots = torch.tensor([0, 23, 7, 8, 15])
+    native = [torch.zeros(kvh, blocks, bs, d) for _ in range(2)]
+    reshape_and_cache(k, v, *native, slots)
+    reference = [torch.zeros(kvh, blocks, bs, d) for _ in range(2)]
+    for cache, x in zip(reference, (k, v)):
+        cache.view(kvh, blocks * bs, d).index_copy_(1, slots, x.transpose(0, 1))
+    assert torch.equal(native[0], reference[0]) and torch.equal(native[1], reference[1])
+    assert int((native[0].abs().sum(-1) != 0).sum()) == t * kvh  # nothing else written
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        reshape_and_cache(k, v, *native, torch.tensor([0, 1, 2, 3, blocks * bs]))

@@ -3,7 +3,8 @@
 `cpu_kernels()` returns the compiled module, or None when it cannot be built (no
 compiler, no ninja, `LOOMLM_NATIVE_KERNELS=0`): callers then use the pure
 PyTorch path, which computes the same thing. The module holds:
-- `paged_decode_attention` (paged_decode_cpu.cpp), the "cpu_native" decode backend;
+- `paged_decode_attention` (paged_decode_cpu.cpp), the "cpu_native" decode backend, and
+  `reshape_and_cache` (the KV write, attention.py);
 - `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `argmax_rows` (fused_ops_cpu.cpp),
   reached through layers/norm.py, activation.py, rotary.py and sampler.py;
 - `pack_f32`, `gemm_f32`, `gemm_isa` (gemm_cpu.cpp): float32 GEMM on panel-packed weights,
