@@ -26,6 +26,7 @@ from loomlm import LLM, SamplingParams
 from loomlm.layers.kernels import cpu_kernels
 from loomlm.layers.linear import Linear
 from loomlm.layers.linear_method import GGUFLinearMethod, LinearMethod, QuantizedWeight
+from loomlm.models.llama import BlockEmbedding
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="native CPU kernels not built")
 
@@ -87,13 +88,21 @@ def engines():
 
 
 def test_default_model_keeps_its_blocks(engines):
-    quantized, _ = engines
+    quantized = engines[0]
     runner = quantized.llm_engine.model_runner
     assert runner.linear_method.name == "gguf"
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
     assert all(m.weight_state[0] == "gguf" for m in linears)  # every projection and the tied LM head
     assert runner.model.lm_head.weight_state[1][0].qtype == int(gguf.GGMLQuantizationType.Q8_0)
     assert all(m.weight_t.untyped_storage().nbytes() <= 4 for m in linears)  # no float copy kept
+    # The embedding lookup reads the LM head's blocks: no float table, the same rows bit for bit.
+    embed = runner.model.embed_tokens
+    assert isinstance(embed, BlockEmbedding) and embed.data is runner.model.lm_head.weight_state[1][0].data
+    assert sum(p.untyped_storage().nbytes() for p in runner.model.parameters()) < 2**20  # norms only
+    ids = torch.tensor([0, 5, 49151, 1234, 5])
+    assert torch.equal(embed(ids), engines[1].llm_engine.model_runner.model.embed_tokens(ids))
+    with pytest.raises(IndexError):
+        embed(torch.tensor([49152]))
 
 
 def _compare_to_float(quantized, full):

@@ -78,6 +78,9 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, (Linear, SparseMoeBlock)):  # the MoE block processes its experts
                     module.process_weights(self.linear_method)
+            embed_from_blocks = getattr(self.model, "embed_from_lm_head_blocks", None)
+            if embed_from_blocks is not None and embed_from_blocks():
+                logger.info("embedding lookup reads the tied LM head's GGML blocks (no float table)")
             return_freed_memory()
         logger.info("loaded weights in %.1f s (linear method: %s)", time.perf_counter() - start,
                     self.linear_method.name)

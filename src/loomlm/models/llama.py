@@ -141,6 +141,27 @@ class LlamaDecoderLayer(nn.Module):
         return out, residual
 
 
+class BlockEmbedding(nn.Module):
+    """An embedding table kept as GGML blocks: rows [vocab, row_bytes] uint8, each looked-up row
+    dequantized on the fly (kernels' quant_dequantize, bit for bit gguf's dequantize).
+
+    The tied LM head's blocks serve as the table, so a GGUF model holds no float copy of it
+    (the default model: 113 MB). forward: ids [T] int64 -> [T, hidden] float32; an id outside
+    the vocabulary raises IndexError, as nn.Embedding.
+    """
+
+    def __init__(self, data: torch.Tensor, qtype: int, hidden_size: int) -> None:
+        super().__init__()
+        from loomlm.layers.kernels import cpu_kernels
+
+        self.data, self.qtype, self.hidden_size = data, qtype, hidden_size
+        self._kernels = cpu_kernels()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.data.index_select(0, input_ids)  # [T, row_bytes]
+        return self._kernels.quant_dequantize(rows, self.qtype, self.hidden_size)
+
+
 class LlamaForCausalLM(nn.Module):
     """Decoder-only Llama-family model.
 
@@ -207,6 +228,20 @@ class LlamaForCausalLM(nn.Module):
         if cap is not None:  # Gemma 2: logits = c * tanh(logits / c)
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def embed_from_lm_head_blocks(self) -> bool:
+        """After process_weights: a tied LM head kept as one group of GGML blocks over the whole
+        vocabulary also serves the embedding lookup (`BlockEmbedding`), and the float table is
+        dropped. Returns whether it did. The blocks are the GGUF file's token_embd rows in order
+        (the loader checks), so the lookup equals the float table bit for bit."""
+        state = self.lm_head.weight_state
+        if not (self.tie_word_embeddings and state is not None and state[0] == "gguf" and len(state[1]) == 1):
+            return False
+        group = state[1][0]
+        if (group.start, group.end) != (0, self.config.vocab_size) or self.embed_tokens.weight.device.type != "cpu":
+            return False
+        self.embed_tokens = BlockEmbedding(group.data, group.qtype, self.spec.hidden_size)
+        return True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (transformers' names and [out, in] layouts).
