@@ -88,15 +88,16 @@ class PagedAttention(nn.Module):
         reshape_and_cache(k, v, k_cache, v_cache, batch.slot_mapping)
 
         num_decode = batch.num_decode_tokens
-        if num_decode and num_decode == q.shape[0]:  # a decode-only step: the backend's output is the whole result
-            decode = DECODE_BACKENDS[batch.decode.backend]
-            return decode(q, k_cache, v_cache, batch.decode, self.scale, sliding_window=self.sliding_window,
-                          soft_cap=self.logits_soft_cap)
-        out = torch.empty_like(q)
+        decoded = None
         if num_decode:
             decode = DECODE_BACKENDS[batch.decode.backend]
-            out[:num_decode] = decode(q[:num_decode], k_cache, v_cache, batch.decode, self.scale,
-                                      sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap)
+            decoded = decode(q[:num_decode], k_cache, v_cache, batch.decode, self.scale,
+                             sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap)
+            if num_decode == q.shape[0]:  # a decode-only step: the backend's output is the whole result
+                return decoded
+        out = torch.empty_like(q)
+        if decoded is not None:
+            out[:num_decode] = decoded
         for span in batch.prefill_spans:
             s, e = span.token_start, span.token_end
             out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], span)

@@ -23,7 +23,7 @@ else the next one that is. The environment variable LOOMLM_LINEAR_METHOD overrid
   from a GGUF file as `QuantizedWeight` blocks keep them (kernels/quant_cpu.cpp: activations
   quantized to 8-bit blocks, integer dot products per block, as llama.cpp; by default with a
   second 8-bit plane for the residual, LOOMLM_GGUF_ACTIVATION_PLANES=1 for llama.cpp's single
-  one) below `gguf_float_rows()` activation rows, and from there on dequantize a panel of weight
+  one) below `gguf_float_rows()` activation rows, and from there on dequantize a tile of 4 weight
   rows at a time into cache and meet float32 activations (the fp32 result, faster once the
   integer work grows with the rows); the others use the float method.
 """
@@ -157,7 +157,7 @@ def gguf_activation_planes() -> int:
 
 def gguf_float_rows() -> int:
     """LOOMLM_GGUF_FLOAT_ROWS (default 3): from this many activation rows (tokens in the step) a
-    GGUF layer runs the float path, dequantized weight panels x float32 activations; 0 never.
+    GGUF layer runs the float path, dequantized 4-row weight tiles x float32 activations; 0 never.
     Raises ValueError for a negative or non-integer value.
 
     The crossover measured on an AMD EPYC (AVX2, 2 threads, the default model's Q4_1 layers, 30
@@ -175,7 +175,7 @@ class GGUFLinearMethod(LinearMethod):
 
     `activation_planes` (None: `gguf_activation_planes()`): 8-bit planes per activation block,
     see kernels/quant_cpu.cpp's quant_gemm. `float_rows` (None: `gguf_float_rows()`): from this
-    many rows of x the dequantized-panel float path runs instead (0: never).
+    many rows of x the dequantized-tile float path runs instead (0: never).
 
     Adjacent shards of one type (q, k and v of one GGML type) are joined into one block matrix
     at load, so a fused layer is one kernel call; shards of different types (Q5_0 q and k,
