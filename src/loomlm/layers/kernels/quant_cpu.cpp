@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -87,6 +88,14 @@ struct XBlock256 {
   int16_t bsums[16];
   int8_t q[256];
 };
+// XBlock16: one 16-bit plane for 32-element blocks (activation_planes = 2 there): d = max|x| / 32767,
+// so |x - d q| <= d / 2 = max|x| / 65534, within the two-8-bit-plane bound (max|x| / 64516), for
+// the integer work of one 8-bit plane (vpmaddwd on 16-bit pairs instead of two vpmaddubsw passes).
+struct XBlock16 {
+  float d;
+  int32_t sum;
+  int16_t q[32];
+};
 
 // q = round-half-even(x * 127 / max|x|), d = max|x| / 127: one code for both ISAs, so the paths see
 // identical activations.
@@ -99,6 +108,27 @@ float quantize_chunk(const float* x, int64_t n, int8_t* q) {
     q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
   }
   return amax / 127.f;
+}
+
+// The same rule at 16 bits: q = round-half-even(x * 32767 / max|x|), d = max|x| / 32767.
+float quantize_chunk16(const float* x, int64_t n, int16_t* q) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float id = amax != 0.f ? 32767.f / amax : 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * id);
+    q[i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, v)));
+  }
+  return amax / 32767.f;
+}
+
+void quantize_row_16(const float* x, int64_t num_blocks, XBlock16* out) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    out[b].d = quantize_chunk16(x + 32 * b, 32, out[b].q);
+    int32_t sum = 0;
+    for (int i = 0; i < 32; ++i) sum += out[b].q[i];
+    out[b].sum = sum;
+  }
 }
 
 void quantize_row_32(const float* x, int64_t num_blocks, XBlock32* out) {
@@ -274,7 +304,9 @@ void dequantize_row(const uint8_t* w, int64_t num_blocks, float* y) {
 
 using VecDot = void (*)(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out);
 
-template <QType T, int R>
+// XB: the activation blocks of 32-element weight blocks (XBlock32, or XBlock16 at 16 bits); the
+// K-quants always meet XBlock256.
+template <QType T, int R, typename XB = XBlock32>
 void vec_scalar(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out) {
   float acc[R] = {}, offset[R] = {};  // offset: Q4_1's + m, the K-quants' - dmin * mn terms
   if constexpr (!is_k_quant(T)) {
@@ -283,8 +315,8 @@ void vec_scalar(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, 
     for (int64_t b = 0; b < num_blocks; ++b) {
       decode32<T>(w + b * bytes, blk);
       for (int r = 0; r < R; ++r) {
-        const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
-        int32_t isum = -blk.zero * x.sum;
+        const XB& x = reinterpret_cast<const XB*>(xs[r])[b];
+        int32_t isum = -blk.zero * x.sum;  // |isum| < 2^31: 32 * 127 * 32767 at most
         for (int i = 0; i < 32; ++i) isum += blk.q[i] * x.q[i];
         acc[r] += (blk.d * x.d) * static_cast<float>(isum);
         offset[r] += blk.m * (x.d * static_cast<float>(x.sum));
@@ -366,15 +398,36 @@ LOOMLM_AVX2 inline __m256i quants32(const uint8_t* blk) {
   return load32(blk + 2);
 }
 
+// A 32-element block's quants as two vectors of 16 int16 (elements 0-15, 16-31), for the 16-bit
+// activations: Q4_0 / Q4_1 zero-extend the 16 nibble bytes once, and the low / high nibbles are the
+// two halves (no byte shuffle); Q8_0 sign-extends; Q5_0 widens its 32 unsigned bytes.
+template <QType T>
+LOOMLM_AVX2 inline void quants16(const uint8_t* blk, __m256i& lo, __m256i& hi) {
+  if constexpr (T == QType::kQ4_0 || T == QType::kQ4_1) {
+    const __m256i z = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QType::kQ4_0 ? 2 : 4))));
+    lo = _mm256_and_si256(z, _mm256_set1_epi16(0x0F));
+    hi = _mm256_srli_epi16(z, 4);
+  } else if constexpr (T == QType::kQ8_0) {
+    lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+    hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+  } else {
+    const __m256i q = quants32<T>(blk);
+    lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+    hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
+  }
+}
+
 // WR weight rows (row_bytes apart) against R activation rows: out[wr * R + r]. One block step loads
 // each activation block once for all WR rows and decodes each weight block once for all R rows, so
 // the WR * R accumulators are independent FMA chains. The float terms that do not depend on the
 // element (Q4_1's m, the zero points -8 d / -16 d of Q4_0 / Q5_0, times d_x * sum(q_x)) run on
-// WR lanes at once.
-template <QType T, int WR, int R>
+// WR lanes at once. W16: the activations are XBlock16 (16-bit), met by vpmaddwd on the weights'
+// int16 quants; else XBlock32 (8-bit), met by vpmaddubsw.
+template <QType T, int WR, int R, bool W16>
 LOOMLM_AVX2 void tile_avx2_32(const uint8_t* w, int64_t row_bytes, const uint8_t* const* xs, int64_t num_blocks,
                               float* out) {
   static_assert(WR >= 1 && WR <= 4, "WR weight rows fill one __m128 of offsets");
+  using XB = std::conditional_t<W16, XBlock16, XBlock32>;
   constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
   constexpr bool kOffset = T != QType::kQ8_0;
   constexpr float kZero = T == QType::kQ4_0 ? -8.f : T == QType::kQ5_0 ? -16.f : 0.f;
@@ -394,11 +447,12 @@ LOOMLM_AVX2 void tile_avx2_32(const uint8_t* w, int64_t row_bytes, const uint8_t
       for (int64_t line = 0; line < WR * bytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(ahead + b * WR * bytes + line), _MM_HINT_T0);
     }
-    __m256i xq[R];
+    __m256i xq[R], xq_hi[R];  // 8-bit: the 32 quants in xq; 16-bit: elements 0-15 in xq, 16-31 in xq_hi
     __m256 xd[R];
     for (int r = 0; r < R; ++r) {
-      const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
+      const XB& x = reinterpret_cast<const XB*>(xs[r])[b];
       xq[r] = load32(x.q);
+      if constexpr (W16) xq_hi[r] = load32(x.q + 16);
       xd[r] = _mm256_set1_ps(x.d);
     }
     if constexpr (kOffset) {
@@ -408,21 +462,31 @@ LOOMLM_AVX2 void tile_avx2_32(const uint8_t* w, int64_t row_bytes, const uint8_t
       __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
       if constexpr (kZero != 0.f) m = _mm_mul_ps(m, _mm_set1_ps(kZero));
       for (int r = 0; r < R; ++r) {
-        const XBlock32& x = reinterpret_cast<const XBlock32*>(xs[r])[b];
+        const XB& x = reinterpret_cast<const XB*>(xs[r])[b];
         offset[r] = _mm_fmadd_ps(m, _mm_set1_ps(x.d * static_cast<float>(x.sum)), offset[r]);
       }
     }
     for (int i = 0; i < WR; ++i) {
       const uint8_t* blk = blk0 + i * row_bytes;
       const __m256 d = _mm256_set1_ps(fp16_at_f16c(blk));
-      const __m256i signs = quants32<T>(blk);  // Q8_0's signed quants; the others' are unsigned
-      // unsigned quants (Q8_0: |q|, the sign moved onto x)
-      const __m256i qw = T == QType::kQ8_0 ? _mm256_sign_epi8(signs, signs) : signs;
-      for (int r = 0; r < R; ++r) {
-        __m256i xr = xq[r];
-        if constexpr (T == QType::kQ8_0) xr = _mm256_sign_epi8(xr, signs);
-        const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(qw, xr));
-        acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd[r]), isum, acc[i][r]);
+      if constexpr (W16) {
+        __m256i lo, hi;
+        quants16<T>(blk, lo, hi);
+        for (int r = 0; r < R; ++r) {
+          // |pair sum| <= 2 * 128 * 32767: no int32 overflow; a lane's 4 products stay below 2^24.
+          const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(lo, xq[r]), _mm256_madd_epi16(hi, xq_hi[r]));
+          acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd[r]), _mm256_cvtepi32_ps(isum), acc[i][r]);
+        }
+      } else {
+        const __m256i signs = quants32<T>(blk);  // Q8_0's signed quants; the others' are unsigned
+        // unsigned quants (Q8_0: |q|, the sign moved onto x)
+        const __m256i qw = T == QType::kQ8_0 ? _mm256_sign_epi8(signs, signs) : signs;
+        for (int r = 0; r < R; ++r) {
+          __m256i xr = xq[r];
+          if constexpr (T == QType::kQ8_0) xr = _mm256_sign_epi8(xr, signs);
+          const __m256 isum = _mm256_cvtepi32_ps(dot_u8s8(qw, xr));
+          acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd[r]), isum, acc[i][r]);
+        }
       }
     }
   }
@@ -609,7 +673,8 @@ void one_row(const uint8_t* w, int64_t, const uint8_t* const* xs, int64_t num_bl
   F(w, xs, num_blocks, out);
 }
 
-template <QType T>
+// W16: 16-bit activations (32-element blocks only).
+template <QType T, bool W16>
 Kernel pick_for(Isa isa, int rows, bool full_tile) {
 #if LOOMLM_X86
   if (isa == Isa::kAvx2) {
@@ -619,31 +684,37 @@ Kernel pick_for(Isa isa, int rows, bool full_tile) {
       return {k[rows - 1], 1};
     } else {
       // 4 weight rows for 1-2 activation rows, 2 for 3-4: at most 8 accumulators of 16 registers.
-      constexpr TileDot wide[] = {tile_avx2_32<T, 4, 1>, tile_avx2_32<T, 4, 2>, tile_avx2_32<T, 2, 3>,
-                                  tile_avx2_32<T, 2, 4>};
-      constexpr TileDot narrow[] = {tile_avx2_32<T, 1, 1>, tile_avx2_32<T, 1, 2>, tile_avx2_32<T, 1, 3>,
-                                    tile_avx2_32<T, 1, 4>};
+      constexpr TileDot wide[] = {tile_avx2_32<T, 4, 1, W16>, tile_avx2_32<T, 4, 2, W16>,
+                                  tile_avx2_32<T, 2, 3, W16>, tile_avx2_32<T, 2, 4, W16>};
+      constexpr TileDot narrow[] = {tile_avx2_32<T, 1, 1, W16>, tile_avx2_32<T, 1, 2, W16>,
+                                    tile_avx2_32<T, 1, 3, W16>, tile_avx2_32<T, 1, 4, W16>};
       if (!full_tile) return {narrow[rows - 1], 1};
       return {wide[rows - 1], rows <= 2 ? 4 : 2};
     }
   }
 #endif
-  constexpr TileDot k[] = {one_row<vec_scalar<T, 1>>, one_row<vec_scalar<T, 2>>, one_row<vec_scalar<T, 3>>,
-                           one_row<vec_scalar<T, 4>>};
+  using XB = std::conditional_t<W16, XBlock16, XBlock32>;
+  constexpr TileDot k[] = {one_row<vec_scalar<T, 1, XB>>, one_row<vec_scalar<T, 2, XB>>,
+                           one_row<vec_scalar<T, 3, XB>>, one_row<vec_scalar<T, 4, XB>>};
   return {k[rows - 1], 1};
 }
 
-Kernel pick(QType t, Isa isa, int rows, bool full_tile) {
+template <bool W16>
+Kernel pick_width(QType t, Isa isa, int rows, bool full_tile) {
   switch (t) {
-    case QType::kQ4_0: return pick_for<QType::kQ4_0>(isa, rows, full_tile);
-    case QType::kQ4_1: return pick_for<QType::kQ4_1>(isa, rows, full_tile);
-    case QType::kQ5_0: return pick_for<QType::kQ5_0>(isa, rows, full_tile);
-    case QType::kQ8_0: return pick_for<QType::kQ8_0>(isa, rows, full_tile);
-    case QType::kQ4_K: return pick_for<QType::kQ4_K>(isa, rows, full_tile);
-    case QType::kQ5_K: return pick_for<QType::kQ5_K>(isa, rows, full_tile);
-    case QType::kQ6_K: return pick_for<QType::kQ6_K>(isa, rows, full_tile);
+    case QType::kQ4_0: return pick_for<QType::kQ4_0, W16>(isa, rows, full_tile);
+    case QType::kQ4_1: return pick_for<QType::kQ4_1, W16>(isa, rows, full_tile);
+    case QType::kQ5_0: return pick_for<QType::kQ5_0, W16>(isa, rows, full_tile);
+    case QType::kQ8_0: return pick_for<QType::kQ8_0, W16>(isa, rows, full_tile);
+    case QType::kQ4_K: return pick_for<QType::kQ4_K, false>(isa, rows, full_tile);
+    case QType::kQ5_K: return pick_for<QType::kQ5_K, false>(isa, rows, full_tile);
+    case QType::kQ6_K: return pick_for<QType::kQ6_K, false>(isa, rows, full_tile);
   }
   TORCH_CHECK(false, "quant_gemm: unreachable qtype");
+}
+
+Kernel pick(QType t, Isa isa, int rows, bool full_tile, bool w16) {
+  return w16 ? pick_width<true>(t, isa, rows, full_tile) : pick_width<false>(t, isa, rows, full_tile);
 }
 
 using DequantRow = void (*)(const uint8_t* w, int64_t num_blocks, float* y);
@@ -752,10 +823,12 @@ int64_t check_weight(const at::Tensor& w, const QFormat& f, int64_t k, const cha
 // x: [M, K] float32 (rows contiguous), w: [N, row_bytes] uint8 GGUF blocks (row n = output feature n),
 // bias: [N] or None. Returns y [M, N] float32 = x @ dequant(w).T (+ bias), with x quantized to 8 bits
 // per block. isa: "auto" (the CPU's best), "avx2" or "scalar" (tests compare them).
-// activation_planes 2: each activation row is quantized twice, x ~ d1 q1 + d2 q2 with q2 the 8-bit
-// code of the residual x - d1 q1, and both planes run as rows of one group (each weight block read
-// once for both): the activation error shrinks from d1 / 2 to d2 / 2 <= d1 / 254 per element, for
-// twice the integer work. 1: llama.cpp's single 8-bit plane.
+// activation_planes 2: the precision of two 8-bit planes. K-quants: each activation row is quantized
+// twice, x ~ d1 q1 + d2 q2 with q2 the 8-bit code of the residual x - d1 q1, and both planes run as
+// rows of one group (each weight block read once for both): the activation error shrinks from d1 / 2
+// to d2 / 2 <= d1 / 254 per element, for twice the integer work. 32-element blocks: one 16-bit
+// plane (XBlock16), error <= max|x| / 65534 <= d1 / 516, for the integer work of one 8-bit plane.
+// 1: llama.cpp's single 8-bit plane.
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
                       const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes,
                       int64_t float_rows) {
@@ -786,9 +859,12 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
   }
 
   // Quantize every activation row once (per plane): virtual row P * m + p is plane p of row m.
-  const int64_t P = activation_planes, R = M * P;
   const bool k_quant = is_k_quant(f.type);
-  const int64_t xrow_bytes = num_blocks * static_cast<int64_t>(k_quant ? sizeof(XBlock256) : sizeof(XBlock32));
+  const bool w16 = activation_planes == 2 && !k_quant;  // one 16-bit plane in place of two 8-bit ones
+  const int64_t P = w16 ? 1 : activation_planes, R = M * P;
+  const int64_t xrow_bytes = num_blocks * static_cast<int64_t>(k_quant ? sizeof(XBlock256)
+                                                               : w16   ? sizeof(XBlock16)
+                                                                       : sizeof(XBlock32));
   std::vector<uint8_t> xq(static_cast<size_t>(R * xrow_bytes));
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
@@ -797,7 +873,9 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
     for (int64_t m = m0; m < m1; ++m) {
       uint8_t* dst = xq.data() + P * m * xrow_bytes;
       const float* row = xp + m * ldx;
-      if (k_quant) {
+      if (w16) {
+        quantize_row_16(row, num_blocks, reinterpret_cast<XBlock16*>(dst));
+      } else if (k_quant) {
         auto* blocks = reinterpret_cast<XBlock256*>(dst);
         quantize_row_256(row, num_blocks, blocks);
         if (P == 1) continue;
@@ -815,8 +893,8 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
 
   Kernel tiles[kMaxGroupRows], singles[kMaxGroupRows];  // WR rows at a time; one row for a panel's tail
   for (int r = 0; r < kMaxGroupRows; ++r) {
-    tiles[r] = pick(f.type, isa, r + 1, true);
-    singles[r] = pick(f.type, isa, r + 1, false);
+    tiles[r] = pick(f.type, isa, r + 1, true, w16);
+    singles[r] = pick(f.type, isa, r + 1, false, w16);
   }
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
