@@ -163,12 +163,15 @@ def test_avx2_and_scalar_agree(qtype):
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 def test_two_activation_planes_within_the_residual_bound(qtype):
-    """activation_planes=2: x ~ d1 q1 + d2 q2 (q2 the residual's 8-bit code), so each element is at
-    most d2 / 2 <= d1 / 254 off: the one-plane bound / 254, plus fp32 rounding. Both ISAs, bias
+    """activation_planes=2. K-quants: x ~ d1 q1 + d2 q2 (q2 the residual's 8-bit code), so each
+    element is at most d2 / 2 <= d1 / 254 off: the one-plane bound / 254. 32-element blocks: one
+    16-bit plane, d = max / 32767, at most d / 2 = d1 / 516 off. Plus fp32 rounding. Both ISAs, bias
     added once, and AVX2 and scalar agree."""
     gen = torch.Generator().manual_seed(200 + int(qtype))
     block = GGML_QUANT_SIZES[qtype][0]
-    for m, n, k in [(1, 33, 2 * block), (3, 7, 2304), (6, 17, block)]:  # m = 6: plane pairs across row groups
+    ratio = 254 if block == 256 else 2 * 32767 / 127
+    # m = 6: plane pairs across row groups; m = 2: the 4-weight-row tile with 2 rows; n = 37: ragged tiles.
+    for m, n, k in [(1, 33, 2 * block), (2, 37, 2 * block), (3, 7, 2304), (6, 17, block)]:
         w = _weights(qtype, n, k, seed=m + n + k)
         x = torch.randn(m, k, generator=gen) * 3
         bias = torch.randn(n, generator=gen)
@@ -177,7 +180,7 @@ def test_two_activation_planes_within_the_residual_bound(qtype):
         dx = _act_scale(x64, qtype)
         rounding = 2 * RFLOAT * ((np.abs(x64) + dx) @ (np.abs(w64) + np.abs(_offsets(w, qtype))).T + np.abs(
             bias.numpy())) + 1e-30
-        bound = 0.5 * (1 + 1e-4) * (dx @ np.abs(w64).T) / 254 + rounding
+        bound = 0.5 * (1 + 1e-4) * (dx @ np.abs(w64).T) / ratio + rounding
         outs = {}
         for isa in _ISAS:
             got = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, isa,
@@ -192,12 +195,14 @@ def test_two_activation_planes_within_the_residual_bound(qtype):
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 def test_float_path_matches_float_product(qtype):
-    """float_rows: from that many activation rows the weights are dequantized per panel (AVX2 for the
-    32-blocks) and met by float32 activations, so only fp32 rounding separates it from x @ dequant(w).T.
-    Ragged shapes: N not a multiple of the 4-row tile or the 16-row panel, odd M, strided rows."""
+    """float_rows: from that many activation rows the weights are dequantized and transposed per
+    16-row panel (AVX2 for the 32-blocks) and met by float32 activations in the float GEMM's tiles,
+    so only fp32 rounding separates it from x @ dequant(w).T. Ragged shapes: N not a multiple of the
+    16-row panel, M not of the 6-row tile, strided rows."""
     gen = torch.Generator().manual_seed(11)
     block = GGML_QUANT_SIZES[qtype][0]
-    for m, n, k in [(1, 1, block), (3, 7, 2 * block), (4, 33, 2304), (9, 18, 3 * block)]:
+    # m = 13: two 6-row tiles and a 1-row tail per panel; n = 18 / 33: a ragged last panel.
+    for m, n, k in [(1, 1, block), (3, 7, 2 * block), (4, 33, 2304), (9, 18, 3 * block), (13, 33, 2 * block)]:
         w = _weights(qtype, n, k, seed=m + n + k)
         wide = torch.randn(m, k + 32, generator=gen) * 3
         x = wide[:, 16:16 + k]

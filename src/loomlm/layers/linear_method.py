@@ -20,12 +20,13 @@ else the next one that is. The environment variable LOOMLM_LINEAR_METHOD overrid
 (auto, torch, mkl_packed, native); LOOMLM_PACKED_GEMM=0 means "torch".
 
 - "gguf" (`GGUFLinearMethod`, `quantization="gguf"`, vLLM's name): layers whose weights came
-  from a GGUF file as `QuantizedWeight` blocks keep them (kernels/quant_cpu.cpp: activations
-  quantized to 8-bit blocks, integer dot products per block, as llama.cpp; by default with a
-  second 8-bit plane for the residual, LOOMLM_GGUF_ACTIVATION_PLANES=1 for llama.cpp's single
-  one) below `gguf_float_rows()` activation rows, and from there on dequantize a tile of 4 weight
-  rows at a time into cache and meet float32 activations (the fp32 result, faster once the
-  integer work grows with the rows); the others use the float method.
+  from a GGUF file as `QuantizedWeight` blocks keep them (kernels/quant_cpu.cpp). Below
+  `float_rows` activation rows (decode), activations are quantized per block and meet the weight
+  blocks in integer dot products, as llama.cpp: by default 16-bit activations for the 32-element
+  block types and two 8-bit planes for the K-quants (LOOMLM_GGUF_ACTIVATION_PLANES=1 for
+  llama.cpp's single 8-bit plane). From `float_rows` rows on (prefill, large batches), each panel
+  of 16 weight rows is dequantized into cache and meets float32 activations in the float GEMM's
+  micro-kernel (the fp32 result); the other layers use the float method.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class _QuantGroup:
     end: int
     data: torch.Tensor  # uint8 [end - start, row_bytes]
     qtype: int
+    float_rows: int  # quant_gemm's float_rows for this group
 
 
 def gguf_activation_planes() -> int:
@@ -146,8 +148,9 @@ def gguf_activation_planes() -> int:
 
     1 is llama.cpp's scheme, one 8-bit plane per activation block: on the default model (Q4_1)
     4 of 8 greedy continuations of 16 tokens equal the float32 path's and prompt log-probabilities
-    differ by up to 0.39 nats (mean 0.08). 2 adds the 8-bit code of the residual: 8 of 8 equal,
-    within 0.001 nats, for twice the integer work (about 1.5x the decode time on an AMD EPYC).
+    differ by up to 0.39 nats (mean 0.08). 2 is the precision of a second 8-bit plane for the
+    residual: 16-bit activations for the 32-element block types (the integer work of one plane),
+    two 8-bit planes for the K-quants (twice the work): 8 of 8 equal, within 0.001 nats.
     """
     value = os.environ.get("LOOMLM_GGUF_ACTIVATION_PLANES", "2")
     if value not in ("1", "2"):
@@ -155,16 +158,30 @@ def gguf_activation_planes() -> int:
     return int(value)
 
 
-def gguf_float_rows() -> int:
-    """LOOMLM_GGUF_FLOAT_ROWS (default 3): from this many activation rows (tokens in the step) a
-    GGUF layer runs the float path, dequantized 4-row weight tiles x float32 activations; 0 never.
-    Raises ValueError for a negative or non-integer value.
+# The row count from which the float path beats the integer kernels, per GGML block family:
+# AMD EPYC (AVX2), 2 threads, 16-bit activations, ms (integer vs float path):
+# - the default model's 120 Q4_1 projections from memory: 8 rows 20.7 vs 22.9 (4-row dot tiles),
+#   12 rows 30.7 vs 28.3 (panels), 16 rows 41.2 vs 37.1, 32 rows 81 vs 54;
+# - 12 [640, 2048] weights, two 8-bit planes: Q4_K 8.7 vs 12.2 at 16 rows (its dequantizer is
+#   scalar), Q6_K 8.6 vs 7.8 at 12.
+FLOAT_ROWS_32 = 12
+FLOAT_ROWS_K = 16
+K_QUANT_TYPES = (12, 13, 14)
 
-    The crossover measured on an AMD EPYC (AVX2, 2 threads, the default model's Q4_1 layers, 30
-    layers' weights from memory): 1 row 11.8 ms integer (two planes) vs 21.2 ms float, 2 rows
-    20.2 vs 21.9, 4 rows 38.6 vs 25.4, 8 rows 68.2 vs 42.0, 32 rows 267 vs 122.
+
+def default_float_rows(qtype: int) -> int:
+    """The float path's row threshold for GGML type `qtype` when LOOMLM_GGUF_FLOAT_ROWS is unset."""
+    return FLOAT_ROWS_K if qtype in K_QUANT_TYPES else FLOAT_ROWS_32
+
+
+def gguf_float_rows() -> int | None:
+    """LOOMLM_GGUF_FLOAT_ROWS: from this many activation rows (tokens in the step) every GGUF layer
+    runs the float path (dequantized weight panels x float32 activations); 0 never; unset (None)
+    `default_float_rows` per type. Raises ValueError for a negative or non-integer value.
     """
-    value = os.environ.get("LOOMLM_GGUF_FLOAT_ROWS", "3")
+    value = os.environ.get("LOOMLM_GGUF_FLOAT_ROWS")
+    if value is None:
+        return None
     if not value.isdigit():
         raise ValueError(f"LOOMLM_GGUF_FLOAT_ROWS must be an integer >= 0, got {value!r}")
     return int(value)
@@ -173,9 +190,10 @@ def gguf_float_rows() -> int:
 class GGUFLinearMethod(LinearMethod):
     """GGUF blocks where a layer has them (`QuantizedWeight` shards), `float_method` elsewhere.
 
-    `activation_planes` (None: `gguf_activation_planes()`): 8-bit planes per activation block,
-    see kernels/quant_cpu.cpp's quant_gemm. `float_rows` (None: `gguf_float_rows()`): from this
-    many rows of x the dequantized-tile float path runs instead (0: never).
+    `activation_planes` (None: `gguf_activation_planes()`): the activation precision of the integer
+    kernels, see kernels/quant_cpu.cpp's quant_gemm. `float_rows` (None: `gguf_float_rows()`, and
+    where that is unset `default_float_rows` of each shard's type): from this many rows of x the
+    dequantized-panel float path runs instead (0: never).
 
     Adjacent shards of one type (q, k and v of one GGML type) are joined into one block matrix
     at load, so a fused layer is one kernel call; shards of different types (Q5_0 q and k,
@@ -191,7 +209,7 @@ class GGUFLinearMethod(LinearMethod):
             activation_planes = gguf_activation_planes()
         if float_rows is None:
             float_rows = gguf_float_rows()
-        if float_rows < 0:
+        if float_rows is not None and float_rows < 0:
             raise ValueError(f"float_rows must be >= 0, got {float_rows}")
         kernels = cpu_kernels()
         if kernels is None:
@@ -211,10 +229,12 @@ class GGUFLinearMethod(LinearMethod):
         groups: list[_QuantGroup] = []
         for start, end, weight in shards:
             last = groups[-1] if groups else None
+            float_rows = default_float_rows(weight.qtype) if self.float_rows is None else self.float_rows
             if last is not None and last.qtype == weight.qtype and last.end == start:
-                groups[-1] = _QuantGroup(last.start, end, torch.cat([last.data, weight.data]), weight.qtype)
+                groups[-1] = _QuantGroup(last.start, end, torch.cat([last.data, weight.data]), weight.qtype,
+                                         float_rows)
             else:
-                groups.append(_QuantGroup(start, end, weight.data.contiguous(), weight.qtype))
+                groups.append(_QuantGroup(start, end, weight.data.contiguous(), weight.qtype, float_rows))
         return ("gguf", groups)
 
     def apply(self, state: Any, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -232,7 +252,7 @@ class GGUFLinearMethod(LinearMethod):
         # x: [M, in] -> [M, group.end - group.start]
         # Positional: pybind11's keyword matching costs ~2 us a call, 121 calls a decode step.
         return self._kernels.quant_gemm(x, group.data, group.qtype, group.end - group.start, bias, "auto",
-                                        self.activation_planes, self.float_rows)
+                                        self.activation_planes, group.float_rows)
 
 
 def cpu_vendor() -> str:

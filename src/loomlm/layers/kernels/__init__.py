@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
 _SOURCES = ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp", "quant_cpu.cpp")
-_HEADERS = ("vec_math.h",)
+_HEADERS = ("vec_math.h", "float_tile.h")
 # -fno-trapping-math: lets GCC turn the branches of vec_math.h's exp/sigmoid (clamps, sign
 # selects) into blends, so the loops that call them vectorize; without it they ran scalar
 # (silu_and_mul 9 ns per element). Results are unchanged: no FP exception is ever inspected.

@@ -2,13 +2,18 @@
 // y[M, N] = x[M, K] @ dequant(w)[N, K].T (+ bias[N]), w the tensor's raw bytes [N, row_bytes].
 //
 // As llama.cpp's ggml-cpu does (ggml_vec_dot_q4_0_q8_0 and friends): each activation row is
-// quantized once to 8-bit blocks (Q8_0-style blocks of 32 with a float scale and the block's sum
-// of quants for Q4_0/Q4_1/Q5_0/Q8_0 weights; Q8_K-style super-blocks of 256 with a float scale and
-// 16 bsums for Q4_K/Q5_K/Q6_K), then every weight block meets it in an integer dot product (AVX2:
-// vpmaddubsw u8 x s8 -> int16 pairs, vpmaddwd with ones or the sub-block scales -> int32), scaled
-// into an fp32 accumulator per block. Weights' zero points (-8, -16, -32) are folded in exactly as
-// integers via the activation sums; Q4_1's and the K-quants' float mins use them in fp32.
-// Activation error: |x - d_x q| <= d_x / 2 per element, d_x = max|x_block| / 127.
+// quantized once to integer blocks, then every weight block meets it in an integer dot product,
+// scaled into an fp32 accumulator per block. Activations (quant_gemm's activation_planes):
+// - 1, llama.cpp's scheme: Q8_0-style blocks of 32 with a float scale and the block's sum of quants
+//   for Q4_0/Q4_1/Q5_0/Q8_0 weights (AVX2: vpmaddubsw u8 x s8 -> int16 pairs, vpmaddwd with ones ->
+//   int32); Q8_K-style super-blocks of 256 with 16 bsums for Q4_K/Q5_K/Q6_K (vpmaddwd with the
+//   sub-block scales). Error |x - d_x q| <= d_x / 2 per element, d_x = max|x_block| / 127.
+// - 2 (the default): 32-element blocks get 16-bit activations (XBlock16, d_x = max / 32767; the
+//   weights' quants widened to int16 and met by vpmaddwd: one 8-bit plane's work); the K-quants
+//   get a second 8-bit plane for the residual (twice the work). Either way the error is at most
+//   d_x / 254 of the 8-bit scheme's d_x.
+// Weights' zero points (-8, -16, -32) are folded in exactly as integers via the activation sums;
+// Q4_1's and the K-quants' float mins use them in fp32.
 //
 // Bit layouts and dequantization formulas follow gguf-py's quants.py (`dequantize_blocks`), which
 // mirrors ggml-quants.c; quant_dequantize reproduces them bit for bit (every product there is exact
@@ -18,12 +23,13 @@
 // ATen's thread pool (torch's own threads, no oversubscription) in tasks of >= 16 rows; a task walks
 // panels of 16 weight rows, and for each group of up to 4 activation rows reads every weight block
 // once for the group, in tiles of 4 (1-2 activation rows) or 2 (3-4) weight rows that share each
-// activation block load. For decode (M = 1..4) that is a GEMV streaming the weights once.
+// activation block load. For decode (a few rows) that is a GEMV streaming the weights once.
 //
 // From `float_rows` activation rows on (quant_gemm's argument; the integer work grows with the
-// rows, the float path's dequantization does not), float_gemm runs instead: 4 weight rows at a time
-// are dequantized into an L1 buffer and meet the float32 activation rows in FMA dot products, the
-// float32 product of the dequantized weights up to summation order.
+// rows, the float path's dequantization does not), panel_gemm runs instead: each panel of 16 weight
+// rows is dequantized and transposed into float_tile.h's layout once, and the float GEMM's
+// micro-kernel meets every activation row with it: the float32 product of the dequantized weights
+// up to summation order, at the float method's speed, without a float copy of the weights.
 //
 // The instruction set is picked at run time from the CPU's flags (`__builtin_cpu_supports`), never
 // from the build machine: the AVX2 kernels carry a function-level target attribute, and the portable
@@ -41,6 +47,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "float_tile.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -613,23 +621,6 @@ LOOMLM_AVX2 void dequantize_row_avx2(const uint8_t* w, int64_t num_blocks, float
   }
 }
 
-// WR weight rows (float, K apart) against R activation rows: out[i * R + r] = dot over K (K % 8 == 0).
-template <int WR, int R>
-LOOMLM_AVX2 void dot_tile_avx2(const float* w, int64_t K, const float* x, int64_t ldx, float* out) {
-  __m256 acc[WR][R];
-  for (int i = 0; i < WR; ++i)
-    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[WR];
-    for (int i = 0; i < WR; ++i) wv[i] = _mm256_loadu_ps(w + i * K + k);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
-      for (int i = 0; i < WR; ++i) acc[i][r] = _mm256_fmadd_ps(wv[i], xv, acc[i][r]);
-    }
-  }
-  for (int i = 0; i < WR; ++i)
-    for (int r = 0; r < R; ++r) out[i * R + r] = hsum(acc[i][r]);
-}
 #endif
 
 constexpr int kMaxGroupRows = 4;  // activation rows sharing one read of a weight block
@@ -732,34 +723,6 @@ DequantRow pick_dequant(QType t) {
   TORCH_CHECK(false, "quant_dequantize: unreachable qtype");
 }
 
-using FloatDot = void (*)(const float* w, int64_t K, const float* x, int64_t ldx, float* out);
-
-template <int WR, int R>
-void dot_tile_scalar(const float* w, int64_t K, const float* x, int64_t ldx, float* out) {
-  for (int i = 0; i < WR; ++i) {
-    for (int r = 0; r < R; ++r) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += w[i * K + k] * x[r * ldx + k];
-      out[i * R + r] = acc;
-    }
-  }
-}
-
-constexpr int kFloatTileRows = 4;  // weight rows per float dot tile (1 for a panel's tail)
-constexpr int kFloatTileCols = 2;  // activation rows per float dot tile: 8 accumulators + 4 weights + 1 x
-
-// [weight rows == 4][activation rows - 1]
-FloatDot pick_float_dot(Isa isa, bool four_rows, int rows) {
-#if LOOMLM_X86
-  if (isa == Isa::kAvx2) {
-    if (four_rows) return rows == 1 ? dot_tile_avx2<4, 1> : dot_tile_avx2<4, 2>;
-    return rows == 1 ? dot_tile_avx2<1, 1> : dot_tile_avx2<1, 2>;
-  }
-#endif
-  if (four_rows) return rows == 1 ? dot_tile_scalar<4, 1> : dot_tile_scalar<4, 2>;
-  return rows == 1 ? dot_tile_scalar<1, 1> : dot_tile_scalar<1, 2>;
-}
-
 // The dequantizer of the float path: AVX2 for 32-element blocks, else the exact scalar one.
 DequantRow pick_dequant_fast(QType t, Isa isa) {
 #if LOOMLM_X86
@@ -776,32 +739,73 @@ DequantRow pick_dequant_fast(QType t, Isa isa) {
   return pick_dequant(t);
 }
 
-// y = x @ dequant(w).T (+ bias) in float32: each task dequantizes a tile of kFloatTileRows weight
-// rows at a time into a [rows, K] buffer in L1 and meets every activation row with it in float
-// dot products.
-void float_gemm(const float* xp, int64_t ldx, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes,
-                int64_t num_blocks, int64_t n, const float* bias, DequantRow dequant, Isa isa, float* yp) {
-  FloatDot kernels[2][kFloatTileCols];
-  for (int four = 0; four < 2; ++four)
-    for (int r = 0; r < kFloatTileCols; ++r) kernels[four][r] = pick_float_dot(isa, four, r + 1);
-  at::parallel_for(0, n, kPanelRows, [&](int64_t n0, int64_t n1) {
-    std::vector<float> panel(static_cast<size_t>(kFloatTileRows * K));
-    float out[kFloatTileRows * kFloatTileCols];
-    // One weight tile at a time, dequantized into L1 (4 rows: <= 24 KB at K = 1536) and met by every
-    // activation row (8 rows x a [3072, 576] Q4_1 weight, one thread: 1.04 ms, against 1.36 ms when
-    // 16-row panels were dequantized first, into L2).
-    for (int64_t j = n0; j < n1;) {
-      const int wr = j + kFloatTileRows <= n1 ? kFloatTileRows : 1;
-      for (int i = 0; i < wr; ++i) dequant(wp + (j + i) * row_bytes, num_blocks, panel.data() + i * K);
-      for (int64_t m = 0; m < M; m += kFloatTileCols) {
-        const int rows = static_cast<int>(std::min<int64_t>(kFloatTileCols, M - m));
-        kernels[wr == kFloatTileRows][rows - 1](panel.data(), K, xp + m * ldx, ldx, out);
-        for (int i = 0; i < wr; ++i) {
-          const float b = bias ? bias[j + i] : 0.f;
-          for (int r = 0; r < rows; ++r) yp[(m + r) * n + j + i] = out[i * rows + r] + b;
-        }
+// rows: kPanel dequantized weight rows [16][K] -> panel [K][16] (float_tile.h's layout), K % 8 == 0.
+void rows_to_panel_scalar(const float* rows, int64_t K, float* panel) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < loomlm::kPanel; ++j) panel[k * loomlm::kPanel + j] = rows[j * K + k];
+}
+
+#if LOOMLM_X86
+// The same in 8 x 8 blocks: 8 row loads, the standard unpack / shuffle / permute transpose, 8 stores.
+LOOMLM_AVX2 void rows_to_panel_avx2(const float* rows, int64_t K, float* panel) {
+  for (int64_t jb = 0; jb < loomlm::kPanel; jb += 8) {
+    for (int64_t k = 0; k < K; k += 8) {
+      __m256 r[8], t[8], u[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(rows + (jb + j) * K + k);
+      for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
       }
-      j += wr;
+      for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+        u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+        u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+      }
+      float* out = panel + k * loomlm::kPanel + jb;
+      for (int e = 0; e < 4; ++e) {
+        _mm256_storeu_ps(out + e * loomlm::kPanel, _mm256_permute2f128_ps(u[e], u[e + 4], 0x20));
+        _mm256_storeu_ps(out + (e + 4) * loomlm::kPanel, _mm256_permute2f128_ps(u[e], u[e + 4], 0x31));
+      }
+    }
+  }
+}
+#endif
+
+// The float path (many rows: prefill, large batches): each task dequantizes one panel of 16 weight rows at a time
+// and transposes it into float_tile.h's [K][16] layout, where the outer-product micro-kernel meets
+// every activation row in tiles of 6 (the float method's kernel: no horizontal sums, 2 weight loads
+// per 12 FMAs), so the dequantization and the transpose are paid once per 16 columns for all rows.
+void panel_gemm(const float* xp, int64_t ldx, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes,
+                int64_t num_blocks, int64_t n, const float* bias, DequantRow dequant, Isa isa, float* yp) {
+  using loomlm::kMaxTileRows;
+  using loomlm::kPanel;
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> rows(static_cast<size_t>(kPanel * K)), panel(static_cast<size_t>(kPanel * K));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t col0 = p * kPanel, cols = std::min(kPanel, n - col0);
+      for (int64_t j = 0; j < cols; ++j) dequant(wp + (col0 + j) * row_bytes, num_blocks, rows.data() + j * K);
+      std::fill(rows.begin() + cols * K, rows.end(), 0.f);
+#if LOOMLM_X86
+      if (isa == Isa::kAvx2) {
+        rows_to_panel_avx2(rows.data(), K, panel.data());
+      } else
+#endif
+      {
+        rows_to_panel_scalar(rows.data(), K, panel.data());
+      }
+      const float* b = bias ? bias + col0 : nullptr;
+      for (int64_t m = 0; m < M; m += kMaxTileRows) {
+        const int r = static_cast<int>(std::min<int64_t>(kMaxTileRows, M - m));
+#if LOOMLM_X86
+        if (isa == Isa::kAvx2) {
+          loomlm::tile_avx2_rows(xp + m * ldx, ldx, r, panel.data(), K, yp + m * n + col0, n, cols, b, nullptr);
+          continue;
+        }
+#endif
+        loomlm::tile_scalar(xp + m * ldx, ldx, r, panel.data(), K, yp + m * n + col0, n, cols, b);
+      }
     }
   });
 }
@@ -852,9 +856,8 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
   if (M == 0 || n == 0) return y;
 
   if (float_rows > 0 && M >= float_rows) {
-    const DequantRow dequant = pick_dequant_fast(f.type, isa);
-    float_gemm(x.data_ptr<float>(), x.stride(0), M, K, w.data_ptr<uint8_t>(), w.size(1), num_blocks, n, bias_ptr,
-               dequant, isa, y.data_ptr<float>());
+    panel_gemm(x.data_ptr<float>(), x.stride(0), M, K, w.data_ptr<uint8_t>(), w.size(1), num_blocks, n, bias_ptr,
+               pick_dequant_fast(f.type, isa), isa, y.data_ptr<float>());
     return y;
   }
 
