@@ -112,6 +112,9 @@ class ModelRunner:
         while something still holds the engine object. Any later `execute` raises RuntimeError."""
         for attn in self.model.attention_layers() if self.model is not None else []:
             attn.k_cache = attn.v_cache = None
+        drop_stack = getattr(self.model, "drop_decoder_stack", None)  # native decode holds the pools too
+        if drop_stack is not None:
+            drop_stack()
         self.kv_cache = None
         self._gather_buffer = None
         self.model = None  # last: `model is None` means everything is released

@@ -25,6 +25,7 @@ from loomlm.layers.linear_method import QuantizedWeight
 from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.norm import RMSNorm
 from loomlm.layers.rotary import RotaryEmbedding, apply_rotary_
+from loomlm.models.decoder_stack import build_decoder_stack
 from loomlm.models.llama_spec import LayerSpec, LlamaFamilySpec, llama_family_spec
 from loomlm.models.weight_utils import default_weight_loader
 
@@ -204,6 +205,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(spec.hidden_size, {"lm_head": config.vocab_size})
         for p in self.parameters():
             p.requires_grad_(False)
+        # decoder_stack.py: decode-only steps through all layers in one native call where the model
+        # qualifies; built on first use, after the KV pools are bound. False: always the Python layers.
+        self.use_decoder_stack = True
+        self._stack, self._stack_key = None, None
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
@@ -214,11 +219,32 @@ class LlamaForCausalLM(nn.Module):
             x = x * self.spec.embed_scale
         batch = current_forward_batch()  # its sequence lengths pick dynamic / longrope frequencies
         ropes = {key: rotary.cos_sin(positions, x.dtype, batch) for key, rotary in self.rotary.items()}  # once per step
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(ropes, x, residual)
+        stack = self._decoder_stack(batch, x.shape[0])
+        if stack is not None:  # every layer in one native call, the same kernels in the same order
+            cos, sin = next(iter(ropes.values()))
+            x, residual = stack.forward(x, cos, sin, batch.decode.block_tables, batch.decode.context_lens,
+                                        batch.slot_mapping)
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(ropes, x, residual)
         x, _ = self.norm(x, residual)
         return x
+
+    def _decoder_stack(self, batch, num_tokens: int):
+        """The native DecoderStack when this step may use it (decoder_stack.py), else None."""
+        if not self.use_decoder_stack or batch.num_decode_tokens != num_tokens or batch.lora is not None \
+                or batch.decode.backend != "cpu_native":
+            return None
+        k_cache = self.layers[0].self_attn.attn.k_cache
+        if self._stack_key is not k_cache:  # first use, or the KV pools were bound anew
+            self._stack = build_decoder_stack(self) if k_cache is not None else None
+            self._stack_key = k_cache
+        return self._stack
+
+    def drop_decoder_stack(self) -> None:
+        """Forget the DecoderStack (and its references to the KV pools), as when the pools are released."""
+        self._stack, self._stack_key = None, None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()  # [n, vocab_size]

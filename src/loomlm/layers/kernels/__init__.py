@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp", "quant_cpu.cpp")
+_SOURCES = ("paged_decode_cpu.cpp", "fused_ops_cpu.cpp", "gemm_cpu.cpp", "quant_cpu.cpp", "decoder_stack_cpu.cpp")
 _HEADERS = ("vec_math.h", "float_tile.h")
 # -fno-trapping-math: lets GCC turn the branches of vec_math.h's exp/sigmoid (clamps, sign
 # selects) into blends, so the loops that call them vectorize; without it they ran scalar

@@ -350,6 +350,8 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
                       int64_t float_rows);
 at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k);
 std::string quant_isa();
+// decoder_stack_cpu.cpp
+void register_decoder_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: they run without the GIL, so that the server's event loop
@@ -375,4 +377,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_dequantize", &quant_dequantize, "GGUF blocks w [N, row_bytes] -> float32 [N, k] (CPU)",
         pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("k"), no_gil);
   m.def("quant_isa", &quant_isa, "the instruction set quant_gemm uses on this CPU (avx2 or scalar)");
+  register_decoder_stack(m);
 }
