@@ -9,7 +9,7 @@ kernels at every row count (LOOMLM_GGUF_FLOAT_ROWS=0):
   planes for the K-quants): >= 7 of 8 continuations equal token for token (8 of 8 measured, both
   models), per-position KL < 1e-3 (measured < 1e-5) and every prompt / continuation token's
   log-probability within 0.05 nats (measured max 0.0023, Gemma 3 0.0029; issue 15's bound);
-- the default split (integer kernels below 12 rows, 16 for the K-quants; the dequantized-panel
+- the default split (integer kernels below 12 rows, 6 for the K-quants; the dequantized-panel
   float path from there, so prompt scoring is the float32 result): the same bounds, and a prompt
   decoded alone (one row: the integer path) equal to float32;
 - one plane (llama.cpp's scheme, LOOMLM_GGUF_ACTIVATION_PLANES=1): near-ties flip later tokens
@@ -188,7 +188,7 @@ def test_gguf_quantization_is_refused_where_it_cannot_run(make_tiny_model_dir):
 
 def test_gemma3_keeps_its_blocks_close_to_float():
     """Gemma 3 270M's Q4_K_M file (Q4_K / Q5_0 / Q6_K / Q8_0 layers, the K-quants' 256-blocks):
-    the default split (integer kernels below 16 rows for the K-quants, 12 for the others, the float
+    the default split (integer kernels below 6 rows for the K-quants, 12 for the others, the float
     path from there) against the same file
     dequantized to float32, with issue 15's bounds."""
     quantized = LLM("gemma-3-270m", quantization="gguf", num_gpu_blocks_override=64)
@@ -196,6 +196,8 @@ def test_gemma3_keeps_its_blocks_close_to_float():
     linears = [m for m in quantized.llm_engine.model_runner.model.modules() if isinstance(m, Linear)]
     types = {g.qtype for m in linears if m.weight_state[0] == "gguf" for g in m.weight_state[1]}
     assert {int(gguf.GGMLQuantizationType.Q4_K), int(gguf.GGMLQuantizationType.Q6_K)} <= types, types
+    rows = {g.qtype: g.float_rows for m in linears if m.weight_state[0] == "gguf" for g in m.weight_state[1]}
+    assert all(r == (6 if t in (12, 13, 14) else 12) for t, r in rows.items()), rows
     equal, _, max_kl, max_diff, _ = _compare_to_float(quantized, full)
     assert equal >= 7, equal
     assert max_kl < 1e-3, max_kl

@@ -131,6 +131,17 @@ def test_dequantize_matches_gguf_bit_for_bit(qtype):
         expected = gguf.quants.dequantize(w, qtype)
         assert got.shape == expected.shape == (n, k)
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), f"{qtype.name} n={n} k={k}"
+        # The float path's AVX2 dequantizer: the K-quants bit for bit; the 32-element blocks as
+        # d * q + (zero point or m) in one FMA: equal values (d * q - 8 d gives +0 where gguf's
+        # d * (q - 8) gives -0 for a negative d), Q4_1 within 1 ulp (gguf rounds twice).
+        if "avx2" in _ISAS:
+            fast = kernels.quant_dequantize(torch.from_numpy(w), int(qtype), k, isa="avx2").numpy()
+            if qtype == QT.Q4_1:
+                assert np.all(np.abs(fast - expected) <= np.spacing(np.abs(expected))), f"Q4_1 n={n} k={k}"
+            elif GGML_QUANT_SIZES[qtype][0] == 32:
+                assert np.array_equal(fast, expected), f"{qtype.name} avx2 n={n}"
+            else:
+                assert np.array_equal(fast.view(np.uint32), expected.view(np.uint32)), f"{qtype.name} avx2 n={n}"
 
 
 @pytest.mark.parametrize("isa", _ISAS)

@@ -348,7 +348,7 @@ std::string gemm_isa();
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
                       const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes,
                       int64_t float_rows);
-at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k);
+at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k, const std::string& isa_name);
 std::string quant_isa();
 // decoder_stack_cpu.cpp
 void register_decoder_stack(pybind11::module& m);
@@ -375,7 +375,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("isa") = "auto", pybind11::arg("activation_planes") = 1,
         pybind11::arg("float_rows") = 0, no_gil);
   m.def("quant_dequantize", &quant_dequantize, "GGUF blocks w [N, row_bytes] -> float32 [N, k] (CPU)",
-        pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("k"), no_gil);
+        pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("k"), pybind11::arg("isa") = "scalar", no_gil);
   m.def("quant_isa", &quant_isa, "the instruction set quant_gemm uses on this CPU (avx2 or scalar)");
   register_decoder_stack(m);
 }

@@ -505,10 +505,39 @@ LOOMLM_AVX2 void tile_avx2_32(const uint8_t* w, int64_t row_bytes, const uint8_t
   }
 }
 
+// Q6_K: half h of a super-block (elements 128h ...) as 4 x 32 six-bit quants, q[g] = elements
+// 128h + 32g ...: 4 low bits from ql, 2 high bits from qh >> 2g.
+LOOMLM_AVX2 inline void q6k_quants(const uint8_t* blk, int h, __m256i q[4]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+  const __m256i bits1 = load32(blk + 64 * h), bits2 = load32(blk + 64 * h + 32);
+  const __m256i hb = load32(blk + 128 + 32 * h);
+  q[0] = _mm256_or_si256(_mm256_and_si256(bits1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+  q[1] = _mm256_or_si256(_mm256_and_si256(bits2, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+  q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), _mm256_and_si256(hb, m30));
+  q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4),
+                         _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+}
+
+// Q4_K / Q5_K super-block blk: sub-blocks 2c (lo) and 2c + 1 (hi) as 32 quants each; Q5_K's fifth
+// bit of sub-block j is bit j of qh[i] (the 32 bytes at blk + 16).
+template <QType T>
+LOOMLM_AVX2 inline void k45_quants(const uint8_t* blk, int c, __m256i& lo, __m256i& hi) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i bits = load32(blk + (T == QType::kQ4_K ? 16 : 48) + 32 * c);
+  lo = _mm256_and_si256(bits, m4);
+  hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+  if constexpr (T == QType::kQ5_K) {
+    const __m256i mlo = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
+    const __m256i mhi = _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1)));
+    const __m256i m16 = _mm256_set1_epi8(0x10), hbits = load32(blk + 16);
+    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mlo), mlo), m16));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mhi), mhi), m16));
+  }
+}
+
 template <QType T, int R>
 LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out) {
   constexpr int64_t bytes = T == QType::kQ4_K ? 144 : T == QType::kQ5_K ? 176 : 210;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   float mins[R] = {};
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -520,18 +549,9 @@ LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t 
     if constexpr (T == QType::kQ6_K) {
       d = fp16_at_f16c(blk + 208);
       const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-      const __m256i m30 = _mm256_set1_epi8(0x30);
       for (int h = 0; h < 2; ++h) {
-        const __m256i bits1 = load32(blk + 64 * h), bits2 = load32(blk + 64 * h + 32);
-        const __m256i hb = load32(blk + 128 + 32 * h);
-        // Group g (elements 128h + 32g ...): 4 low bits from ql, 2 high bits from qh >> 2g.
-        const __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(bits1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
-            _mm256_or_si256(_mm256_and_si256(bits2, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits1, 4), m4), _mm256_and_si256(hb, m30)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits2, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30)),
-        };
+        __m256i q[4];
+        q6k_quants(blk, h, q);
         // 16 elements per scale: the low 128-bit lane takes sc[8h + 2g], the high lane sc[8h + 2g + 1].
         __m256i scale[4];
         for (int g = 0; g < 4; ++g) {
@@ -556,20 +576,9 @@ LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t 
       dmin = fp16_at_f16c(blk + 2);
       uint8_t sc[8], mn[8];
       k4_scale_min(blk + 4, sc, mn);
-      const uint8_t* qs = blk + (T == QType::kQ4_K ? 16 : 48);
-      __m256i hbits = _mm256_setzero_si256();
-      if constexpr (T == QType::kQ5_K) hbits = load32(blk + 16);
       for (int c = 0; c < 4; ++c) {
-        const __m256i bits = load32(qs + 32 * c);
-        __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-        if constexpr (T == QType::kQ5_K) {
-          // Fifth bit of sub-block j = 2c (lo) and 2c + 1 (hi): bit j of qh[i].
-          const __m256i mlo = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
-          const __m256i mhi = _mm256_set1_epi8(static_cast<char>(1 << (2 * c + 1)));
-          const __m256i m16 = _mm256_set1_epi8(0x10);
-          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mlo), mlo), m16));
-          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mhi), mhi), m16));
-        }
+        __m256i lo, hi;
+        k45_quants<T>(blk, c, lo, hi);
         const __m256i slo = _mm256_set1_epi16(sc[2 * c]), shi = _mm256_set1_epi16(sc[2 * c + 1]);
         for (int r = 0; r < R; ++r) {
           const int8_t* xq = reinterpret_cast<const XBlock256*>(xs[r])[b].q + 64 * c;
@@ -621,6 +630,66 @@ LOOMLM_AVX2 void dequantize_row_avx2(const uint8_t* w, int64_t num_blocks, float
   }
 }
 
+#endif
+
+#if LOOMLM_X86
+// 32 quant bytes (unsigned) -> 32 floats scale * q - offset, 8 at a time. scale * q is exact (an fp16
+// scale times a 6-bit sub-scale times a 6-bit quant: < 24 significant bits) and fmsub rounds once,
+// as dequantize_row's product-then-subtract: bit for bit.
+LOOMLM_AVX2 inline void store_scaled32(__m256i q, float scale, float offset, float* y) {
+  const __m256 vs = _mm256_set1_ps(scale), vo = _mm256_set1_ps(offset);
+  const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+  for (int h = 0; h < 2; ++h) {
+    for (int e = 0; e < 2; ++e) {
+      const __m128i part = e ? _mm_srli_si128(halves[h], 8) : halves[h];
+      const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+      _mm256_storeu_ps(y + 16 * h + 8 * e, _mm256_fmsub_ps(vs, qf, vo));
+    }
+  }
+}
+
+// K-quant super-blocks -> floats (the float path's dequantizer): the quants decoded as vec_avx2_k
+// does, the formulas of dequantize_row. Q6_K: d * sc[g] * (q - 32) per 16 elements, written as
+// (d * sc) * q - (d * sc) * 32, both products exact, one rounding.
+template <QType T>
+LOOMLM_AVX2 void dequantize_row_avx2_k(const uint8_t* w, int64_t num_blocks, float* y) {
+  constexpr int64_t bytes = T == QType::kQ4_K ? 144 : T == QType::kQ5_K ? 176 : 210;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    float* out = y + 256 * b;
+    if constexpr (T == QType::kQ6_K) {
+      const float d = fp16_at_f16c(blk + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      for (int h = 0; h < 2; ++h) {
+        __m256i q[4];
+        q6k_quants(blk, h, q);
+        for (int g = 0; g < 4; ++g) {
+          // Elements 128h + 32g ...: the first 16 take sc[8h + 2g], the next 16 sc[8h + 2g + 1].
+          alignas(32) float tmp[32];
+          const float s0 = d * static_cast<float>(sc[8 * h + 2 * g]), s1 = d * static_cast<float>(sc[8 * h + 2 * g + 1]);
+          store_scaled32(q[g], 1.f, 0.f, tmp);  // the quants as floats (exact)
+          for (int e = 0; e < 32; e += 8) {
+            const float s = e < 16 ? s0 : s1;
+            const __m256 v = _mm256_sub_ps(_mm256_load_ps(tmp + e), _mm256_set1_ps(32.f));  // q - 32, exact
+            _mm256_storeu_ps(out + 128 * h + 32 * g + e, _mm256_mul_ps(_mm256_set1_ps(s), v));
+          }
+        }
+      }
+    } else {
+      const float d = fp16_at_f16c(blk), dmin = fp16_at_f16c(blk + 2);
+      uint8_t sc[8], mn[8];
+      k4_scale_min(blk + 4, sc, mn);
+      for (int c = 0; c < 4; ++c) {
+        __m256i lo, hi;
+        k45_quants<T>(blk, c, lo, hi);
+        const int j = 2 * c;
+        store_scaled32(lo, d * static_cast<float>(sc[j]), dmin * static_cast<float>(mn[j]), out + 32 * j);
+        store_scaled32(hi, d * static_cast<float>(sc[j + 1]), dmin * static_cast<float>(mn[j + 1]),
+                       out + 32 * (j + 1));
+      }
+    }
+  }
+}
 #endif
 
 constexpr int kMaxGroupRows = 4;  // activation rows sharing one read of a weight block
@@ -723,7 +792,8 @@ DequantRow pick_dequant(QType t) {
   TORCH_CHECK(false, "quant_dequantize: unreachable qtype");
 }
 
-// The dequantizer of the float path: AVX2 for 32-element blocks, else the exact scalar one.
+// The dequantizer of the float path: AVX2 where the CPU has it (bit for bit the scalar one, but for
+// Q4_1's + m: <= 1 ulp), else the scalar one.
 DequantRow pick_dequant_fast(QType t, Isa isa) {
 #if LOOMLM_X86
   if (isa == Isa::kAvx2) {
@@ -732,7 +802,9 @@ DequantRow pick_dequant_fast(QType t, Isa isa) {
       case QType::kQ4_1: return dequantize_row_avx2<QType::kQ4_1>;
       case QType::kQ5_0: return dequantize_row_avx2<QType::kQ5_0>;
       case QType::kQ8_0: return dequantize_row_avx2<QType::kQ8_0>;
-      default: break;
+      case QType::kQ4_K: return dequantize_row_avx2_k<QType::kQ4_K>;
+      case QType::kQ5_K: return dequantize_row_avx2_k<QType::kQ5_K>;
+      case QType::kQ6_K: return dequantize_row_avx2_k<QType::kQ6_K>;
     }
   }
 #endif
@@ -937,13 +1009,15 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
   return y;
 }
 
-// w: [N, row_bytes] uint8 GGUF blocks -> [N, k] float32, equal to gguf.quants.dequantize bit for bit.
-at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
+// w: [N, row_bytes] uint8 GGUF blocks -> [N, k] float32. isa "scalar" (the default): equal to
+// gguf.quants.dequantize bit for bit. "avx2" / "auto": the float path's dequantizer, the same bits but
+// for Q4_1 (<= 1 ulp, see dequantize_row_avx2).
+at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k, const std::string& isa_name) {
   const QFormat& f = find_format(qtype, "quant_dequantize");
   const int64_t num_blocks = check_weight(w, f, k, "quant_dequantize");
   const int64_t N = w.size(0), row_bytes = w.size(1);
   at::Tensor y = at::empty({N, k}, at::TensorOptions().dtype(at::kFloat));
-  const DequantRow row_fn = pick_dequant(f.type);
+  const DequantRow row_fn = pick_dequant_fast(f.type, parse_isa(isa_name));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / k), [&](int64_t n0, int64_t n1) {
