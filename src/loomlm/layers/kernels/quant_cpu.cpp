@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -105,41 +106,24 @@ struct XBlock16 {
   int16_t q[32];
 };
 
-// q = round-half-even(x * 127 / max|x|), d = max|x| / 127: one code for both ISAs, so the paths see
-// identical activations.
-float quantize_chunk(const float* x, int64_t n, int8_t* q) {
+// q = round-half-even(x * Q / max|x|), d = max|x| / Q, Q the quant type's largest value (127 for
+// int8, 32767 for int16): one code for both ISAs, so the paths see identical activations.
+template <typename Q>
+float quantize_chunk(const float* x, int64_t n, Q* q) {
+  constexpr float kMax = static_cast<float>(std::numeric_limits<Q>::max());
   float amax = 0.f;
   for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float id = amax != 0.f ? 127.f / amax : 0.f;
+  const float id = amax != 0.f ? kMax / amax : 0.f;
   for (int64_t i = 0; i < n; ++i) {
     const float v = std::nearbyint(x[i] * id);
-    q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    q[i] = static_cast<Q>(std::min(kMax, std::max(-kMax, v)));
   }
-  return amax / 127.f;
+  return amax / kMax;
 }
 
-// The same rule at 16 bits: q = round-half-even(x * 32767 / max|x|), d = max|x| / 32767.
-float quantize_chunk16(const float* x, int64_t n, int16_t* q) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float id = amax != 0.f ? 32767.f / amax : 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::nearbyint(x[i] * id);
-    q[i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, v)));
-  }
-  return amax / 32767.f;
-}
-
-void quantize_row_16(const float* x, int64_t num_blocks, XBlock16* out) {
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    out[b].d = quantize_chunk16(x + 32 * b, 32, out[b].q);
-    int32_t sum = 0;
-    for (int i = 0; i < 32; ++i) sum += out[b].q[i];
-    out[b].sum = sum;
-  }
-}
-
-void quantize_row_32(const float* x, int64_t num_blocks, XBlock32* out) {
+// Blocks of 32 (XBlock32, or XBlock16 at 16 bits) with each block's sum of quants.
+template <typename XB>
+void quantize_row_32(const float* x, int64_t num_blocks, XB* out) {
   for (int64_t b = 0; b < num_blocks; ++b) {
     out[b].d = quantize_chunk(x + 32 * b, 32, out[b].q);
     int32_t sum = 0;
@@ -949,7 +933,7 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
       uint8_t* dst = xq.data() + P * m * xrow_bytes;
       const float* row = xp + m * ldx;
       if (w16) {
-        quantize_row_16(row, num_blocks, reinterpret_cast<XBlock16*>(dst));
+        quantize_row_32(row, num_blocks, reinterpret_cast<XBlock16*>(dst));
       } else if (k_quant) {
         auto* blocks = reinterpret_cast<XBlock256*>(dst);
         quantize_row_256(row, num_blocks, blocks);
