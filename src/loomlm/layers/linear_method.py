@@ -147,10 +147,10 @@ def gguf_activation_planes() -> int:
     """LOOMLM_GGUF_ACTIVATION_PLANES: 2 (default) or 1. Raises ValueError for anything else.
 
     1 is llama.cpp's scheme, one 8-bit plane per activation block: on the default model (Q4_1)
-    4 of 8 greedy continuations of 16 tokens equal the float32 path's and prompt log-probabilities
-    differ by up to 0.39 nats (mean 0.08). 2 is the precision of a second 8-bit plane for the
+    4-5 of 8 greedy continuations of 16 tokens equal the float32 path's and prompt log-probabilities
+    differ by up to 0.63 nats (mean 0.07). 2 is the precision of a second 8-bit plane for the
     residual: 16-bit activations for the 32-element block types (the integer work of one plane),
-    two 8-bit planes for the K-quants (twice the work): 8 of 8 equal, within 0.001 nats.
+    two 8-bit planes for the K-quants (twice the work): 8 of 8 equal, within 0.003 nats.
     """
     value = os.environ.get("LOOMLM_GGUF_ACTIVATION_PLANES", "2")
     if value not in ("1", "2"):
@@ -160,7 +160,7 @@ def gguf_activation_planes() -> int:
 
 # The row count from which the float path beats the integer kernels, per GGML block family:
 # AMD EPYC (AVX2), 2 threads, 16-bit activations, ms (integer vs float path):
-# - the default model's 120 Q4_1 projections from memory: 8 rows 20.7 vs 22.9 (4-row dot tiles),
+# - the default model's 120 Q4_1 projections from memory: 8 rows 20.7 vs 22.9 (the former 4-row dot tiles),
 #   12 rows 30.7 vs 28.3 (panels), 16 rows 41.2 vs 37.1, 32 rows 81 vs 54;
 # - 12 [640, 2048] weights (Gemma 3's down projection), two 8-bit planes, AVX2 dequantizer:
 #   Q4_K 2.7 vs 4.0 at 4 rows, 3.7 vs 3.4 at 6, 9.3 vs 5.8 at 16; Q6_K 3.2 vs 4.3 at 4, 5.0 vs 3.9 at 6.
