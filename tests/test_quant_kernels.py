@@ -11,11 +11,15 @@
   (Q4_1's m, the K-quants' dmin * min; 0 for the other types). With the activation quantization
   emulated here exactly (same fp32 ops), only the fp32 rounding term remains: that tight check
   catches any layout or scale slip that the loose bound would hide at large K.
-- The AVX2 and scalar paths compute the same integer block sums; their outputs differ only by fp32
-  accumulation order (within the rounding term above).
+- The AVX-512BW, AVX2 and scalar paths compute the same integer block sums; their outputs differ
+  only by fp32 accumulation order (within the rounding term above). Where the CPU has no AVX-512,
+  the AVX-512BW kernels run under SIMDe's emulation of the intrinsics (isa "avx512bw-simde", the
+  module `simde_quant_kernels()` builds; `apt-get install libsimde-dev`, as .ci/run does).
 """
 
 from __future__ import annotations
+
+import os
 
 import gguf
 import numpy as np
@@ -23,7 +27,7 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from loomlm.layers.kernels import cpu_kernels
+from loomlm.layers.kernels import cpu_kernels, simde_quant_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C++ toolchain to build the native kernels")
 
@@ -39,7 +43,29 @@ M_VALUES = (1, 2, 3, 5, 17, 64)
 N_VALUES = (1, 7, 33)
 RFLOAT = 1e-5  # fp32 rounding allowance, relative to the magnitudes summed (<= 72 blocks at K = 2304)
 
-_ISAS = ["scalar"] + (["avx2"] if cpu_kernels() is not None and cpu_kernels().quant_isa() == "avx2" else [])
+_NATIVE_ISA = cpu_kernels().quant_isa() if cpu_kernels() is not None else "scalar"
+_ISAS = ["scalar"] + (["avx2"] if _NATIVE_ISA in ("avx2", "avx512bw") else []) + \
+    (["avx512bw"] if _NATIVE_ISA == "avx512bw" else ["avx512bw-simde"] if simde_quant_kernels() is not None else [])
+_VECTOR_ISAS = [isa for isa in _ISAS if isa != "scalar"]
+
+
+def _quant_gemm(x, w, qtype, n, bias=None, isa="auto", **kwargs) -> torch.Tensor:
+    """quant_gemm of the native module, or of the SIMDe build for isa "avx512bw-simde"."""
+    if isa == "avx512bw-simde":
+        return simde_quant_kernels().quant_gemm(x, w, qtype, n, bias, "avx512bw", **kwargs)
+    return cpu_kernels().quant_gemm(x, w, qtype, n, bias, isa, **kwargs)
+
+
+def test_simde_build_emulates_avx512bw():
+    """The emulated AVX-512BW kernels must run here: where the CPU has no AVX-512, only SIMDe tests them."""
+    if _NATIVE_ISA == "avx512bw":
+        pytest.skip("this CPU runs the AVX-512BW kernels natively")
+    if simde_quant_kernels() is None:
+        message = "SIMDe is not installed (`apt-get install libsimde-dev`): the AVX-512BW kernels go untested here"
+        if os.environ.get("LOOMLM_REQUIRE_SIMDE") == "1":  # .ci/run installs it and sets this
+            pytest.fail(message)
+        pytest.skip(message)
+    assert simde_quant_kernels().quant_isa() == "avx512bw"
 
 
 def _k_values(qtype: GGMLQuantizationType) -> list[int]:
@@ -98,7 +124,7 @@ def _emulated_activations(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndar
 
 def _gemm(x: torch.Tensor, w: np.ndarray, qtype: GGMLQuantizationType, bias: torch.Tensor | None = None,
           isa: str = "auto") -> np.ndarray:
-    out = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), w.shape[0], bias=bias, isa=isa)
+    out = _quant_gemm(x, torch.from_numpy(w), int(qtype), w.shape[0], bias=bias, isa=isa)
     assert out.dtype == torch.float32 and out.shape == (x.shape[0], w.shape[0])
     return out.numpy().astype(np.float64)
 
@@ -156,20 +182,22 @@ def test_gemm_within_activation_quantization_bound(qtype, isa):
                 _check_gemm(x, w, qtype, isa)
 
 
-@pytest.mark.skipif("avx2" not in _ISAS, reason="this CPU has no AVX2")
+@pytest.mark.parametrize("isa", _VECTOR_ISAS)
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
-def test_avx2_and_scalar_agree(qtype):
+def test_vector_and_scalar_paths_agree(qtype, isa):
     gen = torch.Generator().manual_seed(100 + int(qtype))
-    # n = 517: several tasks on the thread pool and a ragged last panel; m = 7: row groups 4 + 3.
-    for m, n, k in [(1, 517, 2304), (7, 517, 512), (64, 33, 256)]:
+    # n = 517: several tasks on the thread pool and a ragged last panel; m = 7: row groups 4 + 3;
+    # k = 96 / 768: an odd number of 32-element blocks (AVX-512BW pairs them in one zmm).
+    for m, n, k in [(1, 517, 2304), (7, 517, 512), (64, 33, 256), (2, 9, 96 if qtype < QT.Q4_K else 768)]:
         w = _weights(qtype, n, k, seed=n + m)
         x = torch.randn(m, k, generator=gen)
-        avx2 = _gemm(x, w, qtype, isa="avx2")
+        vector = _gemm(x, w, qtype, isa=isa)
         scalar = _gemm(x, w, qtype, isa="scalar")
         magnitude = (np.abs(x.numpy().astype(np.float64)) + _act_scale(x.numpy(), qtype)) @ \
             (np.abs(gguf.quants.dequantize(w, qtype)) + np.abs(_offsets(w, qtype))).T
-        assert np.all(np.abs(avx2 - scalar) <= 2 * RFLOAT * magnitude + 1e-30), qtype.name
-        assert np.array_equal(_gemm(x, w, qtype, isa="auto"), avx2)  # auto picks AVX2 here
+        assert np.all(np.abs(vector - scalar) <= 2 * RFLOAT * magnitude + 1e-30), f"{qtype.name} {isa} m={m}"
+        if isa == _NATIVE_ISA:
+            assert np.array_equal(_gemm(x, w, qtype, isa="auto"), vector)  # auto picks the CPU's best
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
@@ -194,12 +222,12 @@ def test_two_activation_planes_within_the_residual_bound(qtype):
         bound = 0.5 * (1 + 1e-4) * (dx @ np.abs(w64).T) / ratio + rounding
         outs = {}
         for isa in _ISAS:
-            got = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, isa,
-                                           activation_planes=2).numpy().astype(np.float64)
+            got = _quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, isa,
+                              activation_planes=2).numpy().astype(np.float64)
             assert np.all(np.abs(got - (x64 @ w64.T + bias.numpy())) <= bound), f"{qtype.name} {isa} m={m}"
             outs[isa] = got
-        if "avx2" in outs:
-            assert np.all(np.abs(outs["avx2"] - outs["scalar"]) <= rounding), qtype.name
+        for isa in _VECTOR_ISAS:
+            assert np.all(np.abs(outs[isa] - outs["scalar"]) <= rounding), f"{qtype.name} {isa}"
     with pytest.raises(RuntimeError, match="activation_planes"):
         cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, activation_planes=3)
 
@@ -223,16 +251,16 @@ def test_float_path_matches_float_product(qtype):
         rounding = 2 * RFLOAT * (np.abs(x64) @ np.abs(w64).T + np.abs(bias.numpy())) + 1e-30
         outs = {}
         for isa in _ISAS:
-            got = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, isa, activation_planes=2,
-                                           float_rows=m).numpy().astype(np.float64)
+            got = _quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, isa, activation_planes=2,
+                              float_rows=m).numpy().astype(np.float64)
             assert np.all(np.abs(got - (x64 @ w64.T + bias.numpy())) <= rounding), f"{qtype.name} {isa} m={m}"
             outs[isa] = got
         # Below float_rows the integer path runs: it differs by the activation quantization.
         integer = cpu_kernels().quant_gemm(x, torch.from_numpy(w), int(qtype), n, bias, activation_planes=1,
                                            float_rows=m + 1).numpy().astype(np.float64)
         assert not np.array_equal(integer, outs["scalar"])
-        if "avx2" in outs:
-            assert np.all(np.abs(outs["avx2"] - outs["scalar"]) <= rounding), qtype.name
+        for isa in _VECTOR_ISAS:
+            assert np.all(np.abs(outs[isa] - outs["scalar"]) <= rounding), f"{qtype.name} {isa}"
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0, QT.Q6_K], ids=lambda q: q.name)
@@ -302,6 +330,9 @@ def test_errors_name_the_problem():
         kernels.quant_gemm(x, w, int(QT.Q4_0), 4, bias=torch.zeros(3))
     with pytest.raises(RuntimeError, match="unknown isa 'avx512'"):
         kernels.quant_gemm(x, w, int(QT.Q4_0), 4, isa="avx512")
+    if _NATIVE_ISA != "avx512bw":
+        with pytest.raises(RuntimeError, match="this CPU has no AVX-512F\\+AVX-512BW"):
+            kernels.quant_gemm(x, w, int(QT.Q4_0), 4, isa="avx512bw")
     with pytest.raises(RuntimeError, match="uint8"):
         kernels.quant_gemm(x, w.to(torch.int8), int(QT.Q4_0), 4)
     with pytest.raises(RuntimeError, match="float32"):

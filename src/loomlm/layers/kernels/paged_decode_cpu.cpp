@@ -345,11 +345,7 @@ at::Tensor gemm_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, co
                     const std::string& isa_name, int64_t large_m);
 std::string gemm_isa();
 // quant_cpu.cpp
-at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t n,
-                      const c10::optional<at::Tensor>& bias, const std::string& isa_name, int64_t activation_planes,
-                      int64_t float_rows);
-at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k, const std::string& isa_name);
-std::string quant_isa();
+void register_quant(pybind11::module& m);
 // decoder_stack_cpu.cpp
 void register_decoder_stack(pybind11::module& m);
 
@@ -370,12 +366,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("isa") = "auto", pybind11::arg("large_m") = 0, no_gil);
   m.def("gemm_isa", &gemm_isa, "the instruction set gemm_f32 uses on this CPU (avx2 or scalar)");
-  m.def("quant_gemm", &quant_gemm, "x [M, K] @ dequant(GGUF blocks w [N, row_bytes]).T (+ bias) -> [M, N] (CPU)",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("n"),
-        pybind11::arg("bias") = pybind11::none(), pybind11::arg("isa") = "auto", pybind11::arg("activation_planes") = 1,
-        pybind11::arg("float_rows") = 0, no_gil);
-  m.def("quant_dequantize", &quant_dequantize, "GGUF blocks w [N, row_bytes] -> float32 [N, k] (CPU)",
-        pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("k"), pybind11::arg("isa") = "scalar", no_gil);
-  m.def("quant_isa", &quant_isa, "the instruction set quant_gemm uses on this CPU (avx2 or scalar)");
+  register_quant(m);
   register_decoder_stack(m);
 }

@@ -32,10 +32,16 @@
 // up to summation order, at the float method's speed, without a float copy of the weights.
 //
 // The instruction set is picked at run time from the CPU's flags (`__builtin_cpu_supports`), never
-// from the build machine: the AVX2 kernels carry a function-level target attribute, and the portable
-// scalar kernels compute the same integer sums per block (only the fp32 accumulation order differs).
-// Next step: an AVX-512BW path (the Intel hosts; 64-byte vpmaddubsw over two blocks at once), left
-// out of this increment because the machines it was written on (AMD Zen 3) cannot run it.
+// from the build machine: AVX-512BW (the Intel hosts, no VNNI), AVX2 (the AMD hosts) or portable
+// scalar code. The vector kernels carry function-level target attributes; all three compute the
+// same integer sums per block (only the fp32 accumulation order differs). The AVX-512BW kernels
+// run the AVX2 kernels' arithmetic on 512-bit vectors (a 16-bit activation block in one zmm, two
+// 8-bit blocks or two K-quant sub-blocks per vpmaddubsw); the float path's dequantizer and panel
+// tiles stay AVX2 there.
+//
+// LOOMLM_SIMDE (quant_simde.cpp, a test-only build): every x86 intrinsic here is emulated by SIMDe
+// (simde_x86.h) in portable code, so the AVX-512BW kernels run, and are checked against the scalar
+// ones, on a CPU without AVX-512 (tests/test_quant_kernels.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -51,10 +57,16 @@
 
 #include "float_tile.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(LOOMLM_SIMDE)
+#include "simde_x86.h"
+#define LOOMLM_X86 1
+#define LOOMLM_AVX2
+#define LOOMLM_AVX512
+#elif defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define LOOMLM_X86 1
 #define LOOMLM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LOOMLM_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 #endif
 
 namespace {
@@ -343,7 +355,7 @@ void vec_scalar(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, 
 LOOMLM_AVX2 inline float fp16_at_f16c(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));  // _cvtsh_ss, which SIMDe lacks
 }
 
 LOOMLM_AVX2 inline float hsum(__m256 v) {
@@ -409,6 +421,31 @@ LOOMLM_AVX2 inline void quants16(const uint8_t* blk, __m256i& lo, __m256i& hi) {
   }
 }
 
+// The float terms of a block that do not depend on the element, for WR weight rows at once: Q4_1's
+// m, Q4_0's -8 d, Q5_0's -16 d (times d_x * sum(q_x) by the caller); lanes past WR are 0.
+template <QType T, int WR>
+LOOMLM_AVX2 inline __m128 row_offsets(const uint8_t* blk0, int64_t row_bytes) {
+  constexpr float kZero = T == QType::kQ4_0 ? -8.f : T == QType::kQ5_0 ? -16.f : 0.f;
+  uint16_t h[4] = {0, 0, 0, 0};
+  for (int i = 0; i < WR; ++i) std::memcpy(&h[i], blk0 + i * row_bytes + (T == QType::kQ4_1 ? 2 : 0), 2);
+  const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
+  return kZero != 0.f ? _mm_mul_ps(m, _mm_set1_ps(kZero)) : m;
+}
+
+// Q6_K's -32 zero point against activation block x: -32 * sum_s sc[s] * bsums[s].
+inline int32_t q6k_zero_correction(const int8_t* sc, const XBlock256& x) {
+  int32_t corr = 0;
+  for (int s = 0; s < 16; ++s) corr += sc[s] * x.bsums[s];
+  return -32 * corr;
+}
+
+// Q4_K / Q5_K: the sub-blocks' mins against activation block x, sum_j mn[j] * (x's sum over sub-block j).
+inline int32_t k45_min_sum(const uint8_t* mn, const XBlock256& x) {
+  int32_t imin = 0;
+  for (int j = 0; j < 8; ++j) imin += mn[j] * (x.bsums[2 * j] + x.bsums[2 * j + 1]);
+  return imin;
+}
+
 // WR weight rows (row_bytes apart) against R activation rows: out[wr * R + r]. One block step loads
 // each activation block once for all WR rows and decodes each weight block once for all R rows, so
 // the WR * R accumulators are independent FMA chains. The float terms that do not depend on the
@@ -422,7 +459,6 @@ LOOMLM_AVX2 void tile_avx2_32(const uint8_t* w, int64_t row_bytes, const uint8_t
   using XB = std::conditional_t<W16, XBlock16, XBlock32>;
   constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
   constexpr bool kOffset = T != QType::kQ8_0;
-  constexpr float kZero = T == QType::kQ4_0 ? -8.f : T == QType::kQ5_0 ? -16.f : 0.f;
   __m256 acc[WR][R];
   __m128 offset[R];
   for (int r = 0; r < R; ++r) {
@@ -448,11 +484,7 @@ LOOMLM_AVX2 void tile_avx2_32(const uint8_t* w, int64_t row_bytes, const uint8_t
       xd[r] = _mm256_set1_ps(x.d);
     }
     if constexpr (kOffset) {
-      // The WR rows' fp16 scales (Q4_1: mins) as 4 floats; lanes past WR stay 0.
-      uint16_t h[4] = {0, 0, 0, 0};
-      for (int i = 0; i < WR; ++i) std::memcpy(&h[i], blk0 + i * row_bytes + (T == QType::kQ4_1 ? 2 : 0), 2);
-      __m128 m = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)));
-      if constexpr (kZero != 0.f) m = _mm_mul_ps(m, _mm_set1_ps(kZero));
+      const __m128 m = row_offsets<T, WR>(blk0, row_bytes);
       for (int r = 0; r < R; ++r) {
         const XB& x = reinterpret_cast<const XB*>(xs[r])[b];
         offset[r] = _mm_fmadd_ps(m, _mm_set1_ps(x.d * static_cast<float>(x.sum)), offset[r]);
@@ -549,12 +581,8 @@ LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t 
           }
         }
       }
-      for (int r = 0; r < R; ++r) {
-        const XBlock256& x = reinterpret_cast<const XBlock256*>(xs[r])[b];
-        int32_t corr = 0;  // the -32 zero point: -32 * sum_s sc[s] * bsums[s]
-        for (int s = 0; s < 16; ++s) corr += sc[s] * x.bsums[s];
-        isum[r] = _mm256_add_epi32(isum[r], lane0(-32 * corr));
-      }
+      for (int r = 0; r < R; ++r)
+        isum[r] = _mm256_add_epi32(isum[r], lane0(q6k_zero_correction(sc, reinterpret_cast<const XBlock256*>(xs[r])[b])));
     } else {
       d = fp16_at_f16c(blk);
       dmin = fp16_at_f16c(blk + 2);
@@ -573,9 +601,7 @@ LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t 
       }
       for (int r = 0; r < R; ++r) {
         const XBlock256& x = reinterpret_cast<const XBlock256*>(xs[r])[b];
-        int32_t imin = 0;
-        for (int j = 0; j < 8; ++j) imin += mn[j] * (x.bsums[2 * j] + x.bsums[2 * j + 1]);
-        mins[r] += (dmin * x.d) * static_cast<float>(imin);
+        mins[r] += (dmin * x.d) * static_cast<float>(k45_min_sum(mn, x));
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -584,6 +610,169 @@ LOOMLM_AVX2 void vec_avx2_k(const uint8_t* w, const uint8_t* const* xs, int64_t 
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins[r];
+}
+
+// ---- AVX-512BW: the kernels above on 512-bit vectors (32 registers, so a 4 x 4 tile fits) ----
+
+LOOMLM_AVX512 inline __m512i join256(__m256i lo, __m256i hi) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+LOOMLM_AVX512 inline float hsum512(__m512 v) {
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+
+// tile_avx2_32 with W16: one zmm holds a 16-bit activation block (32 int16) and the weight block's
+// quants widened to int16, met by one vpmaddwd. Without W16 (8-bit activations): two consecutive
+// blocks per step in one zmm (64 bytes, one vpmaddubsw), each half with its own d * d_x; past an
+// odd row's last block the second half is zero.
+template <QType T, int WR, int R, bool W16>
+LOOMLM_AVX512 void tile_avx512_32(const uint8_t* w, int64_t row_bytes, const uint8_t* const* xs, int64_t num_blocks,
+                                  float* out) {
+  static_assert(WR >= 1 && WR <= 4, "WR weight rows fill one __m128 of offsets");
+  using XB = std::conditional_t<W16, XBlock16, XBlock32>;
+  constexpr int64_t bytes = T == QType::kQ4_0 ? 18 : T == QType::kQ4_1 ? 20 : T == QType::kQ5_0 ? 22 : 34;
+  constexpr bool kOffset = T != QType::kQ8_0;
+  constexpr int64_t kStep = W16 ? 1 : 2;  // blocks per zmm
+  constexpr __mmask16 kHigh = 0xFF00;    // the float lanes of the second block of a pair
+  __m512 acc[WR][R];
+  __m128 offset[R];
+  for (int r = 0; r < R; ++r) {
+    offset[r] = _mm_setzero_ps();
+    for (int i = 0; i < WR; ++i) acc[i][r] = _mm512_setzero_ps();
+  }
+  const uint8_t* ahead = w + 2 * WR * row_bytes;  // as tile_avx2_32: the tile two ahead
+  for (int64_t b = 0; b < num_blocks; b += kStep) {
+    const int64_t nb = std::min<int64_t>(kStep, num_blocks - b);  // blocks in this step: 1 or 2
+    if constexpr (WR > 1) {
+      for (int64_t line = 0; line < WR * nb * bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + b * WR * bytes + line), _MM_HINT_T0);
+    }
+    __m512i xq[R];
+    __m512 xd[R];
+    for (int r = 0; r < R; ++r) {
+      const XB* x = reinterpret_cast<const XB*>(xs[r]) + b;
+      if constexpr (W16) {
+        xq[r] = _mm512_loadu_si512(x->q);
+        xd[r] = _mm512_set1_ps(x->d);
+      } else {
+        xq[r] = join256(load32(x[0].q), nb == 2 ? load32(x[1].q) : _mm256_setzero_si256());
+        xd[r] = _mm512_mask_blend_ps(kHigh, _mm512_set1_ps(x[0].d), _mm512_set1_ps(nb == 2 ? x[1].d : 0.f));
+      }
+    }
+    if constexpr (kOffset) {
+      for (int64_t e = 0; e < nb; ++e) {
+        const __m128 m = row_offsets<T, WR>(w + (b + e) * bytes, row_bytes);
+        for (int r = 0; r < R; ++r) {
+          const XB& x = reinterpret_cast<const XB*>(xs[r])[b + e];
+          offset[r] = _mm_fmadd_ps(m, _mm_set1_ps(x.d * static_cast<float>(x.sum)), offset[r]);
+        }
+      }
+    }
+    for (int i = 0; i < WR; ++i) {
+      const uint8_t* blk = w + i * row_bytes + b * bytes;
+      if constexpr (W16) {
+        __m256i lo, hi;
+        quants16<T>(blk, lo, hi);
+        const __m512i q = join256(lo, hi);
+        const __m512 d = _mm512_set1_ps(fp16_at_f16c(blk));
+        for (int r = 0; r < R; ++r) {
+          const __m512i isum = _mm512_madd_epi16(q, xq[r]);  // bounds as in tile_avx2_32
+          acc[i][r] = _mm512_fmadd_ps(_mm512_mul_ps(d, xd[r]), _mm512_cvtepi32_ps(isum), acc[i][r]);
+        }
+      } else {
+        const __m512i q = join256(quants32<T>(blk), nb == 2 ? quants32<T>(blk + bytes) : _mm256_setzero_si256());
+        const __m512 d = _mm512_mask_blend_ps(kHigh, _mm512_set1_ps(fp16_at_f16c(blk)),
+                                              _mm512_set1_ps(nb == 2 ? fp16_at_f16c(blk + bytes) : 0.f));
+        // Q8_0: |q| unsigned and x negated where q < 0 (AVX-512 has no vpsignb); |-128| reads as 128.
+        const __mmask64 negative = T == QType::kQ8_0 ? _mm512_movepi8_mask(q) : 0;
+        const __m512i qw = T == QType::kQ8_0 ? _mm512_abs_epi8(q) : q;
+        for (int r = 0; r < R; ++r) {
+          __m512i xr = xq[r];
+          if constexpr (T == QType::kQ8_0) xr = _mm512_mask_sub_epi8(xr, negative, _mm512_setzero_si512(), xr);
+          const __m512i isum = _mm512_madd_epi16(_mm512_maddubs_epi16(qw, xr), _mm512_set1_epi16(1));
+          acc[i][r] = _mm512_fmadd_ps(_mm512_mul_ps(d, xd[r]), _mm512_cvtepi32_ps(isum), acc[i][r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float off[4];
+    _mm_storeu_ps(off, offset[r]);
+    for (int i = 0; i < WR; ++i) out[i * R + r] = hsum512(acc[i][r]) + (kOffset ? off[i] : 0.f);
+  }
+}
+
+// vec_avx2_k with 64 quants per vpmaddubsw: Q4_K / Q5_K sub-blocks 2c and 2c + 1 (elements 64c ...),
+// Q6_K elements 128h + 64p ... (four 16-element scale groups, one per 128-bit lane).
+template <QType T, int R>
+LOOMLM_AVX512 void vec_avx512_k(const uint8_t* w, const uint8_t* const* xs, int64_t num_blocks, float* out) {
+  constexpr int64_t bytes = T == QType::kQ4_K ? 144 : T == QType::kQ5_K ? 176 : 210;
+  // int16 lane j of a Q6_K scale vector takes scale j / 8 (the 8 int16 pair sums of 16 elements).
+  alignas(64) static const int16_t kLaneScale[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                     2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  __m512 acc[R];
+  float mins[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    __m512i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
+    float d, dmin = 0.f;
+    if constexpr (T == QType::kQ6_K) {
+      d = fp16_at_f16c(blk + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      const __m512i lane_scale = _mm512_load_si512(kLaneScale);
+      for (int h = 0; h < 2; ++h) {
+        __m256i q[4];
+        q6k_quants(blk, h, q);
+        for (int p = 0; p < 2; ++p) {
+          const __m512i qq = join256(q[2 * p], q[2 * p + 1]);
+          int32_t four;  // sc[8h + 4p ...]: 4 bytes, never past the block's end
+          std::memcpy(&four, sc + 8 * h + 4 * p, 4);
+          const __m512i scale =
+              _mm512_permutexvar_epi16(lane_scale, _mm512_castsi128_si512(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(four))));
+          for (int r = 0; r < R; ++r) {
+            const int8_t* xq = reinterpret_cast<const XBlock256*>(xs[r])[b].q + 128 * h + 64 * p;
+            const __m512i prod = _mm512_maddubs_epi16(qq, _mm512_loadu_si512(xq));
+            isum[r] = _mm512_add_epi32(isum[r], _mm512_madd_epi16(prod, scale));
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {  // into lane 0
+        const int32_t corr = q6k_zero_correction(sc, reinterpret_cast<const XBlock256*>(xs[r])[b]);
+        isum[r] = _mm512_mask_add_epi32(isum[r], 1, isum[r], _mm512_set1_epi32(corr));
+      }
+    } else {
+      d = fp16_at_f16c(blk);
+      dmin = fp16_at_f16c(blk + 2);
+      uint8_t sc[8], mn[8];
+      k4_scale_min(blk + 4, sc, mn);
+      for (int c = 0; c < 4; ++c) {
+        __m256i lo, hi;
+        k45_quants<T>(blk, c, lo, hi);
+        const __m512i qq = join256(lo, hi);
+        // int16 lanes 0-15 hold sub-block 2c's pair sums, 16-31 sub-block 2c + 1's.
+        const __m512i scale = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(sc[2 * c]),
+                                                      _mm512_set1_epi16(sc[2 * c + 1]));
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xq = reinterpret_cast<const XBlock256*>(xs[r])[b].q + 64 * c;
+          const __m512i prod = _mm512_maddubs_epi16(qq, _mm512_loadu_si512(xq));
+          isum[r] = _mm512_add_epi32(isum[r], _mm512_madd_epi16(prod, scale));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const XBlock256& x = reinterpret_cast<const XBlock256*>(xs[r])[b];
+        mins[r] += (dmin * x.d) * static_cast<float>(k45_min_sum(mn, x));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float dx = reinterpret_cast<const XBlock256*>(xs[r])[b].d;
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(isum[r]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum512(acc[r]) - mins[r];
 }
 #endif
 
@@ -679,14 +868,18 @@ LOOMLM_AVX2 void dequantize_row_avx2_k(const uint8_t* w, int64_t num_blocks, flo
 constexpr int kMaxGroupRows = 4;  // activation rows sharing one read of a weight block
 constexpr int64_t kPanelRows = 16;  // weight rows a task keeps hot while it walks all row groups
 
-enum class Isa { kScalar, kAvx2 };
+// Ordered: each ISA's CPUs run the kernels of the ones before it.
+enum class Isa { kScalar, kAvx2, kAvx512 };
 
 Isa best_isa() {
-#if LOOMLM_X86
-  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c"))
-                             ? Isa::kAvx2
-                             : Isa::kScalar;
+#if defined(LOOMLM_SIMDE)
+  return Isa::kAvx512;  // emulated: runs on any CPU
+#elif LOOMLM_X86
+  static const Isa isa = !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c"))
+                             ? Isa::kScalar
+                         : __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? Isa::kAvx512
+                                                                                                   : Isa::kAvx2;
   return isa;
 #else
   return Isa::kScalar;
@@ -697,10 +890,14 @@ Isa parse_isa(const std::string& name) {
   if (name == "auto") return best_isa();
   if (name == "scalar") return Isa::kScalar;
   if (name == "avx2") {
-    TORCH_CHECK(best_isa() == Isa::kAvx2, "quant_gemm: this CPU has no AVX2+FMA+F16C");
+    TORCH_CHECK(best_isa() >= Isa::kAvx2, "quant_gemm: this CPU has no AVX2+FMA+F16C");
     return Isa::kAvx2;
   }
-  TORCH_CHECK(false, "quant_gemm: unknown isa '", name, "' (auto, avx2, scalar)");
+  if (name == "avx512bw") {
+    TORCH_CHECK(best_isa() == Isa::kAvx512, "quant_gemm: this CPU has no AVX-512F+AVX-512BW");
+    return Isa::kAvx512;
+  }
+  TORCH_CHECK(false, "quant_gemm: unknown isa '", name, "' (auto, avx512bw, avx2, scalar)");
 }
 
 // A row-group kernel over `wrows` weight rows at a time: out[wr * rows + r].
@@ -721,6 +918,21 @@ void one_row(const uint8_t* w, int64_t, const uint8_t* const* xs, int64_t num_bl
 template <QType T, bool W16>
 Kernel pick_for(Isa isa, int rows, bool full_tile) {
 #if LOOMLM_X86
+  if (isa == Isa::kAvx512) {
+    if constexpr (is_k_quant(T)) {
+      constexpr TileDot k[] = {one_row<vec_avx512_k<T, 1>>, one_row<vec_avx512_k<T, 2>>,
+                               one_row<vec_avx512_k<T, 3>>, one_row<vec_avx512_k<T, 4>>};
+      return {k[rows - 1], 1};
+    } else {
+      // 4 weight rows for every group size: at most 16 accumulators of 32 registers.
+      constexpr TileDot wide[] = {tile_avx512_32<T, 4, 1, W16>, tile_avx512_32<T, 4, 2, W16>,
+                                  tile_avx512_32<T, 4, 3, W16>, tile_avx512_32<T, 4, 4, W16>};
+      constexpr TileDot narrow[] = {tile_avx512_32<T, 1, 1, W16>, tile_avx512_32<T, 1, 2, W16>,
+                                    tile_avx512_32<T, 1, 3, W16>, tile_avx512_32<T, 1, 4, W16>};
+      if (!full_tile) return {narrow[rows - 1], 1};
+      return {wide[rows - 1], 4};
+    }
+  }
   if (isa == Isa::kAvx2) {
     if constexpr (is_k_quant(T)) {
       constexpr TileDot k[] = {one_row<vec_avx2_k<T, 1>>, one_row<vec_avx2_k<T, 2>>, one_row<vec_avx2_k<T, 3>>,
@@ -780,7 +992,7 @@ DequantRow pick_dequant(QType t) {
 // Q4_1's + m: <= 1 ulp), else the scalar one.
 DequantRow pick_dequant_fast(QType t, Isa isa) {
 #if LOOMLM_X86
-  if (isa == Isa::kAvx2) {
+  if (isa >= Isa::kAvx2) {
     switch (t) {
       case QType::kQ4_0: return dequantize_row_avx2<QType::kQ4_0>;
       case QType::kQ4_1: return dequantize_row_avx2<QType::kQ4_1>;
@@ -844,7 +1056,7 @@ void panel_gemm(const float* xp, int64_t ldx, int64_t M, int64_t K, const uint8_
       for (int64_t j = 0; j < cols; ++j) dequant(wp + (col0 + j) * row_bytes, num_blocks, rows.data() + j * K);
       std::fill(rows.begin() + cols * K, rows.end(), 0.f);
 #if LOOMLM_X86
-      if (isa == Isa::kAvx2) {
+      if (isa >= Isa::kAvx2) {
         rows_to_panel_avx2(rows.data(), K, panel.data());
       } else
 #endif
@@ -855,7 +1067,7 @@ void panel_gemm(const float* xp, int64_t ldx, int64_t M, int64_t K, const uint8_
       for (int64_t m = 0; m < M; m += kMaxTileRows) {
         const int r = static_cast<int>(std::min<int64_t>(kMaxTileRows, M - m));
 #if LOOMLM_X86
-        if (isa == Isa::kAvx2) {
+        if (isa >= Isa::kAvx2) {
           loomlm::tile_avx2_rows(xp + m * ldx, ldx, r, panel.data(), K, yp + m * n + col0, n, cols, b, nullptr);
           continue;
         }
@@ -882,7 +1094,7 @@ int64_t check_weight(const at::Tensor& w, const QFormat& f, int64_t k, const cha
 
 // x: [M, K] float32 (rows contiguous), w: [N, row_bytes] uint8 GGUF blocks (row n = output feature n),
 // bias: [N] or None. Returns y [M, N] float32 = x @ dequant(w).T (+ bias), with x quantized to 8 bits
-// per block. isa: "auto" (the CPU's best), "avx2" or "scalar" (tests compare them).
+// per block. isa: "auto" (the CPU's best), "avx512bw", "avx2" or "scalar" (tests compare them).
 // activation_planes 2: the precision of two 8-bit planes. K-quants: each activation row is quantized
 // twice, x ~ d1 q1 + d2 q2 with q2 the 8-bit code of the residual x - d1 q1, and both planes run as
 // rows of one group (each weight block read once for both): the activation error shrinks from d1 / 2
@@ -994,7 +1206,7 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype, i
 }
 
 // w: [N, row_bytes] uint8 GGUF blocks -> [N, k] float32. isa "scalar" (the default): equal to
-// gguf.quants.dequantize bit for bit. "avx2" / "auto": the float path's dequantizer, the same bits but
+// gguf.quants.dequantize bit for bit. "avx2" / "avx512bw" / "auto": the float path's dequantizer, the same bits but
 // for Q4_1 (<= 1 ulp, see dequantize_row_avx2).
 at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k, const std::string& isa_name) {
   const QFormat& f = find_format(qtype, "quant_dequantize");
@@ -1010,4 +1222,19 @@ at::Tensor quant_dequantize(const at::Tensor& w, int64_t qtype, int64_t k, const
   return y;
 }
 
-std::string quant_isa() { return best_isa() == Isa::kAvx2 ? "avx2" : "scalar"; }
+std::string quant_isa() {
+  const Isa isa = best_isa();
+  return isa == Isa::kAvx512 ? "avx512bw" : isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
+
+void register_quant(pybind11::module& m) {
+  // As the other kernels: no Python object touched, so no GIL held (see paged_decode_cpu.cpp).
+  const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("quant_gemm", &quant_gemm, "x [M, K] @ dequant(GGUF blocks w [N, row_bytes]).T (+ bias) -> [M, N] (CPU)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("n"),
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("isa") = "auto", pybind11::arg("activation_planes") = 1,
+        pybind11::arg("float_rows") = 0, no_gil);
+  m.def("quant_dequantize", &quant_dequantize, "GGUF blocks w [N, row_bytes] -> float32 [N, k] (CPU)",
+        pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("k"), pybind11::arg("isa") = "scalar", no_gil);
+  m.def("quant_isa", &quant_isa, "the instruction set quant_gemm uses on this CPU (avx512bw, avx2 or scalar)");
+}
