@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.config import EngineConfig
-from loomlm.engine.llm_engine import EncodedPrompt, LLMEngine
+from loomlm.engine.input_processor import EncodedPrompt, InputProcessor
+from loomlm.engine.llm_engine import LLMEngine
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import RequestOutput
 from loomlm.sampling_params import SamplingParams
@@ -70,6 +71,11 @@ class AsyncLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def input_processor(self) -> InputProcessor:
+        """The request rules every face shares; thread-safe, so routes may call it off the step thread."""
+        return self.engine.input_processor
 
     @property
     def num_unfinished_requests(self) -> int:

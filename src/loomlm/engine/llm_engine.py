@@ -15,7 +15,6 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
 
 import torch
 
@@ -24,6 +23,7 @@ from loomlm.config import LOAD_TIME_QUANTIZATION, EngineConfig, ModelConfig
 from loomlm.engine.beam_search_group import BeamSearchGroup
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.detokenizer import IncrementalDetokenizer
+from loomlm.engine.input_processor import EncodedPrompt, InputProcessor
 from loomlm.engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
 from loomlm.engine.request import Request
 from loomlm.engine.scheduler import GrammarBitmask, Scheduler, SchedulerOutput
@@ -36,13 +36,6 @@ from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOut
 from loomlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class EncodedPrompt(NamedTuple):
-    """A prompt tokenized and validated by `LLMEngine.encode_prompt`."""
-
-    text: str | None  # the prompt text; None when it was given as token ids
-    token_ids: list[int]
 
 
 @dataclass
@@ -96,7 +89,6 @@ class LLMEngine:
                                          lc.max_cpu_loras) if lc.enable_lora else None)
         self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.lora_manager)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
-        self.max_token_chars = _max_token_chars(self.tokenizer)
         # Adapter id -> its request, for adapters loaded so far (least recently used first): what
         # /v1/models lists. Bounded by max_cpu_loras; the preloaded ones are pinned.
         self.lora_requests: OrderedDict[str, LoRARequest] = OrderedDict()
@@ -116,6 +108,9 @@ class LLMEngine:
         self.beam_searches: dict[str, BeamSearchGroup] = {}
         self._beam_owner: dict[str, str] = {}  # live beam request id -> its beam search's id
         self.finished_beam_searches: dict[str, BeamSearchOutput] = {}  # taken by the caller
+        # The request rules every face shares (thread-safe): faces call it in worker threads.
+        self.input_processor = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len,
+                                              mc.max_logprobs, lambda: self.structured_outputs)
 
     @property
     def structured_outputs(self) -> StructuredOutputManager:
@@ -133,54 +128,12 @@ class LLMEngine:
     # ----------------------------------------------------------------- requests
     def encode_prompt(self, prompt: str | list[int] | EncodedPrompt,
                       params: SamplingParams | None = None, add_special_tokens: bool = True) -> EncodedPrompt:
-        """Tokenize and validate a prompt (and the parameters it will run with) once. Thread-safe.
-
-        With `params`, the prompt is truncated to `truncate_prompt_tokens` and the parameters'
-        token ids and logprob counts are checked against the model. `add_request` accepts the
-        result as is. `add_special_tokens` False: text that already holds them (a rendered chat).
-        A text prompt with more characters than `max_model_len` tokens can cover is refused
-        before it is tokenized (unless it is to be truncated).
+        """`InputProcessor.encode` (thread-safe): `add_request` accepts the result as is.
 
         Raises ValueError: empty prompt, token ids outside the vocabulary, a prompt that leaves
-        no room to generate within `max_model_len`, or invalid parameters.
+        no room to generate within `max_model_len` (ContextWindowError), or invalid parameters.
         """
-        if isinstance(prompt, EncodedPrompt):
-            encoded = prompt
-        elif isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("The prompt cannot be empty.")
-            truncating = params is not None and params.truncate_prompt_tokens is not None
-            if not truncating and len(prompt) > self.max_model_len * self.max_token_chars:
-                # Every token covers at most max_token_chars characters: this cannot fit.
-                raise ValueError(
-                    f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
-                    f"{len(prompt)} characters, more than {self.max_model_len} tokens can hold. Please reduce the "
-                    "length of the prompt.")
-            encoded = EncodedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        else:
-            token_ids = list(prompt)
-            if not token_ids:
-                raise ValueError("The prompt cannot be empty.")
-            if len(token_ids) > self.max_model_len and (params is None or params.truncate_prompt_tokens is None):
-                raise ValueError(
-                    f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
-                    f"{len(token_ids)} tokens. Please reduce the length of the prompt.")
-            vocab = self.hf_config.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}).")
-            encoded = EncodedPrompt(None, token_ids)
-        if params is not None:
-            params.verify_for_vocab(self.hf_config.vocab_size, self.config.model_config.max_logprobs)
-            if params.structured_outputs is not None:
-                self.structured_outputs.validate(params.structured_outputs)
-            if params.truncate_prompt_tokens is not None:  # idempotent: safe on an already truncated prompt
-                encoded = EncodedPrompt(encoded.text, encoded.token_ids[-params.truncate_prompt_tokens:])
-        n = len(encoded.token_ids)
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
-                f"{n} tokens, which leaves no room for the completion. Please reduce the length of the prompt.")
-        return encoded
+        return self.input_processor.encode(prompt, params, add_special_tokens)
 
     def lora_request_for(self, adapter_id: str, adapter_source: str | None = None,
                          api_token: str | None = None) -> LoRARequest:
@@ -257,9 +210,7 @@ class LLMEngine:
         if lora_request is not None and self.lora_manager is None:
             raise ValueError("LoRA adapters need the engine argument enable_lora=True.")
         arrival = arrival_time or time.time()
-        max_tokens = self.max_model_len - len(token_ids)
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
+        max_tokens = self.input_processor.room_for(len(token_ids), params.max_tokens)
         bad_words_ids = self._bad_words_token_ids(params.bad_words or [])
         num_sequences = max(params.n, params.best_of or 0)
         sequences = []
@@ -360,7 +311,7 @@ class LLMEngine:
             raise ValueError(f"beam_width {width} needs {2 * width} logprobs per step, more than max_logprobs "
                              f"({self.config.model_config.max_logprobs}).")
         _, token_ids = self.encode_prompt(prompt)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        max_tokens = self.input_processor.room_for(len(token_ids), params.max_tokens)
         sampling = SamplingParams(temperature=params.temperature, logprobs=2 * width, max_tokens=max_tokens,
                                   ignore_eos=True, detokenize=False)
         root = Request(request_id, token_ids, sampling, max_tokens, None)
@@ -484,21 +435,6 @@ def _eos_token_ids(tokenizer, hf_config) -> set[int]:
     elif isinstance(cfg, (list, tuple)):
         ids.update(cfg)
     return ids
-
-
-def _max_token_chars(tokenizer) -> int:
-    """An upper bound on the characters of text one token covers.
-
-    A vocabulary key has at least as many characters as the text it stands for (byte-level
-    keys spell each UTF-8 byte as one character; SentencePiece keys spell the text itself, with
-    "▁" for a space). A normalizer may compose up to three characters into one (NFKC: Hangul
-    jamo), hence the factor.
-    """
-    longest = max((len(key) for key in tokenizer.get_vocab()), default=1)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(backend, "normalizer", None) is not None:
-        longest *= 3
-    return max(longest, 1)
 
 
 def model_context_window(hf_config) -> int:

@@ -26,6 +26,7 @@ import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from loomlm.engine.input_processor import ContextWindowError
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, RequestOutput
 from loomlm.protocol.llmengine import (
@@ -49,7 +50,7 @@ from loomlm.server.sse import ClientDisconnected, last_output, sse_event
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
-    from loomlm.engine.llm_engine import EncodedPrompt
+    from loomlm.engine.input_processor import EncodedPrompt
 
 # Every error under this prefix (unknown paths included) is LLM Engine's `{"detail"}`.
 LLMENGINE_PATH_PREFIX = "/v1/llm/"
@@ -170,10 +171,12 @@ class LLMEngineServing:
             encoded = await self.engine.encode(body.prompt, params)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
-        limit = self.engine.max_model_len
-        if len(encoded.token_ids) + body.max_new_tokens > limit:
-            raise HTTPException(400, f"The prompt's {len(encoded.token_ids)} tokens plus max_new_tokens "
-                                     f"({body.max_new_tokens}) exceed the model's context length ({limit} tokens).")
+        try:
+            self.engine.input_processor.completion_budget(len(encoded.token_ids), body.max_new_tokens)
+        except ContextWindowError as exc:  # LLM Engine's words for InputProcessor's rule
+            raise HTTPException(400, f"The prompt's {exc.prompt_tokens} tokens plus max_new_tokens "
+                                     f"({body.max_new_tokens}) exceed the model's context length "
+                                     f"({exc.max_model_len} tokens).") from None
         return encoded, params, lora
 
     async def _lora_for(self, name: str) -> LoRARequest | None:

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 
 from loomlm.beam_search import BeamSearchParams
 from loomlm.chat_utils import render_chat
+from loomlm.engine.input_processor import ContextWindowError
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, RequestOutput
 from loomlm.protocol.openai import (
@@ -52,7 +53,7 @@ from loomlm.server.sse import (
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
-    from loomlm.engine.llm_engine import EncodedPrompt
+    from loomlm.engine.input_processor import EncodedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -270,30 +271,18 @@ class OpenAIServing:
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         """`POST /detokenize` (vLLM): the text of token ids. 400 for an id outside the vocabulary."""
         self._check_model(body.model)
-        vocab_size = len(self.tokenizer)
-        bad = [t for t in body.tokens if not 0 <= t < vocab_size]
-        if bad:
-            raise BadRequestError(f"Token id {bad[0]} is out of vocabulary (size {vocab_size}).", "tokens")
+        try:
+            self.engine.input_processor.check_token_ids(body.tokens, "tokens")
+        except ValueError as exc:
+            raise BadRequestError(str(exc), "tokens") from None
         return DetokenizeResponse(prompt=await asyncio.to_thread(self.tokenizer.decode, body.tokens))
 
     def _fit_max_tokens(self, prompt_len: int, requested: int | None) -> int:
-        """The completion budget of a prompt of `prompt_len` tokens (vLLM's messages on overflow)."""
-        if prompt_len >= self.max_model_len:
-            raise BadRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your request "
-                f"has {prompt_len} input tokens. Please reduce the length of the input messages.",
-                "prompt",
-            )
-        if requested is None:
-            return self.max_model_len - prompt_len
-        if prompt_len + requested > self.max_model_len:
-            raise BadRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the messages, {requested} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                "max_tokens",
-            )
-        return requested
+        """The completion budget of a prompt of `prompt_len` tokens (InputProcessor's rule, vLLM's messages)."""
+        try:
+            return self.engine.input_processor.completion_budget(prompt_len, requested)
+        except ContextWindowError as exc:
+            raise BadRequestError(str(exc), "prompt" if exc.requested is None else "max_tokens") from None
 
     # -- engine -> response ---------------------------------------------------------------
 

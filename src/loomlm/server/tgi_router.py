@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loomlm.chat_utils import render_chat
+from loomlm.engine.input_processor import ContextWindowError
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, Logprob, RequestOutput
 from loomlm.protocol.tgi import (
@@ -195,10 +196,13 @@ class TGIServing:
                     self.limits.check_name("merged_adapters.ids", adapter_id)
             prompt = await asyncio.to_thread(self._render, body.inputs) if p.apply_chat_template else body.inputs
             encoded = await self.engine.encode(prompt, plan.params)
-            limit = self.engine.max_model_len
-            if p.max_new_tokens is not None and len(encoded.token_ids) + p.max_new_tokens > limit:
-                raise ValueError(f"`inputs` tokens + `max_new_tokens` must be <= {limit}. Given: "
-                                 f"{len(encoded.token_ids)} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`")
+            if p.max_new_tokens is not None:
+                try:
+                    self.engine.input_processor.completion_budget(len(encoded.token_ids), p.max_new_tokens)
+                except ContextWindowError as exc:  # TGI's words for InputProcessor's rule
+                    raise ValueError(f"`inputs` tokens + `max_new_tokens` must be <= {exc.max_model_len}. Given: "
+                                     f"{exc.prompt_tokens} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`"
+                                     ) from None
             # LoRAX: the token for private adapters is `api_token`, or the request's Bearer token.
             scheme, _, bearer = raw_request.headers.get("authorization", "").partition(" ")
             token = p.api_token or (bearer.strip() if scheme.lower() == "bearer" and bearer.strip() else None)
