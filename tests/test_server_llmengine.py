@@ -208,14 +208,13 @@ def test_an_error_after_the_stream_started_is_an_error_event(le, le_server, llm)
         completion, token_ids=completion.token_ids[:1], text=llm.get_tokenizer().decode(completion.token_ids[:1]),
         finish_reason=None)])
 
-    async def failing():
+    async def failing():  # first_then_rest's shape: the first output, then the engine fails
+        yield first
         raise RuntimeError("engine step failed: out of memory")
-        yield  # an async generator
 
     async def events() -> list[str]:
         serving = LLMEngineServing(le_server.engine, ServerMetrics())
-        return [e async for e in serving._events(first, failing(), SamplingParams(), "req-1",
-                                                 SimpleNamespace(scope={}))]
+        return [e async for e in serving._events(failing(), SamplingParams(), "req-1", SimpleNamespace(scope={}))]
 
     lines = asyncio.run(events())
     assert len(lines) == 2 and all(line.startswith("data: ") and line.endswith("\n\n") for line in lines)

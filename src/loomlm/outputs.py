@@ -18,6 +18,15 @@ class Logprob:
     decoded_token: str | None = None
 
 
+# JSON has no -inf: every API face clamps logprobs here (vLLM's OpenAI server uses -9999.0).
+MIN_JSON_LOGPROB = -9999.0
+
+
+def json_logprob(logprob: float) -> float:
+    """`logprob` (natural log), clamped at MIN_JSON_LOGPROB so that -inf never reaches JSON."""
+    return max(float(logprob), MIN_JSON_LOGPROB)
+
+
 @dataclass
 class RequestMetrics:
     """Wall-clock times (seconds since the epoch) of a request's life."""

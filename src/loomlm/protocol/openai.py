@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loomlm.outputs import MIN_JSON_LOGPROB
+
 
 def _now_s() -> int:
     """Unix time in whole seconds, OpenAI's `created` unit."""
@@ -191,7 +193,7 @@ class CompletionLogProbs(BaseModel):
 
 class ChatCompletionLogProb(BaseModel):
     token: str
-    logprob: float = -9999.0
+    logprob: float = MIN_JSON_LOGPROB
     bytes: list[int] | None = None
 
 

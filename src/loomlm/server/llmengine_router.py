@@ -22,13 +22,12 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loomlm.engine.input_processor import ContextWindowError
 from loomlm.lora.request import LoRARequest
-from loomlm.outputs import CompletionOutput, RequestOutput
+from loomlm.outputs import CompletionOutput, RequestOutput, json_logprob
 from loomlm.protocol.llmengine import (
     CompletionOutput as LLMEngineCompletionOutput,
 )
@@ -46,7 +45,7 @@ from loomlm.protocol.structured_outputs import from_llmengine
 from loomlm.sampling_params import SamplingParams
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
-from loomlm.server.sse import ClientDisconnected, last_output, sse_event
+from loomlm.server.sse import ClientDisconnected, aclose_shielded, first_then_rest, last_output, sse_event
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
 LLMENGINE_PATH_PREFIX = "/v1/llm/"
 
 # Logprobs are clamped here so that -inf never reaches JSON (as the OpenAI routes do).
-_MIN_LOGPROB = -9999.0
 
 
 def _not_found(name: str) -> HTTPException:
@@ -126,13 +124,11 @@ class LLMEngineServing:
         """`POST /v1/llm/completions-stream`: SSE, one `CompletionStreamV1Response` per token."""
         prompt, params, lora = await self._prepare(body, model_endpoint_name)
         request_id = str(uuid.uuid4())
-        # Start the request now, so a ValueError from the engine is still a 400, not a stream error.
-        stream = self.engine.generate(prompt, params, request_id, lora)
         try:
-            first = await anext(stream)
+            outputs = await first_then_rest(raw_request, self.engine.generate(prompt, params, request_id, lora))
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
-        return StreamingResponse(self._events(first, stream, params, request_id, raw_request),
+        return StreamingResponse(self._events(outputs, params, request_id, raw_request),
                                  media_type="text/event-stream")
 
     async def list_model_endpoints(self) -> ListLLMEndpointsResponse:
@@ -215,7 +211,7 @@ class LLMEngineServing:
         if entry is None:  # cannot happen with logprobs=0, which always holds the chosen token
             raise HTTPException(500, f"no logprob for generated token {i}.")
         text = entry.decoded_token if entry.decoded_token is not None else self.engine.engine.token_text(token_id)
-        return TokenOutput(token=text, log_prob=max(entry.logprob, _MIN_LOGPROB))
+        return TokenOutput(token=text, log_prob=json_logprob(entry.logprob))
 
     def _endpoint(self, name: str) -> GetLLMEndpointResponse:
         import loomlm
@@ -243,19 +239,15 @@ class LLMEngineServing:
                                                  num_completion_tokens=len(completion.token_ids)))
         return events
 
-    async def _events(self, first: RequestOutput, stream: AsyncIterator[RequestOutput], params: SamplingParams,
-                      request_id: str, raw_request: Request) -> AsyncIterator[str]:
-        """SSE events: one per generated token; a failure as an `error` event, which ends the stream."""
+    async def _events(self, outputs: AsyncIterator[RequestOutput], params: SamplingParams, request_id: str,
+                      raw_request: Request) -> AsyncIterator[str]:
+        """SSE events of `outputs` (first_then_rest's): one per generated token; a failure as an
+        `error` event, which ends the stream."""
         num_sent_tokens = num_sent_chars = 0
         last: RequestOutput | None = None
         self.metrics.requests_running.inc()
         try:
-            async def outputs() -> AsyncIterator[RequestOutput]:
-                yield first
-                async for output in stream:
-                    yield output
-
-            async for output in outputs():
+            async for output in outputs:
                 last = output
                 completion = output.outputs[0]
                 if output.finished:
@@ -270,8 +262,7 @@ class LLMEngineServing:
             yield stream_event(request_id, error=stream_error(500, f"{type(exc).__name__}: {exc}"))
         finally:
             self.metrics.requests_running.dec()
-            with anyio.CancelScope(shield=True):  # Starlette cancels a stream whose client left
-                await stream.aclose()  # aborts the request if it still runs
+            await aclose_shielded(outputs)  # aborts the request if it still runs
             if last is not None:
                 record_usage(raw_request, self.metrics, len(last.prompt_token_ids), len(last.outputs[0].token_ids))
 

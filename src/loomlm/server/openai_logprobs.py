@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from loomlm.outputs import Logprob, RequestOutput
+from loomlm.outputs import Logprob, RequestOutput, json_logprob
 from loomlm.protocol.openai import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -21,13 +21,6 @@ from loomlm.protocol.openai import (
     CompletionLogProbs,
     PromptLogprob,
 )
-
-_MIN_LOGPROB = -9999.0
-
-
-def _clamp(logprob: float) -> float:
-    return max(logprob, _MIN_LOGPROB)
-
 
 def _text(token_id: int, lp: Logprob | None, token_text: Callable[[int], str]) -> str:
     """The entry's decoded token, else the token decoded on its own."""
@@ -51,12 +44,12 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob] 
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
             continue
-        out.token_logprobs.append(_clamp(entry[token_id].logprob))
+        out.token_logprobs.append(json_logprob(entry[token_id].logprob))
         top: dict[str, float] = {}
         for i, (tid, lp) in enumerate(entry.items()):
             if i > num_top:  # the chosen token, then num_top alternatives
                 break
-            top.setdefault(_text(tid, lp, token_text), _clamp(lp.logprob))
+            top.setdefault(_text(tid, lp, token_text), json_logprob(lp.logprob))
         out.top_logprobs.append(top)
     return out
 
@@ -72,8 +65,8 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], num_
         top = []
         for _, tid, lp in ranked:
             top_text = _text(tid, lp, token_text)
-            top.append(ChatCompletionLogProb(token=top_text, logprob=_clamp(lp.logprob), bytes=list(top_text.encode())))
-        content.append(ChatCompletionLogProbsContent(token=text, logprob=_clamp(chosen.logprob),
+            top.append(ChatCompletionLogProb(token=top_text, logprob=json_logprob(lp.logprob), bytes=list(top_text.encode())))
+        content.append(ChatCompletionLogProbsContent(token=text, logprob=json_logprob(chosen.logprob),
                                                      bytes=list(text.encode()), top_logprobs=top))
     return ChatCompletionLogProbs(content=content)
 
@@ -84,7 +77,7 @@ def prompt_logprobs_json(prompt_logprobs: list[dict[int, Logprob] | None] | None
     if prompt_logprobs is None:
         return None
     return [None if entry is None else
-            {tid: PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+            {tid: PromptLogprob(logprob=json_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
              for tid, lp in entry.items()} for entry in prompt_logprobs]
 
 

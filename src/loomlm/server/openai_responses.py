@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request
@@ -40,7 +39,8 @@ from loomlm.server.sse import (
     SSE_DONE,
     TextDelta,
     TextDeltaTracker,
-    run_until_disconnect,
+    aclose_shielded,
+    first_then_rest,
     sse_event,
 )
 
@@ -129,43 +129,35 @@ async def stream_response(
             make_chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             for i in range(num_choices)
         ]
-    outputs = generation.outputs()
-    # Wait for the first output before answering, so that an input the engine rejects
-    # still gets a plain HTTP 400 instead of an error inside a 200 stream.
-    try:
-        first = await run_until_disconnect(raw_request, anext(outputs, None))
-    except BaseException:
-        await outputs.aclose()
-        raise
-    events = _sse_events(outputs, first, generation, opening, make_chunk, make_choice, body.include_usage_in_stream)
+    outputs = await first_then_rest(raw_request, generation.outputs())
+    events = _sse_events(outputs, generation, opening, make_chunk, make_choice, body.include_usage_in_stream)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse_events(
     outputs: AsyncGenerator[tuple[int, RequestOutput], None],
-    first: tuple[int, RequestOutput] | None,
     generation: Generation,
     opening: list[BaseModel],
     make_chunk: Callable[..., BaseModel],
     make_choice: Callable[[TextDelta], BaseModel],
     include_usage: bool,
 ) -> AsyncGenerator[str, None]:
-    """SSE text of a stream: the opening chunks, one chunk per text delta of a
-    choice (its last one with the finish_reason), the usage chunk if asked
-    for, then `[DONE]`. Closing it aborts the generation.
+    """SSE text of a stream (first_then_rest's `outputs`): the opening chunks, one chunk per text
+    delta of a choice (its last one with the finish_reason), the usage chunk if asked for, then
+    `[DONE]`. Closing it aborts the generation.
     """
     # Per OpenAI, with include_usage every chunk carries "usage": null except the last.
     exclude = None if include_usage else {"usage"}
     tracker = TextDeltaTracker(generation.params[0].n)
     try:
-        async with aclosing(outputs):
+        try:
             for chunk in opening:
                 yield sse_event(chunk.model_dump_json(exclude=exclude))
-            item = first
-            while item is not None:
+            async for item in outputs:
                 for delta in tracker.deltas(*item):
                     yield sse_event(make_chunk([make_choice(delta)]).model_dump_json(exclude=exclude))
-                item = await anext(outputs, None)
+        finally:
+            await aclose_shielded(outputs)
         if include_usage:
             yield sse_event(make_chunk([], generation.usage()).model_dump_json())
     except BadRequestError as exc:

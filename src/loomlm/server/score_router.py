@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from loomlm.outputs import json_logprob
 from loomlm.protocol.score import ScoredValue, ScoreRequest, ScoreResponse, ScoreUsage
 from loomlm.scoring import ScoringResult, score_on_engine
 from loomlm.server.errors import BadRequestError, ModelNotFoundError, bad_request_on_value_error
@@ -25,12 +26,11 @@ if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
 
 SCORE_PATH = "/score"
-_MIN_LOGPROB = -9999.0
 _STATUS_CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
 
 
 def _clamped(scores) -> list[float]:
-    return [max(float(score), _MIN_LOGPROB) for score in scores]
+    return [json_logprob(score) for score in scores]
 
 
 def score_response(result: ScoringResult) -> ScoreResponse:

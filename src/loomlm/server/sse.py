@@ -91,11 +91,46 @@ class ClientDisconnected(Exception):
     """The HTTP client closed the connection before the response was ready."""
 
 
-async def _aclose(iterator: AsyncIterator[object]) -> None:
+async def aclose_shielded(iterator: AsyncIterator[object]) -> None:
+    """Close `iterator` (an engine stream: its request is aborted) even inside a cancelled scope."""
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         with anyio.CancelScope(shield=True):
             await aclose()
+
+
+_END = object()
+
+
+async def first_then_rest(request: Request, outputs: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    """Wait for the first item of `outputs` (an engine stream), then return a generator of that
+    item and the rest: every family's streaming route in one shape.
+
+    Waiting before the response starts keeps an input the engine rejects a plain 4xx in the
+    family's own format instead of an error inside a 200 stream. Closing the returned generator
+    (or its end, or an error) closes `outputs` under a shielded scope, aborting the request if it
+    still runs, however the response ended: the one close path of every stream.
+
+    Raises: what the first item raised (ValueError and the like: the route's 4xx), or
+    ClientDisconnected when the client left first; `outputs` is closed then.
+    """
+    try:
+        first = await run_until_disconnect(request, anext(outputs, _END))
+    except BaseException:
+        await aclose_shielded(outputs)
+        raise
+    return _chain(first, outputs)
+
+
+async def _chain(first: object, outputs: AsyncIterator[T]) -> AsyncGenerator[T, None]:
+    try:
+        if first is _END:
+            return
+        yield first  # type: ignore[misc]  # a T: not the end marker
+        async for item in outputs:
+            yield item
+    finally:
+        await aclose_shielded(outputs)
 
 
 async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
@@ -112,7 +147,7 @@ async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncGener
             async for item in only:
                 yield 0, item
         finally:
-            await _aclose(only)
+            await aclose_shielded(only)
         return
 
     queue: asyncio.Queue[tuple[int, T | None, BaseException | None, bool]] = asyncio.Queue()
@@ -125,7 +160,7 @@ async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncGener
             await queue.put((index, None, exc, False))
             return
         finally:
-            await _aclose(iterator)
+            await aclose_shielded(iterator)
         await queue.put((index, None, None, True))
 
     tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]

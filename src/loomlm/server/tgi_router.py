@@ -47,7 +47,7 @@ from loomlm.protocol.tgi import (
 from loomlm.server.errors import TGIError
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
-from loomlm.server.sse import ClientDisconnected, last_output, sse_event
+from loomlm.server.sse import ClientDisconnected, aclose_shielded, first_then_rest, last_output, sse_event
 from loomlm.server.tgi_params import (
     MAX_BEST_OF,
     MAX_STOP_SEQUENCES,
@@ -128,10 +128,9 @@ class TGIServing:
         """`POST /generate_stream`: one `data:` event per token, the last with the text and details."""
         plan, prompt, lora = await self._prepare(body, raw_request, stream=True)
         self._admit()
-        # Start the request now, so a ValueError from the engine is still a 422, not a stream error.
-        stream = self.engine.generate(prompt, plan.params, uuid.uuid4().hex, lora)
         try:
-            first = await anext(stream)
+            outputs = await first_then_rest(raw_request, self.engine.generate(prompt, plan.params, uuid.uuid4().hex,
+                                                                              lora))
         except ValueError as exc:
             self.num_in_flight -= 1
             raise TGIError(str(exc), 422, "validation") from exc
@@ -141,7 +140,7 @@ class TGIServing:
         headers = {"x-model-id": self.engine.served_model_name}
         if lora is not None:
             headers["x-adapter-id"] = lora.lora_name
-        return StreamingResponse(self._events(first, stream, plan, body.inputs, raw_request),
+        return StreamingResponse(self._events(outputs, plan, body.inputs, raw_request),
                                  media_type="text/event-stream", headers=headers)
 
     async def info(self) -> Info:
@@ -331,19 +330,15 @@ class TGIServing:
             headers["x-adapter-id"] = lora.lora_name
         return headers
 
-    async def _events(self, first: RequestOutput, stream: AsyncIterator[RequestOutput], plan: TGIPlan,
-                      inputs: str, raw_request: Request) -> AsyncIterator[str]:
-        """SSE events: one per generated token; errors as `{"error", "error_type"}` events."""
+    async def _events(self, outputs: AsyncIterator[RequestOutput], plan: TGIPlan, inputs: str,
+                      raw_request: Request) -> AsyncIterator[str]:
+        """SSE events of `outputs` (first_then_rest's): one per generated token; errors as
+        `{"error", "error_type"}` events."""
         sent = 0
         last: RequestOutput | None = None
         try:
-            async def outputs() -> AsyncIterator[RequestOutput]:
-                yield first
-                async for output in stream:
-                    yield output
-
             self.metrics.requests_running.inc()
-            async for output in outputs():
+            async for output in outputs:
                 last = output
                 completion = output.outputs[0]
                 if output.finished:
@@ -367,7 +362,7 @@ class TGIServing:
         finally:
             self.num_in_flight -= 1
             self.metrics.requests_running.dec()
-            await stream.aclose()  # aborts the request if the client went away
+            await aclose_shielded(outputs)  # aborts the request if the client went away
             if last is not None:
                 record_usage(raw_request, self.metrics, len(last.prompt_token_ids), len(last.outputs[0].token_ids))
 
