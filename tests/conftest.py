@@ -8,6 +8,7 @@ loomlm's cache directory (``reference/<key>``) and reused by later sessions.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from transformers import (
 
 from loomlm.models.gguf_loader import cache_root, file_cache_key, publish_dir_atomically
 from loomlm.models.zoo import DEFAULT_MODEL, resolve_alias
+
+# Every engine in the tests checks that one thread alone touches its state (LLMEngine's debug
+# check; server subprocesses inherit it): no route may reach the engine off the step thread.
+os.environ.setdefault("LOOMLM_CHECK_ENGINE_THREAD", "1")
 
 # Captured at import, before any test redirects LOOMLM_CACHE_DIR to a temporary
 # directory: the reference must land in the persistent cache.

@@ -22,7 +22,7 @@ async def collect(engine, prompt, params, rid):
     return outs
 
 
-def test_concurrent_streams_are_cumulative_and_equal_to_sync(engine):
+def test_concurrent_streams_are_cumulative_and_equal_to_sync(engine, llm):
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = ["The sky is", "My favourite food is", "In 1492,"]
 
@@ -30,20 +30,28 @@ def test_concurrent_streams_are_cumulative_and_equal_to_sync(engine):
         return await asyncio.gather(*(collect(engine, p, greedy, f"s{i}") for i, p in enumerate(prompts)))
 
     results = asyncio.run(main())
-    llm_engine = engine.engine
-    for prompt, outs in zip(prompts, results):
+    offline = llm.generate(prompts, greedy, use_tqdm=False)  # another engine on the same model
+    for prompt, outs, sync in zip(prompts, results, offline):
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
         texts = [o.outputs[0].text for o in outs]
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative
         ids = [o.outputs[0].token_ids for o in outs]
         assert [len(i) for i in ids] == list(range(1, 13))  # one new token per step
-        # the same request through the synchronous engine gives the same tokens
-        llm_engine.add_request("sync", prompt, greedy)
-        final = None
-        while llm_engine.has_unfinished_requests():
-            for o in llm_engine.step():
-                final = o
-        assert final.outputs[0].token_ids == ids[-1]
+        assert sync.outputs[0].token_ids == ids[-1]  # the offline engine gives the same tokens
+
+
+def test_only_the_step_thread_touches_the_engine(engine):
+    """The routes' views are thread-safe; the engine's state belongs to the step thread, and with
+    LOOMLM_CHECK_ENGINE_THREAD=1 (conftest sets it) a call from any other thread raises."""
+    async def main():
+        return [o async for o in engine.generate("Hi", SamplingParams(max_tokens=2), "owner")]
+
+    assert asyncio.run(main())[-1].finished
+    assert engine.token_text(engine.tokenizer.eos_token_id) and engine.registered_loras() == []
+    with pytest.raises(RuntimeError, match="belongs to 'loomlm-step"):
+        engine.engine.abort_request("owner")
+    with pytest.raises(RuntimeError, match="belongs to 'loomlm-step"):
+        engine.engine.step()
 
 
 def test_abort_and_disconnect_free_the_request(engine):

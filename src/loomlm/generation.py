@@ -84,7 +84,7 @@ class LocalModel:
     async def generate(self, prompt: str | list[int], decoder: Decoder) -> list[str]:
         engine = self.engine
         if decoder.is_beam:
-            prompt_ids = engine.engine.encode_prompt(prompt).token_ids
+            prompt_ids = (await engine.encode(prompt)).token_ids
             result = await engine.beam_search(prompt_ids, decoder.beam_search_params(engine.max_model_len))
             return [_beam_text(engine, seq.tokens[len(prompt_ids):], seq.finish_reason) for seq in result.sequences]
         final: RequestOutput | None = None

@@ -150,13 +150,13 @@ async def score_on_engine(engine: AsyncLLMEngine, prompt: str, values: str | Seq
 
     def encode_all() -> tuple[list[int], list[list[int]]]:
         # Tokenizing (and the context-window checks) before any work, in a worker thread.
-        prompt_ids = engine.engine.encode_prompt(prompt).token_ids
+        prompt_ids = engine.input_processor.encode(prompt).token_ids
         value_ids = []
         for value in values:
-            ids = engine.engine.encode_prompt(value, add_special_tokens=False).token_ids if value else []
+            ids = engine.input_processor.encode(value, add_special_tokens=False).token_ids if value else []
             if not ids:
                 raise ValueError(f"value {value!r} has no tokens.")
-            engine.engine.encode_prompt(prompt_ids + ids, params)
+            engine.input_processor.encode(prompt_ids + ids, params)
             value_ids.append(ids)
         return prompt_ids, value_ids
 

@@ -2,13 +2,15 @@
 
 Design (as vLLM's AsyncLLMEngine): `generate()` registers the request and
 yields its cumulative RequestOutputs from an asyncio.Queue; a single
-background task runs `LLMEngine.step()` in one dedicated worker thread (the
-event loop keeps serving HTTP meanwhile; always the same thread, because
-torch's OpenMP pool is per calling thread and hopping between pool threads
-left idle teams spinning: steps ran 2x slower) and routes each output to its queue. New
-requests and aborts are applied by that task *between* steps, so the engine
-is never touched by two threads at once. A consumer that stops iterating
-(client disconnect -> CancelledError / aclose) aborts its request.
+background task hands new requests and aborts to one dedicated step thread,
+which applies them and runs `LLMEngine.step()` (the event loop keeps serving
+HTTP meanwhile; always the same thread, because torch's OpenMP pool is per
+calling thread and hopping between pool threads left idle teams spinning: steps
+ran 2x slower), and routes each output to its queue. The step thread is the
+only one that touches the engine's scheduler, KV cache, LoRA slots and model
+(`LLMEngine` checks it with LOOMLM_CHECK_ENGINE_THREAD=1, as the tests run);
+routes use the thread-safe views below and `InputProcessor`. A consumer that
+stops iterating (client disconnect -> CancelledError / aclose) aborts its request.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ class _PendingAdd:
     queue: asyncio.Queue
     lora_request: LoRARequest | None = None
     prompt_logprobs_from: int = 0
+
+
+@dataclass
+class _StepResult:
+    """What one `_engine_step` hands back to the event loop."""
+
+    rejected: list[tuple[_PendingAdd, BaseException]]  # adds the engine refused, with the error for their queue
+    outputs: list[RequestOutput]
+    beam_results: dict[str, BeamSearchOutput]  # finished beam searches by request id
+    failure: Exception | None  # the step raised: every request fails
+    has_unfinished: bool
 
 
 class AsyncLLMEngine:
@@ -77,6 +90,38 @@ class AsyncLLMEngine:
         """The request rules every face shares; thread-safe, so routes may call it off the step thread."""
         return self.engine.input_processor
 
+    # Thread-safe views for the routes: the event loop never reaches into `self.engine` itself.
+    @property
+    def config(self) -> EngineConfig:
+        """The engine's configuration (frozen)."""
+        return self.engine.config
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded on its own (vLLM's decoded_token); a thread-safe cache."""
+        return self.engine.token_text(token_id)
+
+    def registered_loras(self) -> list[LoRARequest]:
+        """The adapters loaded so far, least recently used first (a snapshot)."""
+        return self.engine.registered_loras()
+
+    def is_registered_lora(self, adapter_id: str | None) -> bool:
+        return self.engine.is_registered_lora(adapter_id)
+
+    def loaded_adapters(self) -> list[str]:
+        """The adapters in the host cache now (LoRAX's /info `loaded_adapters`); [] without LoRA."""
+        manager = self.engine.lora_manager
+        return list(manager.loaded) if manager is not None else []
+
+    async def lora_request_for(self, adapter_id: str, adapter_source: str | None = None,
+                               api_token: str | None = None) -> LoRARequest:
+        """`LLMEngine.lora_request_for` in a worker thread (it may read the disk or the network)."""
+        return await asyncio.to_thread(self.engine.lora_request_for, adapter_id, adapter_source, api_token)
+
+    def warm_structured_outputs(self) -> None:
+        """Build the grammar compiler now (~0.5 s holding the GIL) rather than on the first structured
+        request, when every other request would wait for it."""
+        _ = self.engine.structured_outputs
+
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._queues)
@@ -100,7 +145,7 @@ class AsyncLLMEngine:
         if self.engine.lora_manager is None:
             raise LookupError(f"The model `{name}` does not exist.")
         try:
-            lora = await asyncio.to_thread(self.engine.lora_request_for, name)
+            lora = await self.lora_request_for(name)
         except ValueError as exc:
             raise LookupError(f"The model `{name}` does not exist.") from exc
         await self.load_lora(lora)
@@ -202,46 +247,65 @@ class AsyncLLMEngine:
             self._wakeup.set()
 
     async def _run_loop(self) -> None:
-        engine = self.engine
+        """Hands the pending adds and aborts to the step thread, which applies them and runs a step
+        (`_engine_step`), then routes what came back to the requests' queues. The event loop only
+        moves data: it never touches the engine."""
+        loop = asyncio.get_running_loop()
+        has_unfinished = False
         while not self._stopped:
             adds, self._pending_adds = self._pending_adds, []
             aborts, self._pending_aborts = self._pending_aborts, []
-            for add in adds:
-                try:
-                    if isinstance(add.params, BeamSearchParams):
-                        engine.add_beam_search_request(add.request_id, add.prompt, add.params)
-                    else:
-                        engine.add_request(add.request_id, add.prompt, add.params, lora_request=add.lora_request,
-                                           prompt_logprobs_from=add.prompt_logprobs_from)
-                except ValueError as exc:
-                    add.queue.put_nowait(exc)
-                except Exception as exc:  # a bug must fail its request, not stop the loop serving the others
-                    logger.exception("adding request %s failed", add.request_id)
-                    add.queue.put_nowait(RuntimeError(f"the engine could not add the request: {exc}"))
-            if aborts:
-                engine.abort_request(aborts)
-            if not engine.has_unfinished_requests():
+            if not (adds or aborts or has_unfinished):
                 self._wakeup.clear()
                 if not (self._pending_adds or self._pending_aborts):
                     await self._wakeup.wait()
                 continue
-            try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._step_executor, engine.step)
-            except Exception as exc:  # a failed step fails its requests, not the server
-                logger.exception("engine step failed")
-                for rid, queue in list(self._queues.items()):
-                    queue.put_nowait(RuntimeError(f"engine step failed: {exc}"))
-                engine.abort_request(list(engine.user_requests) + list(engine.beam_searches))
-                continue
-            for output in outputs:
+            result = await loop.run_in_executor(self._step_executor, self._engine_step, adds, aborts)
+            for add, exc in result.rejected:
+                add.queue.put_nowait(exc)
+            if result.failure is not None:  # a failed step fails its requests, not the server
+                for queue in list(self._queues.values()):
+                    queue.put_nowait(RuntimeError(f"engine step failed: {result.failure}"))
+            for output in result.outputs:
                 queue = self._queues.get(output.request_id)
                 if queue is not None:
                     queue.put_nowait(output)
-            for request_id in list(engine.finished_beam_searches):
-                result = engine.finished_beam_searches.pop(request_id)
+            for request_id, beam_result in result.beam_results.items():
                 queue = self._queues.get(request_id)
                 if queue is not None:
-                    queue.put_nowait(result)
+                    queue.put_nowait(beam_result)
+            has_unfinished = result.has_unfinished
+
+    def _engine_step(self, adds: list[_PendingAdd], aborts: list[str]) -> _StepResult:
+        """On the step thread, the only one that touches the engine: apply the adds and aborts
+        queued since the last step, then run one step if anything is unfinished."""
+        engine = self.engine
+        rejected: list[tuple[_PendingAdd, BaseException]] = []
+        for add in adds:
+            try:
+                if isinstance(add.params, BeamSearchParams):
+                    engine.add_beam_search_request(add.request_id, add.prompt, add.params)
+                else:
+                    engine.add_request(add.request_id, add.prompt, add.params, lora_request=add.lora_request,
+                                       prompt_logprobs_from=add.prompt_logprobs_from)
+            except ValueError as exc:
+                rejected.append((add, exc))
+            except Exception as exc:  # a bug must fail its request, not stop the loop serving the others
+                logger.exception("adding request %s failed", add.request_id)
+                rejected.append((add, RuntimeError(f"the engine could not add the request: {exc}")))
+        if aborts:
+            engine.abort_request(aborts)
+        outputs: list[RequestOutput] = []
+        failure: Exception | None = None
+        if engine.has_unfinished_requests():
+            try:
+                outputs = engine.step()
+            except Exception as exc:
+                logger.exception("engine step failed")
+                failure = exc
+                engine.abort_request(list(engine.user_requests) + list(engine.beam_searches))
+        beam_results = {rid: engine.finished_beam_searches.pop(rid) for rid in list(engine.finished_beam_searches)}
+        return _StepResult(rejected, outputs, beam_results, failure, engine.has_unfinished_requests())
 
     async def aclose(self) -> None:
         """`shutdown()`, then, from the event loop the step loop runs in, wait for it to end."""

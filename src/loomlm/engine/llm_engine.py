@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -56,7 +57,11 @@ class LLMEngine:
     """Synchronous engine over one model: `add_request`, then `step()` until no request is unfinished.
 
     Loading raises ValueError for an unknown model, a bad engine argument or a checkpoint that
-    does not fit its config. Not thread-safe: one caller at a time (AsyncLLMEngine serializes).
+    does not fit its config. Not thread-safe: `add_request`, `add_beam_search_request`,
+    `abort_request` and `step` belong to one thread (AsyncLLMEngine's step thread); with the
+    environment variable LOOMLM_CHECK_ENGINE_THREAD=1 (the tests set it) a call from any other
+    thread than the first caller's raises RuntimeError. `encode_prompt`, `input_processor`,
+    `token_text` and the LoRA registry views are thread-safe.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -102,6 +107,8 @@ class LLMEngine:
             if self.lora_manager.acquire(lora) is not None:
                 self.lora_manager.release(lora.lora_name)
         self.user_requests: dict[str, _UserRequest] = {}
+        self._check_thread = os.environ.get("LOOMLM_CHECK_ENGINE_THREAD") == "1"
+        self._owner_thread: threading.Thread | None = None
         self._token_texts: dict[int, str] = {}
         self._structured_outputs: StructuredOutputManager | None = None
         self._structured_outputs_lock = threading.Lock()
@@ -192,6 +199,17 @@ class LLMEngine:
                 if name not in self._pinned_loras:
                     del self.lora_requests[name]
 
+    def _assert_owner_thread(self) -> None:
+        """Debug check (LOOMLM_CHECK_ENGINE_THREAD=1): the engine's state has one owner thread."""
+        if not self._check_thread:
+            return
+        current = threading.current_thread()
+        if self._owner_thread is None:
+            self._owner_thread = current
+        elif self._owner_thread is not current:
+            raise RuntimeError(f"LLMEngine used from thread {current.name!r}; it belongs to "
+                               f"{self._owner_thread.name!r} (the step thread alone may touch it).")
+
     def add_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
                     arrival_time: float | None = None, lora_request: LoRARequest | None = None,
                     prompt_logprobs_from: int = 0) -> None:
@@ -204,6 +222,7 @@ class LLMEngine:
         `best_of > n` runs best_of sequences and returns the n with the highest cumulative
         logprob once all have finished (vLLM v0's semantics); no intermediate outputs then.
         """
+        self._assert_owner_thread()
         if request_id in self.user_requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids = self.encode_prompt(prompt, params)
@@ -247,6 +266,7 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests (and beam searches) and free their blocks; unknown ids are ignored."""
+        self._assert_owner_thread()
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
             group = self.beam_searches.pop(rid, None)
             if group is not None:
@@ -269,6 +289,7 @@ class LLMEngine:
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every user request that got new tokens."""
+        self._assert_owner_thread()
         scheduler_output = self.scheduler.schedule()
         failed, self.scheduler.finished_by_scheduler = self.scheduler.finished_by_scheduler, []
         if scheduler_output.is_empty:
@@ -304,6 +325,7 @@ class LLMEngine:
         The prompt is prefilled once; beams then share its KV blocks (see
         `engine/beam_search_group.py`). Raises ValueError for bad input (nothing queued).
         """
+        self._assert_owner_thread()
         if request_id in self.user_requests or request_id in self.beam_searches:
             raise ValueError(f"request id {request_id!r} is already in use.")
         width = params.beam_width

@@ -71,9 +71,7 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     metrics = ServerMetrics()
     register_engine_metrics(metrics, engine.engine)
     limits = limits or ServerLimits()
-    # The grammar compiler converts the tokenizer while holding the GIL (~0.5 s): build it now
-    # rather than on the first structured request, when every other request would wait for it.
-    _ = engine.engine.structured_outputs
+    engine.warm_structured_outputs()
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.limits = limits

@@ -135,7 +135,7 @@ class LLMEngineServing:
         """`GET /v1/llm/model-endpoints`: the served model, then the adapters named so far
         (preloaded with --adapter-ids or used by a request), as `GET /v1/models` lists them."""
         base = self.engine.served_model_name
-        names = [base, *(lora.lora_name for lora in self.engine.engine.registered_loras())]
+        names = [base, *(lora.lora_name for lora in self.engine.registered_loras())]
         return ListLLMEndpointsResponse(model_endpoints=[self._endpoint(name) for name in names])
 
     async def get_model_endpoint(self, name: str) -> GetLLMEndpointResponse:
@@ -145,7 +145,7 @@ class LLMEngineServing:
         `llmengine` client builds URLs with `urljoin`, which drops it (`endpoints//tmp/a` ->
         `endpoints/tmp/a`).
         """
-        is_known = self.engine.engine.is_registered_lora
+        is_known = self.engine.is_registered_lora
         if name == self.engine.served_model_name or is_known(name):
             return self._endpoint(name)
         if is_known("/" + name):
@@ -210,7 +210,7 @@ class LLMEngineServing:
         entry = completion.logprobs[i].get(token_id) if completion.logprobs is not None else None
         if entry is None:  # cannot happen with logprobs=0, which always holds the chosen token
             raise HTTPException(500, f"no logprob for generated token {i}.")
-        text = entry.decoded_token if entry.decoded_token is not None else self.engine.engine.token_text(token_id)
+        text = entry.decoded_token if entry.decoded_token is not None else self.engine.token_text(token_id)
         return TokenOutput(token=text, log_prob=json_logprob(entry.logprob))
 
     def _endpoint(self, name: str) -> GetLLMEndpointResponse:
@@ -226,7 +226,7 @@ class LLMEngineServing:
         or one empty event to carry `finished` when the last output brought no token."""
         new_ids = completion.token_ids[num_sent_tokens:]
         new_text = completion.text[num_sent_chars:]
-        token_text: Callable[[int], str] = self.engine.engine.token_text
+        token_text: Callable[[int], str] = self.engine.token_text
         texts = split_text(new_text, [token_text(token_id) for token_id in new_ids])
         events = []
         for k, text in enumerate(texts):

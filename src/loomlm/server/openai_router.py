@@ -90,7 +90,7 @@ class OpenAIServing:
         self.served_model_name: str = engine.served_model_name
         self.max_model_len: int = engine.max_model_len
         self.created_s = int(time.time())
-        self._token_text = engine.engine.token_text  # one token's text (logprob entries)
+        self._token_text = engine.token_text  # one token's text (logprob entries)
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -101,7 +101,7 @@ class OpenAIServing:
         card = ModelCard(id=self.served_model_name, created=self.created_s, max_model_len=self.max_model_len)
         adapters = [ModelCard(id=lora.lora_name, created=self.created_s, max_model_len=self.max_model_len,
                               root=lora.lora_path, parent=self.served_model_name)
-                    for lora in self.engine.engine.registered_loras()]
+                    for lora in self.engine.registered_loras()]
         return ModelList(data=[card, *adapters])
 
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
@@ -154,7 +154,7 @@ class OpenAIServing:
         """404 unless `model` is the served model or an adapter named so far (same tokenizer)."""
         with bad_request_on_value_error("model"):
             self.limits.check_name("model", model)
-        if model is not None and model != self.served_model_name and not self.engine.engine.is_registered_lora(model):
+        if model is not None and model != self.served_model_name and not self.engine.is_registered_lora(model):
             raise ModelNotFoundError(model)
 
     async def _lora_for_model(self, model: str | None) -> LoRARequest | None:

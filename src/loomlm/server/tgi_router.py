@@ -85,7 +85,7 @@ class TGIServing:
         self.max_concurrent_requests = max_concurrent_requests
         self.num_in_flight = 0
         self.special_ids = set(engine.tokenizer.all_special_ids)
-        self.max_logprobs = engine.engine.config.model_config.max_logprobs
+        self.max_logprobs = engine.config.model_config.max_logprobs
 
     # ------------------------------------------------------------------ routes
     async def compat_generate(self, body: GenerateRequest, raw_request: Request) -> Response:
@@ -147,9 +147,7 @@ class TGIServing:
         """`GET /info`: the model and the router's limits (LoRAX's fields)."""
         import loomlm
 
-        engine = self.engine.engine
-        config = engine.config
-        manager = engine.lora_manager
+        config = self.engine.config
         return Info(
             model_id=self.engine.served_model_name,
             model_dtype=str(config.model_config.torch_dtype).removeprefix("torch."),
@@ -160,8 +158,8 @@ class TGIServing:
             max_input_length=self.engine.max_model_len - 1,
             max_total_tokens=self.engine.max_model_len,
             max_batch_total_tokens=config.scheduler_config.max_num_batched_tokens,
-            max_active_adapters=config.lora_config.max_loras if manager is not None else 0,
-            loaded_adapters=manager.loaded if manager is not None else [],
+            max_active_adapters=config.lora_config.max_loras if config.lora_config.enable_lora else 0,
+            loaded_adapters=self.engine.loaded_adapters(),
             version=loomlm.__version__,
         )
 
@@ -227,17 +225,16 @@ class TGIServing:
     async def _lora_request(self, p: GenerateParameters, api_token: str | None) -> LoRARequest | None:
         if p.adapter_id is not None and p.merged_adapters is not None:
             raise ValueError("you must specify at most one of `adapter_id` or `merged_adapters`")
-        engine = self.engine.engine
         if p.merged_adapters is not None:
             from loomlm.lora.merge import MergeConfig
 
             config = MergeConfig.from_lorax(p.merged_adapters.model_dump())
-            parts = [await asyncio.to_thread(engine.lora_request_for, adapter_id, p.adapter_source, api_token)
+            parts = [await self.engine.lora_request_for(adapter_id, p.adapter_source, api_token)
                      for adapter_id in config.ids]
             return LoRARequest.merged(parts, config)
         if p.adapter_id is None or p.adapter_id == self.engine.served_model_name:
             return None  # LoRAX: no adapter, or the base model's own id
-        return await asyncio.to_thread(engine.lora_request_for, p.adapter_id, p.adapter_source, api_token)
+        return await self.engine.lora_request_for(p.adapter_id, p.adapter_source, api_token)
 
     def _admit(self) -> None:
         if self.num_in_flight >= self.max_concurrent_requests:
@@ -246,7 +243,7 @@ class TGIServing:
 
     def _token(self, token_id: int, entry: Logprob | None) -> Token:
         text = entry.decoded_token if entry is not None and entry.decoded_token is not None \
-            else self.engine.engine.token_text(token_id)
+            else self.engine.token_text(token_id)
         return Token(id=token_id, text=text, logprob=entry.logprob if entry is not None else None,
                      special=token_id in self.special_ids)
 
@@ -280,7 +277,7 @@ class TGIServing:
         if plan.decoder_input_details and output.prompt_logprobs is not None:
             for token_id, position in zip(output.prompt_token_ids, output.prompt_logprobs, strict=True):
                 entry = (position or {}).get(token_id)
-                prefill.append(InputToken(id=token_id, text=self.engine.engine.token_text(token_id),
+                prefill.append(InputToken(id=token_id, text=self.engine.token_text(token_id),
                                           logprob=entry.logprob if entry is not None else None))
         return {
             "generated_text": (inputs if plan.return_full_text else "") + completion.text,
@@ -314,7 +311,7 @@ class TGIServing:
         generated = sum(len(c.token_ids) for c in output.outputs)
         inference_ms = (now - scheduled) * 1000
         headers = {
-            "x-compute-type": "cpu" if self.engine.engine.config.model_config.torch_device.type == "cpu" else "gpu",
+            "x-compute-type": "cpu" if self.engine.config.model_config.torch_device.type == "cpu" else "gpu",
             "x-compute-time": f"{now - start:.6f}",
             "x-total-time": str(round((now - start) * 1000)),
             "x-validation-time": str(round((validated - start) * 1000)),
