@@ -102,3 +102,21 @@ def test_check_token_ids_names_the_field(tokenizer):
     p.check_token_ids([0, len(tokenizer) - 1], "tokens")
     with pytest.raises(ValueError, match=r"^tokens must be integers"):
         p.check_token_ids([len(tokenizer)], "tokens")
+
+
+def test_process_makes_the_engine_request(tokenizer):
+    p = _processor(tokenizer)
+    params = SamplingParams(max_tokens=4, bad_words=["hello", "hello"])
+    request = p.process("r1", "hello world", params, prompt_logprobs_from=2, arrival_time=123.0)
+    assert request.request_id == "r1" and request.prompt == p.encode("hello world")
+    assert request.params is params and request.lora_request is None
+    assert (request.prompt_logprobs_from, request.arrival_time) == (2, 123.0)
+    # vLLM's bad_words: bare and with a leading space, each once
+    expected = [tokenizer.encode("hello", add_special_tokens=False), tokenizer.encode(" hello", add_special_tokens=False)]
+    assert request.bad_words_token_ids == [ids for i, ids in enumerate(expected) if ids not in expected[:i]]
+    from loomlm.lora.request import LoRARequest
+
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        p.process("r2", "hi", params, LoRARequest("a", 1, "/nowhere"))
+    with pytest.raises(ContextWindowError):
+        p.process("r3", list(range(1, 40)), params)

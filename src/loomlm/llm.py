@@ -76,18 +76,17 @@ class LLM:
                 raise ValueError(f"got {len(lora_list)} LoRA requests for {len(prompt_list)} prompts.")
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt loses no work.
-        encoded = [engine.encode_prompt(prompt, params) for prompt, params in zip(prompt_list, params_list)]
+        first_id = self._counter
+        requests = [engine.input_processor.process(str(first_id + i), prompt, params, lora)
+                    for i, (prompt, params, lora) in enumerate(zip(prompt_list, params_list, lora_list))]
         # More adapters than slots is fine: a request waits for a slot to free up.
         adapters = {lora.lora_name: lora for lora in lora_list if lora is not None}
         for lora in adapters.values():
             engine.check_lora(lora)
-        request_ids = []
-        for prompt, params, lora in zip(encoded, params_list, lora_list):
-            request_id = str(self._counter)
-            self._counter += 1
-            engine.add_request(request_id, prompt, params, lora_request=lora)
-            request_ids.append(request_id)
-        return self._run_engine(request_ids, use_tqdm)
+        self._counter += len(requests)
+        for request in requests:
+            engine.add_engine_request(request)
+        return self._run_engine([request.request_id for request in requests], use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     lora_request: Any = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.config import EngineConfig
-from loomlm.engine.input_processor import EncodedPrompt, InputProcessor
+from loomlm.engine.input_processor import EncodedPrompt, EngineRequest, InputProcessor
 from loomlm.engine.llm_engine import LLMEngine
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import RequestOutput
@@ -35,12 +35,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _PendingAdd:
+    """A request for the step thread to add: a processed generation, or a beam search."""
+
     request_id: str
-    prompt: EncodedPrompt
-    params: SamplingParams | BeamSearchParams
-    queue: asyncio.Queue
-    lora_request: LoRARequest | None = None
-    prompt_logprobs_from: int = 0
+    queue: asyncio.Queue  # where its outputs go
+    request: EngineRequest | None = None
+    beam: tuple[EncodedPrompt, BeamSearchParams] | None = None
 
 
 @dataclass
@@ -174,11 +174,13 @@ class AsyncLLMEngine:
         prompt, the parameters or the adapter are invalid.
         """
         request_id = request_id or uuid.uuid4().hex
-        # Validate here, in the caller's task, so bad input is reported to this caller only.
-        encoded = await self.encode(prompt, sampling_params)
+        # Validate here, in the caller's task (a worker thread: never the event loop or the step
+        # thread), so bad input is reported to this caller only; the engine queues it unchecked.
+        request = await asyncio.to_thread(self.input_processor.process, request_id, prompt, sampling_params,
+                                          lora_request, prompt_logprobs_from)
         if lora_request is not None:
             await self.load_lora(lora_request)
-        queue = self._submit(request_id, encoded, sampling_params, lora_request, prompt_logprobs_from)
+        queue = self._submit(request_id, request=request)
         finished = False
         try:
             while True:
@@ -203,8 +205,8 @@ class AsyncLLMEngine:
             if self._wakeup is not None:
                 self._wakeup.set()
 
-    def _submit(self, request_id: str, encoded: EncodedPrompt, params: SamplingParams | BeamSearchParams,
-                lora_request: LoRARequest | None = None, prompt_logprobs_from: int = 0) -> asyncio.Queue:
+    def _submit(self, request_id: str, request: EngineRequest | None = None,
+                beam: tuple[EncodedPrompt, BeamSearchParams] | None = None) -> asyncio.Queue:
         """Queue an add for the step loop; returns the queue its outputs will arrive on."""
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
@@ -213,7 +215,7 @@ class AsyncLLMEngine:
         self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._pending_adds.append(_PendingAdd(request_id, encoded, params, queue, lora_request, prompt_logprobs_from))
+        self._pending_adds.append(_PendingAdd(request_id, queue, request, beam))
         self._wakeup.set()
         return queue
 
@@ -224,7 +226,7 @@ class AsyncLLMEngine:
         Raises ValueError for bad input; cancelling the call aborts the search.
         """
         request_id = request_id or uuid.uuid4().hex
-        queue = self._submit(request_id, await self.encode(prompt), params)
+        queue = self._submit(request_id, beam=(await self.encode(prompt), params))
         finished = False
         try:
             item = await queue.get()
@@ -283,11 +285,10 @@ class AsyncLLMEngine:
         rejected: list[tuple[_PendingAdd, BaseException]] = []
         for add in adds:
             try:
-                if isinstance(add.params, BeamSearchParams):
-                    engine.add_beam_search_request(add.request_id, add.prompt, add.params)
+                if add.beam is not None:
+                    engine.add_beam_search_request(add.request_id, *add.beam)
                 else:
-                    engine.add_request(add.request_id, add.prompt, add.params, lora_request=add.lora_request,
-                                       prompt_logprobs_from=add.prompt_logprobs_from)
+                    engine.add_engine_request(add.request)
             except ValueError as exc:
                 rejected.append((add, exc))
             except Exception as exc:  # a bug must fail its request, not stop the loop serving the others

@@ -10,10 +10,15 @@ in worker threads, off the event loop and off the step thread.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 from loomlm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loomlm.lora.request import LoRARequest
 
 
 class EncodedPrompt(NamedTuple):
@@ -21,6 +26,21 @@ class EncodedPrompt(NamedTuple):
 
     text: str | None  # the prompt text; None when it was given as token ids
     token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request as every face hands it to the engine, checked and tokenized once by
+    `InputProcessor.process` (vLLM v1's EngineCoreRequest): the engine queues it as is."""
+
+    request_id: str
+    prompt: EncodedPrompt
+    params: SamplingParams
+    lora_request: LoRARequest | None = None
+    # With params.prompt_logprobs: positions before this one need none (see LLMEngine.add_request).
+    prompt_logprobs_from: int = 0
+    arrival_time: float = field(default_factory=time.time)  # seconds since the epoch
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
 
 
 class ContextWindowError(ValueError):
@@ -55,11 +75,13 @@ class InputProcessor:
         max_logprobs: the most logprobs a request may ask for per position.
         structured_outputs: returns the constraint compiler (made on first use by the engine),
             which checks a request's structured-output spec.
+        lora_enabled: whether requests may name adapters (the engine's enable_lora).
     """
 
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_logprobs: int,
-                 structured_outputs: Callable[[], object]) -> None:
+                 structured_outputs: Callable[[], object], lora_enabled: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.lora_enabled = lora_enabled
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
@@ -115,6 +137,31 @@ class InputProcessor:
         if len(encoded.token_ids) >= self.max_model_len:
             raise ContextWindowError(self.max_model_len, len(encoded.token_ids))
         return encoded
+
+    def process(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
+                lora_request: LoRARequest | None = None, prompt_logprobs_from: int = 0,
+                arrival_time: float | None = None) -> EngineRequest:
+        """Everything a generation request needs checked and tokenized before the engine queues it:
+        `encode` (prompt and parameters), the adapter rule, the bad words' token ids.
+
+        Raises ValueError (ContextWindowError among them) as `encode` does, or for an adapter
+        when LoRA is not enabled.
+        """
+        encoded = self.encode(prompt, params)
+        if lora_request is not None and not self.lora_enabled:
+            raise ValueError("LoRA adapters need the engine argument enable_lora=True (loomlm serve --enable-lora).")
+        return EngineRequest(request_id, encoded, params, lora_request, prompt_logprobs_from,
+                             arrival_time or time.time(), self.bad_words_token_ids(params.bad_words or []))
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word tokenized bare and with a leading space (vLLM's bad_words), without duplicates."""
+        ids: list[list[int]] = []
+        for word in words:
+            for variant in (word, " " + word.lstrip()):
+                token_ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if token_ids and token_ids not in ids:
+                    ids.append(token_ids)
+        return ids
 
     def completion_budget(self, prompt_tokens: int, requested: int | None) -> int:
         """The completion tokens a prompt of `prompt_tokens` may generate: `requested`, or all the

@@ -24,7 +24,7 @@ from loomlm.config import LOAD_TIME_QUANTIZATION, EngineConfig, ModelConfig
 from loomlm.engine.beam_search_group import BeamSearchGroup
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.detokenizer import IncrementalDetokenizer
-from loomlm.engine.input_processor import EncodedPrompt, InputProcessor
+from loomlm.engine.input_processor import EncodedPrompt, EngineRequest, InputProcessor
 from loomlm.engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
 from loomlm.engine.request import Request
 from loomlm.engine.scheduler import GrammarBitmask, Scheduler, SchedulerOutput
@@ -117,7 +117,7 @@ class LLMEngine:
         self.finished_beam_searches: dict[str, BeamSearchOutput] = {}  # taken by the caller
         # The request rules every face shares (thread-safe): faces call it in worker threads.
         self.input_processor = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len,
-                                              mc.max_logprobs, lambda: self.structured_outputs)
+                                              mc.max_logprobs, lambda: self.structured_outputs, lc.enable_lora)
 
     @property
     def structured_outputs(self) -> StructuredOutputManager:
@@ -225,19 +225,27 @@ class LLMEngine:
         self._assert_owner_thread()
         if request_id in self.user_requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
-        text, token_ids = self.encode_prompt(prompt, params)
-        if lora_request is not None and self.lora_manager is None:
-            raise ValueError("LoRA adapters need the engine argument enable_lora=True.")
-        arrival = arrival_time or time.time()
+        self.add_engine_request(self.input_processor.process(request_id, prompt, params, lora_request,
+                                                             prompt_logprobs_from, arrival_time))
+
+    def add_engine_request(self, request: EngineRequest) -> None:
+        """Queue a request `InputProcessor.process` made, without checking it again (the async
+        engine processes requests in worker threads and queues them on the step thread).
+        Raises ValueError for a request id in use (nothing is queued then)."""
+        self._assert_owner_thread()
+        request_id, params, lora_request = request.request_id, request.params, request.lora_request
+        if request_id in self.user_requests:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        text, token_ids = request.prompt
+        arrival = request.arrival_time
         max_tokens = self.input_processor.room_for(len(token_ids), params.max_tokens)
-        bad_words_ids = self._bad_words_token_ids(params.bad_words or [])
         num_sequences = max(params.n, params.best_of or 0)
         sequences = []
         for i in range(num_sequences):
             seq_params = params.clone(n=1, best_of=None, seed=None if params.seed is None else params.seed + i,
                                       prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             seq_params.all_stop_token_ids = set(seq_params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-            seq_params.bad_words_token_ids = bad_words_ids
+            seq_params.bad_words_token_ids = request.bad_words_token_ids
             seq_id = request_id if num_sequences == 1 else f"{i}_{request_id}"
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, seq_params.stop,
                                            seq_params.include_stop_str_in_output, seq_params.skip_special_tokens,
@@ -247,22 +255,12 @@ class LLMEngine:
                 seq.structured_output = self.structured_outputs.request_state(params.structured_outputs)
             seq.needs_logprobs = params.needs_sampled_logprob
             seq.lora_request = lora_request  # its slot is taken when the scheduler admits it
-            seq.prompt_logprobs_from = prompt_logprobs_from
+            seq.prompt_logprobs_from = request.prompt_logprobs_from
             sequences.append(seq)
         self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival, params,
                                                       lora_request)
         for seq in sequences:
             self.scheduler.add_request(seq)
-
-    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
-        """Each word tokenized bare and with a leading space (vLLM's bad_words), without duplicates."""
-        ids: list[list[int]] = []
-        for word in words:
-            for variant in (word, " " + word.lstrip()):
-                token_ids = self.tokenizer.encode(variant, add_special_tokens=False)
-                if token_ids and token_ids not in ids:
-                    ids.append(token_ids)
-        return ids
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests (and beam searches) and free their blocks; unknown ids are ignored."""
