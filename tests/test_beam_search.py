@@ -91,7 +91,7 @@ def test_prompt_is_prefilled_once_and_beams_share_blocks(llm):
     max_shared = 0
     original = runner.execute
 
-    def spy(scheduler_output, block_tables):
+    def spy(scheduler_output):
         nonlocal computed_prompt_tokens, max_shared
         for item in scheduler_output.scheduled:
             start = item.request.num_computed_tokens
@@ -99,7 +99,7 @@ def test_prompt_is_prefilled_once_and_beams_share_blocks(llm):
         copies.extend(scheduler_output.blocks_to_copy)
         engine.block_manager.check_invariants()
         max_shared = max(max_shared, max(engine.block_manager.ref_counts))
-        return original(scheduler_output, block_tables)
+        return original(scheduler_output)
 
     runner.execute = spy
     try:

@@ -36,9 +36,11 @@ def check_step(sched: Scheduler, out) -> None:
         req = it.request
         assert it.num_new_tokens >= 1
         assert req.num_computed_tokens + it.num_new_tokens <= req.num_tokens
-        # the table covers every token computed so far plus this step's
+        # the table (handed to the runner in the output) covers every token computed so far plus this step's
+        assert out.block_tables[req.request_id] == bm.block_table(req.request_id)
         assert len(bm.block_table(req.request_id)) * bm.block_size >= req.num_computed_tokens + it.num_new_tokens
         assert req.status == RequestStatus.RUNNING
+    assert set(out.block_tables) == set(ids)
     for rid in out.preempted_request_ids:
         assert rid not in ids and bm.block_table(rid) == []
     bm.check_invariants()

@@ -27,7 +27,7 @@ from loomlm.engine.detokenizer import IncrementalDetokenizer
 from loomlm.engine.input_processor import EncodedPrompt, EngineRequest, InputProcessor
 from loomlm.engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
 from loomlm.engine.request import Request
-from loomlm.engine.scheduler import GrammarBitmask, Scheduler, SchedulerOutput
+from loomlm.engine.scheduler import Scheduler, SchedulerOutput
 from loomlm.engine.structured_output import StructuredOutputManager
 from loomlm.lora.manager import LoRAManager
 from loomlm.lora.request import LoRARequest
@@ -295,15 +295,9 @@ class LLMEngine:
                 # Everything waits on a background adapter load or grammar compile: do not spin.
                 time.sleep(0.002)
             return self._make_outputs(failed)
-        tables = {it.request.request_id: self.block_manager.block_table(it.request.request_id)
-                  for it in scheduler_output.scheduled}
-        constrained = [it.request for it in scheduler_output.scheduled
-                       if it.samples_token and it.request.structured_output is not None]
-        if constrained:
-            scheduler_output.grammar_bitmask = GrammarBitmask(
-                [r.request_id for r in constrained],
-                self.structured_outputs.bitmask([r.structured_output for r in constrained]))
-        runner_output = self.model_runner.execute(scheduler_output, tables)
+        if self._structured_outputs is not None:  # made by the first constrained request
+            scheduler_output.grammar_bitmask = self._structured_outputs.grammar_bitmask(scheduler_output)
+        runner_output = self.model_runner.execute(scheduler_output)
         # Beams do not take their sampled token: their group chooses it from the candidates.
         beam_candidates = {rid: runner_output.logprobs.pop(rid) for rid in list(runner_output.logprobs)
                            if rid in self._beam_owner}

@@ -147,8 +147,9 @@ class ModelRunner:
         return meta
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
-        """Run one step. block_tables: request_id -> its blocks (covering the scheduled tokens).
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step: the scheduled requests' tokens through the model over their
+        `scheduler_output.block_tables`, then sampling.
 
         Raises RuntimeError after `release()`.
         """
@@ -173,7 +174,7 @@ class ModelRunner:
         for item in items:
             req = item.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
-            table = block_tables[req.request_id]
+            table = scheduler_output.block_tables[req.request_id]
             first = len(input_ids)
             uses_lora = uses_lora or req.lora_slot is not None
             token_slots.extend([-1 if req.lora_slot is None else req.lora_slot] * item.num_new_tokens)

@@ -61,7 +61,10 @@ class SchedulerOutput:
     # (source, destination) KV block copies to make before the forward pass: copy-on-write of
     # blocks that forked sequences (beams) shared and are about to write different tokens into.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    # Allowed next tokens of the constrained requests that sample this step (filled by the engine).
+    # Each scheduled request's KV blocks (request_id -> block ids, covering its scheduled tokens).
+    block_tables: dict[str, list[int]] = field(default_factory=dict)
+    # Allowed next tokens of the constrained requests that sample this step (filled by the
+    # StructuredOutputManager hook, `grammar_bitmask`).
     grammar_bitmask: GrammarBitmask | None = None
 
     @property
@@ -182,6 +185,7 @@ class Scheduler:
             budget -= num_new
 
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        out.block_tables = {it.request.request_id: bm.block_table(it.request.request_id) for it in out.scheduled}
         return out
 
     def _take_lora_slot(self, request: Request) -> bool:

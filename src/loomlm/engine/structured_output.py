@@ -22,10 +22,14 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
 from loomlm.sampling_params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +162,17 @@ class StructuredOutputManager:
         if matcher.is_error():
             raise ValueError(f"invalid structured output constraint: {matcher.get_error()}")
         return matcher
+
+    def grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarBitmask | None:
+        """The step's hook: the bitmask rows of the constrained requests that sample a token this
+        step (in scheduling order), or None when there are none."""
+        from loomlm.engine.scheduler import GrammarBitmask
+
+        constrained = [it.request for it in scheduler_output.scheduled
+                       if it.samples_token and it.request.structured_output is not None]
+        if not constrained:
+            return None
+        return GrammarBitmask([r.request_id for r in constrained], self.bitmask([r.structured_output for r in constrained]))
 
     def bitmask(self, states: list[StructuredOutputRequest]) -> torch.Tensor:
         """Allowed next tokens of each state: int32 [len(states), ceil(vocab_size / 32)], bit t = token t."""
