@@ -1,0 +1,101 @@
+"""LLMEngine.step's glue with a fake model runner (vLLM's tests/v1/core style): what the engine
+does between `schedule()`, `execute()` and `update_from_output()`, without running a model.
+
+The fake runner "samples" a token that encodes the request's state (its output length), so every
+assertion follows from the scheduling alone: chunked prefill, cumulative outputs, n > 1
+gathering, stop tokens, logprobs assembly, abort, and the block tables the runner is handed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from loomlm.engine.llm_engine import LLMEngine
+from loomlm.engine.model_runner import ModelRunnerOutput, PositionLogprobs
+from loomlm.sampling_params import SamplingParams
+
+FIRST_TOKEN = 50  # the fake samples FIRST_TOKEN + the number of tokens the sequence has generated
+
+
+class FakeRunner:
+    """Stands in for ModelRunner.execute: checks what it is handed, returns made-up samples."""
+
+    def __init__(self, real, block_size: int) -> None:
+        self.num_blocks = real.num_blocks
+        self.block_size = block_size
+        self.steps = []  # per step: [(request_id, num_new_tokens, num_computed_tokens)]
+
+    def execute(self, scheduler_output) -> ModelRunnerOutput:
+        sampled, logprobs, step = {}, {}, []
+        for item in scheduler_output.scheduled:
+            request = item.request
+            step.append((request.request_id, item.num_new_tokens, request.num_computed_tokens))
+            # the table handed over covers the tokens computed so far and this step's
+            table = scheduler_output.block_tables[request.request_id]
+            assert len(table) * self.block_size >= request.num_computed_tokens + item.num_new_tokens
+            if item.samples_token:
+                token = FIRST_TOKEN + len(request.output_token_ids)
+                sampled[request.request_id] = token
+                if request.needs_logprobs:
+                    logprobs[request.request_id] = PositionLogprobs([token, 7], [-0.5, -1.5], 1)
+        self.steps.append(step)
+        return ModelRunnerOutput(sampled, logprobs)
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.fixture()
+def engine(make_tiny_model_dir):
+    engine = LLMEngine.from_engine_args(model=str(make_tiny_model_dir("llama")), max_num_batched_tokens=16,
+                                        max_num_seqs=4, block_size=4)
+    engine.model_runner = FakeRunner(engine.model_runner, 4)
+    return engine
+
+
+def _run(engine) -> dict:
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            assert output.request_id not in finals, "an output after the request finished"
+            if output.finished:
+                finals[output.request_id] = output
+    return finals
+
+
+def test_chunked_prefill_then_one_token_per_step(engine):
+    engine.add_request("a", list(range(3, 23)), SamplingParams(max_tokens=3, ignore_eos=True))  # 20 prompt tokens
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    # 16 prompt tokens (the budget), then 4 and the first sample, then one token per step
+    assert [s[0][1:] for s in engine.model_runner.steps] == [(16, 0), (4, 16), (1, 20), (1, 21)]
+    assert [o.outputs[0].token_ids for o in outputs] == [[50], [50, 51], [50, 51, 52]]  # cumulative
+    assert [o.finished for o in outputs] == [False, False, True]
+    assert outputs[-1].outputs[0].finish_reason == "length"
+    assert engine.block_manager.num_free_blocks == engine.model_runner.num_blocks  # all freed
+
+
+def test_n_sequences_are_gathered_and_stop_tokens_finish(engine):
+    params = SamplingParams(n=2, max_tokens=5, stop_token_ids=[52], ignore_eos=True, logprobs=1)
+    engine.add_request("n2", [3, 4, 5], params)
+    final = _run(engine)["n2"]
+    assert [c.index for c in final.outputs] == [0, 1]
+    for completion in final.outputs:
+        assert completion.token_ids == [50, 51, 52] and completion.finish_reason == "stop"
+        assert completion.stop_reason == 52
+        # logprobs assembled per token: the sampled one and its top alternative
+        assert [sorted(entry) for entry in completion.logprobs] == [sorted({t, 7}) for t in (50, 51, 52)]
+        assert completion.logprobs[0][50].logprob == -0.5 and completion.logprobs[0][50].rank == 1
+    # both sequences ran side by side, named as vLLM's ParentRequest children
+    assert {rid for step in engine.model_runner.steps for rid, *_ in step} == {"0_n2", "1_n2"}
+
+
+def test_abort_frees_everything(engine):
+    engine.add_request("gone", list(range(3, 30)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("kept", [3, 4], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    engine.abort_request("gone")
+    finals = _run(engine)
+    assert set(finals) == {"kept"} and "gone" not in engine.user_requests
+    assert engine.block_manager.num_free_blocks == engine.model_runner.num_blocks
