@@ -105,16 +105,20 @@ class AsyncLLMEngine:
         return self.engine.registered_loras()
 
     def is_registered_lora(self, adapter_id: str | None) -> bool:
+        """Whether `adapter_id` names an adapter loaded so far (what `/v1/models` lists)."""
         return self.engine.is_registered_lora(adapter_id)
 
     def loaded_adapters(self) -> list[str]:
-        """The adapters in the host cache now (LoRAX's /info `loaded_adapters`); [] without LoRA."""
+        """The adapters installed in the model's slots now, least recently used first (LoRAX's /info
+        `loaded_adapters`); [] without LoRA. A snapshot: the step thread may change the slots."""
         manager = self.engine.lora_manager
         return list(manager.loaded) if manager is not None else []
 
     async def lora_request_for(self, adapter_id: str, adapter_source: str | None = None,
                                api_token: str | None = None) -> LoRARequest:
-        """`LLMEngine.lora_request_for` in a worker thread (it may read the disk or the network)."""
+        """`LLMEngine.lora_request_for` in a worker thread (it may read the disk or the network).
+
+        Raises ValueError: LoRA not enabled, or an id that resolves to no allowed adapter."""
         return await asyncio.to_thread(self.engine.lora_request_for, adapter_id, adapter_source, api_token)
 
     def warm_structured_outputs(self) -> None:
