@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
+import weakref
 
 import pytest
 
@@ -105,3 +108,59 @@ def test_bad_input_raises_for_that_request_only(engine):
 
     outs = asyncio.run(main())
     assert len(outs[-1].outputs[0].token_ids) == 3
+
+
+def test_steps_go_on_while_the_event_loop_is_busy(engine):
+    """The step thread does not wait for the event loop between steps (vLLM v1's busy loop): while
+    the loop is blocked, steps go on and their outputs queue up for the stream."""
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate("Once upon a time", params, "busy-loop")
+        first = await anext(stream)
+        time.sleep(1.5)  # the event loop is stuck (a slow handler): no awaits for 1.5 s
+        for _ in range(3):
+            await asyncio.sleep(0)  # run the deliveries the step thread scheduled meanwhile
+        queued = engine._queues["busy-loop"].qsize()
+        rest = [out async for out in stream]
+        return first, queued, rest
+
+    first, queued, rest = asyncio.run(main())
+    # When the event loop drove each step, at most one step ran while it was blocked.
+    assert queued >= 5, queued
+    assert len(first.outputs[0].token_ids) + len(rest) == 60 and rest[-1].finished
+
+
+def test_shutdown_ends_running_requests_and_a_dropped_engine_is_collected():
+    params = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
+    dropped = AsyncLLMEngine.from_engine_args(model="smollm2-135m-instruct", max_num_seqs=2,
+                                              num_gpu_blocks_override=64)
+
+    async def one(eng):
+        return [o async for o in eng.generate("Hi", SamplingParams(max_tokens=2), "one")]
+
+    assert asyncio.run(one(dropped))[-1].finished
+    thread, ref = dropped._step_thread, weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert ref() is None  # the step thread holds the engine only weakly between steps
+    thread.join(timeout=30)
+    assert not thread.is_alive()  # the engine's finalizer stopped it
+
+    eng = AsyncLLMEngine.from_engine_args(model="smollm2-135m-instruct", max_num_seqs=2,
+                                          num_gpu_blocks_override=64)
+
+    async def main():
+        outs = []
+        with pytest.raises(RuntimeError, match="shut down"):
+            async for out in eng.generate("Count to a thousand", params, "long"):
+                outs.append(out)
+                if len(outs) == 2:
+                    eng.shutdown()
+        await eng.aclose()
+        return outs
+
+    assert len(asyncio.run(main())) >= 2
+    assert not eng._step_thread.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(one(eng))

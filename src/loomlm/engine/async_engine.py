@@ -1,12 +1,14 @@
-"""Asynchronous front of the engine for servers: one background step loop, per-request queues.
+"""Asynchronous front of the engine for servers: one step thread, per-request queues.
 
-Design (as vLLM's AsyncLLMEngine): `generate()` registers the request and
-yields its cumulative RequestOutputs from an asyncio.Queue; a single
-background task hands new requests and aborts to one dedicated step thread,
-which applies them and runs `LLMEngine.step()` (the event loop keeps serving
-HTTP meanwhile; always the same thread, because torch's OpenMP pool is per
-calling thread and hopping between pool threads left idle teams spinning: steps
-ran 2x slower), and routes each output to its queue. The step thread is the
+Design (as vLLM's AsyncLLMEngine over v1's EngineCore busy loop): `generate()`
+registers the request and yields its cumulative RequestOutputs from an
+asyncio.Queue. New requests and aborts go through a thread-safe inbox to one
+dedicated step thread, which applies them and runs `LLMEngine.step()` back to
+back while anything is unfinished, handing each step's outputs to the requests'
+event loops (`call_soon_threadsafe`) without waiting for them; it sleeps on the
+inbox when idle. Always the same thread, because torch's OpenMP pool is per
+calling thread and hopping between pool threads left idle teams spinning (steps
+ran 2x slower). The step thread is the
 only one that touches the engine's scheduler, KV cache, LoRA slots and model
 (`LLMEngine` checks it with LOOMLM_CHECK_ENGINE_THREAD=1, as the tests run);
 routes use the thread-safe views below and `InputProcessor`. A consumer that
@@ -16,10 +18,13 @@ stops iterating (client disconnect -> CancelledError / aclose) aborts its reques
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import queue
+import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
@@ -32,6 +37,42 @@ from loomlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+_STOP = object()  # the step thread's inbox: shut down
+# Live step threads and their inboxes, stopped and joined at interpreter exit.
+_STEP_THREADS: weakref.WeakKeyDictionary[threading.Thread, queue.SimpleQueue] = weakref.WeakKeyDictionary()
+
+
+def _step_loop(engine_ref: weakref.ref, inbox: queue.SimpleQueue) -> None:
+    """The step thread (vLLM v1's EngineCore busy loop): take what the routes queued, step while
+    anything is unfinished, and hand the outputs to the requests' event loops without waiting for
+    them, so the next step runs while the event loop streams this one's tokens. Sleeps on the
+    inbox when idle; ends on _STOP or once the engine is gone."""
+    has_unfinished = False
+    while True:
+        items = [inbox.get()] if not has_unfinished else []  # idle: sleep until work arrives
+        while True:
+            try:
+                items.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        engine = engine_ref()
+        if engine is None:
+            return
+        result = engine._step_once(items)
+        del engine  # between turns, only the weak reference: a dropped engine can be collected
+        if result is None:
+            return
+        has_unfinished = result
+
+
+@atexit.register
+def _stop_step_threads() -> None:
+    """At exit, stop every step thread after its step in flight (a daemon killed inside a native
+    kernel aborted the process: "terminate called without an active exception")."""
+    for thread, inbox in list(_STEP_THREADS.items()):
+        inbox.put(_STOP)
+        thread.join(timeout=30)
+
 
 @dataclass
 class _PendingAdd:
@@ -39,13 +80,14 @@ class _PendingAdd:
 
     request_id: str
     queue: asyncio.Queue  # where its outputs go
+    loop: asyncio.AbstractEventLoop  # the queue's event loop
     request: EngineRequest | None = None
     beam: tuple[EncodedPrompt, BeamSearchParams] | None = None
 
 
 @dataclass
 class _StepResult:
-    """What one `_engine_step` hands back to the event loop."""
+    """What one `_engine_step` hands back to the step thread's loop."""
 
     rejected: list[tuple[_PendingAdd, BaseException]]  # adds the engine refused, with the error for their queue
     outputs: list[RequestOutput]
@@ -59,14 +101,13 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._pending_adds: list[_PendingAdd] = []
-        self._pending_aborts: list[str] = []
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
-        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue] = {}  # live requests (event-loop side)
+        # To the step thread: a _PendingAdd, a request id to abort, or _STOP.
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._routes: dict[str, _PendingAdd] = {}  # requests in the engine (step-thread side)
         self._stopped = False
-        self._step_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loomlm-step")
+        self._lock = threading.Lock()
+        self._step_thread: threading.Thread | None = None
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> AsyncLLMEngine:
@@ -129,12 +170,6 @@ class AsyncLLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._queues)
-
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wakeup = asyncio.Event()
-            self._event_loop = asyncio.get_running_loop()
-            self._loop_task = self._event_loop.create_task(self._run_loop())
 
     async def lora_for_model(self, name: str | None) -> LoRARequest | None:
         """What a request's model name selects (OpenAI `model=`, LLM Engine's endpoint name):
@@ -201,27 +236,37 @@ class AsyncLLMEngine:
         finally:
             self._release(request_id, finished)
 
+    def _start_step_thread(self) -> None:
+        """Start the step thread. It holds the engine only weakly between turns, so an engine nobody
+        shut down is still collected (its finalizer stops the thread); a daemon, stopped and
+        joined at interpreter exit (`_stop_step_threads`) rather than killed inside a kernel."""
+        thread = threading.Thread(target=_step_loop, args=(weakref.ref(self), self._inbox),
+                                  name="loomlm-step", daemon=True)
+        weakref.finalize(self, self._inbox.put, _STOP)
+        _STEP_THREADS[thread] = self._inbox
+        self._step_thread = thread
+        thread.start()
+
     def _release(self, request_id: str, finished: bool) -> None:
         """The caller stopped listening: forget its queue, and abort the request if it still runs."""
         self._queues.pop(request_id, None)
         if not finished:
-            self._pending_aborts.append(request_id)
-            if self._wakeup is not None:
-                self._wakeup.set()
+            self._inbox.put(request_id)
 
     def _submit(self, request_id: str, request: EngineRequest | None = None,
                 beam: tuple[EncodedPrompt, BeamSearchParams] | None = None) -> asyncio.Queue:
         """Queue an add for the step loop; returns the queue its outputs will arrive on."""
-        if self._stopped:
-            raise RuntimeError("the engine has been shut down")
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use.")
-        self._ensure_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._pending_adds.append(_PendingAdd(request_id, queue, request, beam))
-        self._wakeup.set()
-        return queue
+        outputs: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # so that no add lands in the inbox behind the stop
+            if self._stopped:
+                raise RuntimeError("the engine has been shut down")
+            if self._step_thread is None:
+                self._start_step_thread()
+            self._queues[request_id] = outputs
+            self._inbox.put(_PendingAdd(request_id, outputs, asyncio.get_running_loop(), request, beam))
+        return outputs
 
     async def beam_search(self, prompt: str | list[int], params: BeamSearchParams,
                           request_id: str | None = None) -> BeamSearchOutput:
@@ -245,42 +290,76 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort a request: the engine frees it and its generate() iterator simply ends."""
-        self._pending_aborts.append(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(None)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._inbox.put(request_id)
+        outputs = self._queues.pop(request_id, None)
+        if outputs is not None:
+            outputs.put_nowait(None)
 
-    async def _run_loop(self) -> None:
-        """Hands the pending adds and aborts to the step thread, which applies them and runs a step
-        (`_engine_step`), then routes what came back to the requests' queues. The event loop only
-        moves data: it never touches the engine."""
-        loop = asyncio.get_running_loop()
-        has_unfinished = False
-        while not self._stopped:
-            adds, self._pending_adds = self._pending_adds, []
-            aborts, self._pending_aborts = self._pending_aborts, []
-            if not (adds or aborts or has_unfinished):
-                self._wakeup.clear()
-                if not (self._pending_adds or self._pending_aborts):
-                    await self._wakeup.wait()
-                continue
-            result = await loop.run_in_executor(self._step_executor, self._engine_step, adds, aborts)
-            for add, exc in result.rejected:
-                add.queue.put_nowait(exc)
-            if result.failure is not None:  # a failed step fails its requests, not the server
-                for queue in list(self._queues.values()):
-                    queue.put_nowait(RuntimeError(f"engine step failed: {result.failure}"))
-            for output in result.outputs:
-                queue = self._queues.get(output.request_id)
-                if queue is not None:
-                    queue.put_nowait(output)
-            for request_id, beam_result in result.beam_results.items():
-                queue = self._queues.get(request_id)
-                if queue is not None:
-                    queue.put_nowait(beam_result)
-            has_unfinished = result.has_unfinished
+    def _step_once(self, items: list) -> bool | None:
+        """On the step thread: handle what the inbox held, step, deliver. Returns whether the
+        engine has unfinished requests, or None once told to stop (the model then released)."""
+        if any(item is _STOP for item in items):
+            self._fail_all(RuntimeError("the engine has been shut down"))
+            self.engine.model_runner.release()
+            return None
+        try:
+            return self._step_and_deliver(items)
+        except Exception as exc:  # a bug here must fail the requests in flight, not hang them
+            logger.exception("the step loop failed")
+            engine = self.engine
+            engine.abort_request(list(engine.user_requests) + list(engine.beam_searches))
+            self._fail_all(RuntimeError(f"engine step failed: {exc}"))
+            return False
+
+    def _step_and_deliver(self, items: list) -> bool:
+        """On the step thread: apply the inbox's adds and aborts, step, and deliver the outputs.
+        Returns whether the engine has unfinished requests."""
+        adds = [item for item in items if isinstance(item, _PendingAdd)]
+        aborts = [item for item in items if isinstance(item, str)]
+        for add in adds:
+            self._routes[add.request_id] = add
+        result = self._engine_step(adds, aborts)
+        for request_id in aborts:
+            self._routes.pop(request_id, None)
+        deliveries: list[tuple[_PendingAdd, object]] = list(result.rejected)
+        for add, _ in result.rejected:
+            self._routes.pop(add.request_id, None)
+        if result.failure is not None:  # a failed step fails its requests, not the server
+            self._fail_all(RuntimeError(f"engine step failed: {result.failure}"))
+        for output in result.outputs:
+            add = self._routes.get(output.request_id)
+            if add is not None:
+                deliveries.append((add, output))
+                if output.finished:
+                    del self._routes[output.request_id]
+        for request_id, beam_result in result.beam_results.items():
+            add = self._routes.pop(request_id, None)
+            if add is not None:
+                deliveries.append((add, beam_result))
+        self._deliver(deliveries)
+        return result.has_unfinished
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """On the step thread: end every routed request with `exc`."""
+        routes, self._routes = self._routes, {}
+        self._deliver([(add, exc) for add in routes.values()])
+
+    def _deliver(self, deliveries: list[tuple[_PendingAdd, object]]) -> None:
+        """On the step thread: put each item on its request's queue, one callback per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_PendingAdd, object]]] = {}
+        for add, item in deliveries:
+            by_loop.setdefault(add.loop, []).append((add, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+
+    def _put_all(self, items: list[tuple[_PendingAdd, object]]) -> None:
+        """On the requests' event loop: outputs of a request whose caller stopped listening are dropped."""
+        for add, item in items:
+            if self._queues.get(add.request_id) is add.queue:
+                add.queue.put_nowait(item)
 
     def _engine_step(self, adds: list[_PendingAdd], aborts: list[str]) -> _StepResult:
         """On the step thread, the only one that touches the engine: apply the adds and aborts
@@ -313,30 +392,26 @@ class AsyncLLMEngine:
         return _StepResult(rejected, outputs, beam_results, failure, engine.has_unfinished_requests())
 
     async def aclose(self) -> None:
-        """`shutdown()`, then, from the event loop the step loop runs in, wait for it to end."""
+        """`shutdown()`, then wait (in a worker thread) for the step thread to finish its step and end."""
         self.shutdown()
-        task = self._loop_task
-        if task is not None and task.get_loop() is asyncio.get_running_loop():
-            await asyncio.gather(task, return_exceptions=True)
+        thread = self._step_thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
 
     def shutdown(self) -> None:
-        """Stop the background loop and free the model's weights and KV cache; safe from any thread.
+        """Stop the step thread and free the model's weights and KV cache; safe from any thread.
+        Requests still running end with RuntimeError("the engine has been shut down").
 
         The release runs on the step thread after any step in flight, so no step loses its tensors.
         """
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            thread = self._step_thread
         if self.engine.lora_manager is not None:
             self.engine.lora_manager.shutdown()
-        loop, task = self._event_loop, self._loop_task
-        if loop is not None and task is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(task.cancel)
-            except RuntimeError:
-                pass  # the loop stopped meanwhile
-        try:
-            self._step_executor.submit(self.engine.model_runner.release)
-        except RuntimeError:
-            pass  # interpreter exit: executors take no more work, and the memory goes with the process
-        self._step_executor.shutdown(wait=False)
+        if thread is None:
+            self.engine.model_runner.release()
+        else:
+            self._inbox.put(_STOP)

@@ -7,6 +7,7 @@ test fixture) shuts it down after the server stops.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from collections.abc import Sequence
@@ -128,6 +129,15 @@ def _json_bytes(payload: Any) -> bytes:
     return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
+def freeze_gc_heap() -> None:
+    """Move every object alive now (the model, tokenizer, libraries: ~500k objects) into the
+    garbage collector's permanent generation, as vLLM's `freeze_gc_heap()` does after warm-up
+    and SGLang's `freeze_gc`: a full collection then walks only what serving allocates. Without it
+    a gen-2 collection under load took ~390 ms holding the GIL (`/health` and every step stalled)."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_server(
     model: str,
     host: str = "127.0.0.1",
@@ -161,6 +171,7 @@ def run_server(
     engine = AsyncLLMEngine.from_engine_args(model=model, **engine_kwargs)
     try:
         app = build_app(engine, chat_template, max_concurrent_requests, api_keys, limits)
+        freeze_gc_heap()
         # uvicorn's access log would duplicate the accounting middleware's line.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         logger.info(
