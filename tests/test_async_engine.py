@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 import weakref
 
@@ -135,6 +136,9 @@ def test_shutdown_ends_running_requests_and_a_dropped_engine_is_collected():
     params = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
     dropped = AsyncLLMEngine.from_engine_args(model="smollm2-135m-instruct", max_num_seqs=2,
                                               num_gpu_blocks_override=64)
+
+    # The model was loaded on the step thread, which serves it (one OpenMP team, see from_engine_args).
+    assert dropped._step_thread.is_alive() and dropped._step_thread is not threading.main_thread()
 
     async def one(eng):
         return [o async for o in eng.generate("Hi", SamplingParams(max_tokens=2), "one")]
