@@ -31,6 +31,10 @@ _ENGINE_FLAGS = (
     "tokenizer_revision",
     "trust_remote_code",
     "quantization",
+    "attention_backend",
+    "linear_method",
+    "gguf_activation_planes",
+    "gguf_float_rows",
 )
 
 
@@ -63,6 +67,17 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
                             "quantized kernels (default: dequantize to float at load); q8_0 / q4_0: quantize "
                             "any checkpoint's projection weights to that GGML type at load")
+    kernels = parser.add_argument_group("kernels (default: the LOOMLM_* variable of the same name, else automatic)")
+    kernels.add_argument("--attention-backend", default=None, choices=["torch", "cpu_native"],
+                         help="decode attention (LOOMLM_ATTENTION_BACKEND)")
+    kernels.add_argument("--linear-method", default=None, choices=["auto", "torch", "mkl_packed", "native"],
+                         help="float linear layers (LOOMLM_LINEAR_METHOD)")
+    kernels.add_argument("--gguf-activation-planes", type=int, default=None, choices=[1, 2],
+                         help="activation precision of the quantized kernels: 1 (llama.cpp's) or 2 "
+                              "(LOOMLM_GGUF_ACTIVATION_PLANES, default 2)")
+    kernels.add_argument("--gguf-float-rows", type=int, default=None, metavar="N",
+                         help="from N tokens in a step, GGUF layers dequantize panels into the float path; "
+                              "0 never (LOOMLM_GGUF_FLOAT_ROWS, default per block type)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -220,11 +220,58 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """Which kernels run the model, chosen once at load (CLI flags of the same names).
+
+    None for any field: the environment variable named below when set (a default for scripts
+    and benchmarks), else the automatic choice.
+
+    Attributes:
+        attention_backend: decode attention, "torch" or "cpu_native" (LOOMLM_ATTENTION_BACKEND;
+            automatic: cpu_native on CPU in float32 when the native kernels are built).
+        linear_method: "auto", "torch", "mkl_packed" or "native" (LOOMLM_LINEAR_METHOD;
+            LOOMLM_PACKED_GEMM=0 also means "torch"; see `select_linear_method`).
+        gguf_activation_planes: the quantized kernels' activation precision, 1 (llama.cpp's
+            one 8-bit plane) or 2 (LOOMLM_GGUF_ACTIVATION_PLANES; default 2, see
+            `gguf_activation_planes`).
+        gguf_float_rows: from this many rows (tokens in a step) a GGUF layer runs the
+            dequantized float path; 0 never (LOOMLM_GGUF_FLOAT_ROWS; default per block type,
+            `default_float_rows`).
+
+    Raises ValueError for a value outside those.
+    """
+
+    attention_backend: str | None = None
+    linear_method: str | None = None
+    gguf_activation_planes: int | None = None
+    gguf_float_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_backend is not None:
+            from loomlm.layers.decode_attention import DECODE_BACKENDS
+
+            if self.attention_backend not in DECODE_BACKENDS:
+                raise ValueError(f"attention_backend must be one of {sorted(DECODE_BACKENDS)}, "
+                                 f"got {self.attention_backend!r}.")
+        if self.linear_method is not None:
+            from loomlm.layers.linear_method import METHOD_NAMES
+
+            if self.linear_method not in METHOD_NAMES:
+                raise ValueError(f"linear_method must be one of {', '.join(METHOD_NAMES)}, "
+                                 f"got {self.linear_method!r}.")
+        if self.gguf_activation_planes not in (None, 1, 2):
+            raise ValueError(f"gguf_activation_planes must be 1 or 2, got {self.gguf_activation_planes!r}.")
+        if self.gguf_float_rows is not None and (not isinstance(self.gguf_float_rows, int) or self.gguf_float_rows < 0):
+            raise ValueError(f"gguf_float_rows must be an integer >= 0, got {self.gguf_float_rows!r}.")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
+    kernel_config: KernelConfig = field(default_factory=KernelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -232,7 +279,8 @@ class EngineConfig:
 
         Raises ValueError for an unknown argument.
         """
-        parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}, LoRAConfig: {}}
+        parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}, LoRAConfig: {},
+                                   KernelConfig: {}}
         for key, value in kwargs.items():
             for klass, bucket in parts.items():
                 if key in klass.__dataclass_fields__:
@@ -245,4 +293,5 @@ class EngineConfig:
             cache_config=CacheConfig(**parts[CacheConfig]),
             scheduler_config=SchedulerConfig(**parts[SchedulerConfig]),
             lora_config=LoRAConfig(**parts[LoRAConfig]),
+            kernel_config=KernelConfig(**parts[KernelConfig]),
         )

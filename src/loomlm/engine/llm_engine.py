@@ -81,7 +81,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's context window ({model_max}).")
         max_len = mc.max_model_len or model_max
         self.model_runner = ModelRunner(mc, config.cache_config, self.hf_config,
-                                        model_weights(self.source, mc), max_len)
+                                        model_weights(self.source, mc), max_len, config.kernel_config)
         capacity = self.model_runner.num_blocks * config.cache_config.block_size
         if capacity < max_len:
             logger.warning("KV cache holds %d tokens < context window %d: capping max_model_len", capacity, max_len)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loomlm.config import CacheConfig, ModelConfig
+from loomlm.config import CacheConfig, KernelConfig, ModelConfig
 from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
@@ -54,8 +54,12 @@ class ModelRunner:
     """Owns the model, the KV pool and the sampler; `execute()` runs one scheduled step."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config, weights,
-                 max_model_len: int) -> None:
-        """weights: iterable of (HF name, tensor). Raises ValueError when the checkpoint does not fit the config."""
+                 max_model_len: int, kernel_config: KernelConfig | None = None) -> None:
+        """weights: iterable of (HF name, tensor); `kernel_config`: the kernel switches (None: the defaults).
+
+        Raises ValueError when the checkpoint does not fit the config, or a forced attention backend
+        cannot run here."""
+        kernel_config = kernel_config or KernelConfig()
         self.device = model_config.torch_device
         self.dtype = model_config.torch_dtype
         self.hf_config = hf_config
@@ -71,9 +75,10 @@ class ModelRunner:
             if hasattr(module, "cos_cached"):
                 module.cos_cached = module.cos_cached.float()
                 module.sin_cached = module.sin_cached.float()
-        self.linear_method = select_linear_method(self.device, self.dtype)
+        self.linear_method = select_linear_method(self.device, self.dtype, kernel_config.linear_method)
         if model_config.quantization is not None:  # "gguf", or quantized at load ("q8_0", "q4_0")
-            self.linear_method = GGUFLinearMethod(float_method=self.linear_method)
+            self.linear_method = GGUFLinearMethod(self.linear_method, kernel_config.gguf_activation_planes,
+                                                  kernel_config.gguf_float_rows)
         if self.linear_method.releases_plain:
             for module in self.model.modules():
                 if isinstance(module, (Linear, SparseMoeBlock)):  # the MoE block processes its experts
@@ -103,7 +108,7 @@ class ModelRunner:
         seed_gen.manual_seed(model_config.seed)
         self.sampler = Sampler(seed_gen)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.decode_backend = select_decode_backend(self.device, self.dtype)
+        self.decode_backend = select_decode_backend(self.device, self.dtype, kernel_config.attention_backend)
         logger.info("decode attention backend: %s", self.decode_backend)
         self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
 

@@ -14,8 +14,9 @@ They differ in how:
   the blocks in place, one pass over K and one over V: about 2x faster than
   "torch" at 32 sequences x 256 tokens on this CPU. float32 on CPU only.
 
-The engine picks one at start-up (`select_decode_backend`); the environment
-variable LOOMLM_ATTENTION_BACKEND forces one (as vLLM's VLLM_ATTENTION_BACKEND).
+The engine picks one at start-up (`select_decode_backend`); the engine argument
+`attention_backend` (`--attention-backend`, vLLM's name) forces one, and the environment
+variable LOOMLM_ATTENTION_BACKEND is its default (as vLLM's VLLM_ATTENTION_BACKEND).
 """
 
 from __future__ import annotations
@@ -133,16 +134,17 @@ DECODE_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def select_decode_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend for this device/dtype: LOOMLM_ATTENTION_BACKEND if set, else the fastest that works.
+def select_decode_backend(device: torch.device, dtype: torch.dtype, forced: str | None = None) -> str:
+    """The backend for this device/dtype: `forced` (`KernelConfig.attention_backend`), else
+    LOOMLM_ATTENTION_BACKEND if set, else the fastest that works.
 
     Raises ValueError for an unknown or unusable forced backend.
     """
     native_ok = device.type == "cpu" and dtype == torch.float32
-    forced = os.environ.get("LOOMLM_ATTENTION_BACKEND")
+    forced = forced or os.environ.get("LOOMLM_ATTENTION_BACKEND")
     if forced:
         if forced not in DECODE_BACKENDS:
-            raise ValueError(f"LOOMLM_ATTENTION_BACKEND={forced!r}: expected one of {sorted(DECODE_BACKENDS)}")
+            raise ValueError(f"attention backend {forced!r}: expected one of {sorted(DECODE_BACKENDS)}")
         if forced == "cpu_native" and not (native_ok and cpu_kernels() is not None):
             raise ValueError("the cpu_native attention backend needs float32 on CPU and a C++ compiler")
         return forced
