@@ -158,7 +158,7 @@ def test_adapter_loads_in_the_background_while_others_decode(base_dir, adapter_d
         if base_done is not None:
             break
     assert base_done is not None and len(base_done.outputs[0].token_ids) == 8  # never stalled
-    assert "adapted" in engine.user_requests and manager.loaded == []
+    assert "adapted" in engine.output_processor.requests and manager.loaded == []
     release.set()
     finished = {}
     while engine.has_unfinished_requests():

@@ -34,7 +34,7 @@ def logits() -> torch.Tensor:
 
 def make_request(prompt: list[int], output: list[int], **params) -> Request:
     sp = SamplingParams(**params)
-    req = Request("r", prompt, sp, max_tokens=100, detokenizer=None)
+    req = Request("r", prompt, sp, max_tokens=100)
     for t in output:
         req.append_output_token(t)
     return req

@@ -17,7 +17,7 @@ def make_request(rid: str, prompt_len: int, max_tokens: int, stop_token: int | N
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                             stop_token_ids=[stop_token] if stop_token is not None else None)
     prompt = list(range(first_token_id, first_token_id + prompt_len))
-    return Request(rid, prompt, params, max_tokens, detokenizer=None)
+    return Request(rid, prompt, params, max_tokens)
 
 
 def scheduled(out) -> list[tuple[str, int]]:

@@ -97,5 +97,38 @@ def test_abort_frees_everything(engine):
     engine.step()
     engine.abort_request("gone")
     finals = _run(engine)
-    assert set(finals) == {"kept"} and "gone" not in engine.user_requests
+    assert set(finals) == {"kept"} and "gone" not in engine.output_processor.requests
     assert engine.block_manager.num_free_blocks == engine.model_runner.num_blocks
+
+
+def test_stop_strings_are_the_output_processors(engine):
+    """The scheduler sees token ids only; the OutputProcessor finds the stop string in the text,
+    finishes the sequence in the same step (its blocks freed) and cuts the text before it."""
+    texts = [engine.tokenizer.decode([FIRST_TOKEN + i]) for i in range(3)]
+    assert texts[2] and texts[2] not in texts[0] + texts[1]
+    engine.add_request("s", [3, 4], SamplingParams(max_tokens=10, ignore_eos=True, stop=[texts[2]]))
+    engine.add_request("late", [3, 4], SamplingParams(max_tokens=10, ignore_eos=True, stop=[texts[2]],
+                                                      min_tokens=4))
+    finals = _run(engine)
+    out = finals["s"].outputs[0]
+    assert out.token_ids == [50, 51, 52] and out.text == texts[0] + texts[1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", texts[2])
+    # before min_tokens a stop string does not stop (its text is still cut from the output)
+    assert finals["late"].outputs[0].finish_reason == "length"
+    assert len(finals["late"].outputs[0].token_ids) == 10
+    assert engine.block_manager.num_free_blocks == engine.model_runner.num_blocks
+
+
+def test_a_stop_string_inside_jump_forward_tokens_drops_the_rest(engine):
+    """Tokens appended in one step (structured output's jump-forward) are detokenized one by one;
+    a stop string in the middle ends the sequence there."""
+    texts = [engine.tokenizer.decode([t]) for t in (60, 61, 62)]
+    engine.add_request("j", [3, 4], SamplingParams(max_tokens=10, ignore_eos=True, stop=[texts[1]]))
+    engine.step()  # the prompt, and token 50
+    seq = engine.output_processor.requests["j"].sequences[0]
+    seq.append_output_token(60)  # as the scheduler's jump-forward appends forced tokens
+    seq.append_output_token(61)
+    seq.append_output_token(62)
+    stopped = engine.output_processor.detokenize([seq])
+    assert stopped == [seq] and seq.output_token_ids == [50, 60, 61] and seq.stop_reason == texts[1]
+    assert seq.all_token_ids == [3, 4, 50, 60, 61]

@@ -239,7 +239,7 @@ def test_a_request_waiting_for_its_grammar_does_not_stall_the_batch(llm):
                 if out.finished:
                     finished[out.request_id] = out
         assert "waits" not in finished
-        waiting = engine.user_requests["waits"].sequences[0]
+        waiting = engine.output_processor.requests["waits"].sequences[0]
         assert waiting.num_computed_tokens == 0 and not waiting.output_token_ids  # never scheduled yet
         release.set()
         while engine.has_unfinished_requests():

@@ -5,6 +5,7 @@ Source: vLLM `vllm/entrypoints/llm.py` (`LLM.generate`); see ../shared/specs/vll
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,21 +102,23 @@ class LLM:
         engine = self.llm_engine
         encoded = [engine.encode_prompt(p) for p in _as_prompt_list(prompts)]
         request_ids = []
+        results: dict[str, BeamSearchOutput] = {}
         try:
             for prompt in encoded:
                 request_id = f"beam-{self._counter}"
                 self._counter += 1
-                engine.add_beam_search_request(request_id, prompt, params)
+                engine.add_beam_search_request(request_id, prompt, params,
+                                               on_finish=functools.partial(results.__setitem__, request_id))
                 request_ids.append(request_id)
             with tqdm(total=len(request_ids), desc="Beam search", disable=not use_tqdm) as bar:
                 while engine.has_unfinished_requests():
                     engine.step()
-                    bar.n = sum(rid in engine.finished_beam_searches for rid in request_ids)
+                    bar.n = len(results)
                     bar.refresh()
         except BaseException:
             engine.abort_request(request_ids)
             raise
-        return [engine.finished_beam_searches.pop(rid) for rid in request_ids]
+        return [results[rid] for rid in request_ids]
 
     def chat(
         self,
@@ -158,7 +161,7 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         except BaseException:
-            engine.abort_request(list(engine.user_requests))
+            engine.abort_all()
             raise
         finally:
             bar.close()

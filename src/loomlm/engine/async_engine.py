@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import logging
 import queue
 import threading
@@ -120,6 +121,7 @@ class AsyncLLMEngine:
         # To the step thread: a _PendingAdd, a request id to abort, or _STOP.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, _PendingAdd] = {}  # requests in the engine (step-thread side)
+        self._finished_beams: dict[str, BeamSearchOutput] = {}  # beam results of this step (step thread)
         self._stopped = False
         self._lock = threading.Lock()
         self._step_thread: threading.Thread | None = None
@@ -344,8 +346,7 @@ class AsyncLLMEngine:
             return self._step_and_deliver(items)
         except Exception as exc:  # a bug here must fail the requests in flight, not hang them
             logger.exception("the step loop failed")
-            engine = self.engine
-            engine.abort_request(list(engine.user_requests) + list(engine.beam_searches))
+            self.engine.abort_all()
             self._fail_all(RuntimeError(f"engine step failed: {exc}"))
             return False
 
@@ -407,7 +408,8 @@ class AsyncLLMEngine:
         for add in adds:
             try:
                 if add.beam is not None:
-                    engine.add_beam_search_request(add.request_id, *add.beam)
+                    engine.add_beam_search_request(add.request_id, *add.beam,
+                                                   on_finish=functools.partial(self._beam_finished, add.request_id))
                 else:
                     engine.add_engine_request(add.request)
             except ValueError as exc:
@@ -425,9 +427,13 @@ class AsyncLLMEngine:
             except Exception as exc:
                 logger.exception("engine step failed")
                 failure = exc
-                engine.abort_request(list(engine.user_requests) + list(engine.beam_searches))
-        beam_results = {rid: engine.finished_beam_searches.pop(rid) for rid in list(engine.finished_beam_searches)}
+                engine.abort_all()
+        beam_results, self._finished_beams = self._finished_beams, {}
         return _StepResult(rejected, outputs, beam_results, failure, engine.has_unfinished_requests())
+
+    def _beam_finished(self, request_id: str, result: BeamSearchOutput) -> None:
+        """On the step thread: the engine's hook for a finished beam search (delivered after the step)."""
+        self._finished_beams[request_id] = result
 
     async def aclose(self) -> None:
         """`shutdown()`, then wait (in a worker thread) for the step thread to finish its step and end."""

@@ -2,9 +2,10 @@
 
 `step()` is the whole architecture in three calls:
 `scheduler.schedule()` -> `model_runner.execute()` -> `scheduler.update_from_output()`,
-followed by turning the updated sequences into RequestOutputs. A user request
-with `n > 1` fans out into n sequences (ids `"{i}_{request_id}"`, seeds
-`seed + i`, as vLLM v1's ParentRequest), gathered back into one RequestOutput.
+followed by the OutputProcessor turning the updated sequences' token ids and logprobs into
+RequestOutputs (text, stop strings, n gathering). A user request with `n > 1` fans out into n
+sequences (ids `"{i}_{request_id}"`, seeds `seed + i`, as vLLM v1's ParentRequest), gathered back
+into one RequestOutput.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -23,34 +25,20 @@ from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.config import LOAD_TIME_QUANTIZATION, EngineConfig, ModelConfig
 from loomlm.engine.beam_search_group import BeamSearchGroup
 from loomlm.engine.block_manager import BlockManager
-from loomlm.engine.detokenizer import IncrementalDetokenizer
 from loomlm.engine.input_processor import EncodedPrompt, EngineRequest, InputProcessor
-from loomlm.engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
-from loomlm.engine.request import Request
-from loomlm.engine.scheduler import Scheduler, SchedulerOutput
+from loomlm.engine.model_runner import ModelRunner, PositionLogprobs
+from loomlm.engine.output_processor import OutputProcessor
+from loomlm.engine.request import Request, RequestStatus
+from loomlm.engine.scheduler import Scheduler
 from loomlm.engine.structured_output import StructuredOutputManager
 from loomlm.lora.manager import LoRAManager
 from loomlm.lora.request import LoRARequest
 from loomlm.lora.source import resolve_adapter
 from loomlm.models.loader import checkpoint_dtype, iter_weights, load_tokenizer, resolve_model
-from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from loomlm.outputs import RequestOutput
 from loomlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _UserRequest:
-    """A user request and its n sequences."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    sequences: list[Request]
-    arrival_time: float
-    params: SamplingParams
-    lora_request: LoRARequest | None = None
-    finished_ids: set[str] = field(default_factory=set)
 
 
 class LLMEngine:
@@ -106,15 +94,15 @@ class LLMEngine:
             self.check_lora(lora)
             if self.lora_manager.acquire(lora) is not None:
                 self.lora_manager.release(lora.lora_name)
-        self.user_requests: dict[str, _UserRequest] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._check_thread = os.environ.get("LOOMLM_CHECK_ENGINE_THREAD") == "1"
         self._owner_thread: threading.Thread | None = None
-        self._token_texts: dict[int, str] = {}
         self._structured_outputs: StructuredOutputManager | None = None
         self._structured_outputs_lock = threading.Lock()
         self.beam_searches: dict[str, BeamSearchGroup] = {}
         self._beam_owner: dict[str, str] = {}  # live beam request id -> its beam search's id
-        self.finished_beam_searches: dict[str, BeamSearchOutput] = {}  # taken by the caller
+        # Beam search id -> the hook its result goes to (add_beam_search_request's on_finish).
+        self._beam_hooks: dict[str, Callable[[BeamSearchOutput], None]] = {}
         # The request rules every face shares (thread-safe): faces call it in worker threads.
         self.input_processor = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len,
                                               mc.max_logprobs, lambda: self.structured_outputs, lc.enable_lora)
@@ -223,7 +211,7 @@ class LLMEngine:
         logprob once all have finished (vLLM v0's semantics); no intermediate outputs then.
         """
         self._assert_owner_thread()
-        if request_id in self.user_requests:
+        if request_id in self.output_processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         self.add_engine_request(self.input_processor.process(request_id, prompt, params, lora_request,
                                                              prompt_logprobs_from, arrival_time))
@@ -234,7 +222,7 @@ class LLMEngine:
         Raises ValueError for a request id in use (nothing is queued then)."""
         self._assert_owner_thread()
         request_id, params, lora_request = request.request_id, request.params, request.lora_request
-        if request_id in self.user_requests:
+        if request_id in self.output_processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids = request.prompt
         arrival = request.arrival_time
@@ -247,18 +235,14 @@ class LLMEngine:
             seq_params.all_stop_token_ids = set(seq_params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
             seq_params.bad_words_token_ids = request.bad_words_token_ids
             seq_id = request_id if num_sequences == 1 else f"{i}_{request_id}"
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids, seq_params.stop,
-                                           seq_params.include_stop_str_in_output, seq_params.skip_special_tokens,
-                                           seq_params.spaces_between_special_tokens) if params.detokenize else None
-            seq = Request(seq_id, token_ids, seq_params, max_tokens, detok, request_id, i, arrival)
+            seq = Request(seq_id, token_ids, seq_params, max_tokens, request_id, i, arrival)
             if params.structured_outputs is not None:
                 seq.structured_output = self.structured_outputs.request_state(params.structured_outputs)
             seq.needs_logprobs = params.needs_sampled_logprob
             seq.lora_request = lora_request  # its slot is taken when the scheduler admits it
             seq.prompt_logprobs_from = request.prompt_logprobs_from
             sequences.append(seq)
-        self.user_requests[request_id] = _UserRequest(request_id, text, token_ids, sequences, arrival, params,
-                                                      lora_request)
+        self.output_processor.add_request(request_id, text, token_ids, sequences, params, lora_request, arrival)
         for seq in sequences:
             self.scheduler.add_request(seq)
 
@@ -268,21 +252,26 @@ class LLMEngine:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
             group = self.beam_searches.pop(rid, None)
             if group is not None:
+                self._beam_hooks.pop(rid, None)
                 for beam in group.beams:
                     self._beam_owner.pop(beam.request_id, None)
                 group.abort(self.scheduler)
                 continue
-            user = self.user_requests.pop(rid, None)
-            if user is None:
+            parent = self.output_processor.pop(rid)
+            if parent is None:
                 continue
-            for seq in user.sequences:
+            for seq in parent.sequences:
                 self.scheduler.abort(seq)
 
+    def abort_all(self) -> None:
+        """Stop every request and beam search (a failed step, a shutdown, an interrupted batch)."""
+        self.abort_request(list(self.output_processor.requests) + list(self.beam_searches))
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.user_requests or self.beam_searches)
+        return bool(self.output_processor.requests or self.beam_searches)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.user_requests) + len(self.beam_searches)
+        return len(self.output_processor.requests) + len(self.beam_searches)
 
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
@@ -294,7 +283,7 @@ class LLMEngine:
             if not failed:
                 # Everything waits on a background adapter load or grammar compile: do not spin.
                 time.sleep(0.002)
-            return self._make_outputs(failed)
+            return self.output_processor.make_outputs(failed)
         if self._structured_outputs is not None:  # made by the first constrained request
             scheduler_output.grammar_bitmask = self._structured_outputs.grammar_bitmask(scheduler_output)
         runner_output = self.model_runner.execute(scheduler_output)
@@ -303,22 +292,25 @@ class LLMEngine:
                            if rid in self._beam_owner}
         for rid in beam_candidates:
             runner_output.sampled_token_ids.pop(rid, None)
-        self._record_logprobs(scheduler_output, runner_output)
+        self.output_processor.record_logprobs(scheduler_output, runner_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
+        for seq in self.output_processor.detokenize(updated):  # a stop string ended it
+            self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
         if beam_candidates:
             self._advance_beam_searches(beam_candidates)
-        return self._make_outputs(failed + updated)
+        return self.output_processor.make_outputs(failed + updated)
 
     # -------------------------------------------------------------- beam search
     def add_beam_search_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt,
-                                params: BeamSearchParams) -> None:
-        """Queue a beam search; its result appears in `finished_beam_searches[request_id]`.
+                                params: BeamSearchParams, on_finish: Callable[[BeamSearchOutput], None]) -> None:
+        """Queue a beam search; `on_finish(result)` is called with its BeamSearchOutput by the
+        `step()` that completes it (not if it is aborted).
 
         The prompt is prefilled once; beams then share its KV blocks (see
         `engine/beam_search_group.py`). Raises ValueError for bad input (nothing queued).
         """
         self._assert_owner_thread()
-        if request_id in self.user_requests or request_id in self.beam_searches:
+        if request_id in self.output_processor.requests or request_id in self.beam_searches:
             raise ValueError(f"request id {request_id!r} is already in use.")
         width = params.beam_width
         if 2 * width > self.config.model_config.max_logprobs:
@@ -332,6 +324,7 @@ class LLMEngine:
         self.beam_searches[request_id] = BeamSearchGroup(request_id, root, params, self.tokenizer.eos_token_id,
                                                          max_tokens)
         self._beam_owner[request_id] = request_id
+        self._beam_hooks[request_id] = on_finish
         self.scheduler.add_request(root)
 
     def _advance_beam_searches(self, candidates: dict[str, PositionLogprobs]) -> None:
@@ -344,7 +337,7 @@ class LLMEngine:
             if not group.is_ready:
                 continue
             before = {b.request_id for b in group.beams}
-            result = group.advance(self.scheduler, self._logprob_dict)
+            result = group.advance(self.scheduler, self.output_processor.logprob_dict)
             after = {b.request_id for b in group.beams}
             for rid in before - after:
                 del self._beam_owner[rid]
@@ -354,89 +347,11 @@ class LLMEngine:
                 for seq in result:
                     seq.text = self.tokenizer.decode(seq.tokens)  # prompt included, as vLLM
                 del self.beam_searches[group.request_id]
-                self.finished_beam_searches[group.request_id] = BeamSearchOutput(result)
-
-    def _record_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
-        """Attach this step's sampled-token and prompt logprobs to their requests (before the tokens are appended)."""
-        if not runner_output.logprobs and not runner_output.prompt_logprobs:
-            return
-        for item in scheduler_output.scheduled:
-            req = item.request
-            positions = runner_output.prompt_logprobs.get(req.request_id)
-            if positions:
-                k = req.sampling_params.prompt_logprobs or 0
-                req.prompt_logprobs.extend(self._logprob_dict(pos, k) for pos in positions)
-            entry = runner_output.logprobs.get(req.request_id)
-            if entry is not None:
-                req.cumulative_logprob += entry.logprobs[0]
-                if req.logprobs is not None:
-                    req.logprobs.append(self._logprob_dict(entry, req.sampling_params.logprobs or 0))
-
-    def _logprob_dict(self, pos: PositionLogprobs, k: int) -> dict[int, Logprob]:
-        """{token_id: Logprob} with the chosen token first, then its top-k alternatives (vLLM's layout)."""
-        out: dict[int, Logprob] = {}
-        out[pos.token_ids[0]] = Logprob(pos.logprobs[0], pos.rank, self.token_text(pos.token_ids[0]))
-        for rank, (token_id, logprob) in enumerate(zip(pos.token_ids[1:k + 1], pos.logprobs[1:k + 1]), start=1):
-            if token_id not in out:
-                out[token_id] = Logprob(logprob, rank, self.token_text(token_id))
-        return out
+                self._beam_hooks.pop(group.request_id)(BeamSearchOutput(result))
 
     def token_text(self, token_id: int) -> str:
-        """One token decoded on its own, special tokens kept (vLLM's decoded_token); cached per id."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
-    def _make_outputs(self, updated: list[Request]) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        seen: set[str] = set()
-        for seq in updated:
-            user = self.user_requests.get(seq.parent_id)
-            if user is None or user.request_id in seen:
-                continue
-            seen.add(user.request_id)
-            output = self._request_output(user)
-            if output is None:
-                continue
-            if output.finished:
-                del self.user_requests[user.request_id]
-            outputs.append(output)
-        return outputs
-
-    def _request_output(self, user: _UserRequest) -> RequestOutput | None:
-        """The user request's RequestOutput now; None while a best_of > n request is still running."""
-        finished = all(seq.is_finished for seq in user.sequences)
-        sequences = user.sequences
-        if len(sequences) > user.params.n:
-            if not finished:
-                return None  # which n are best is known only at the end
-            ranked = sorted(sequences, key=lambda s: s.cumulative_logprob, reverse=True)
-            sequences = ranked[:user.params.n]
-        completions = []
-        for index, seq in enumerate(sequences):
-            text = seq.detokenizer.visible_text(seq.is_finished) if seq.detokenizer is not None else ""
-            completions.append(CompletionOutput(
-                index=index, text=text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if seq.needs_logprobs else None,
-                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        first = [s.first_scheduled_time for s in user.sequences if s.first_scheduled_time]
-        first_token = [s.first_token_time for s in user.sequences if s.first_token_time]
-        metrics = RequestMetrics(
-            arrival_time=user.arrival_time,
-            first_scheduled_time=min(first, default=None),
-            first_token_time=min(first_token, default=None),
-            last_token_time=time.time(),
-            finished_time=time.time() if finished else None,
-        )
-        prompt_logprobs = user.sequences[0].prompt_logprobs
-        return RequestOutput(request_id=user.request_id, prompt=user.prompt,
-                             prompt_token_ids=user.prompt_token_ids,
-                             prompt_logprobs=list(prompt_logprobs) if prompt_logprobs is not None else None,
-                             outputs=completions, finished=finished, metrics=metrics,
-                             lora_request=user.lora_request,
-                             num_cached_tokens=user.sequences[0].num_cached_tokens)
+        """One token decoded on its own, special tokens kept (vLLM's decoded_token); thread-safe."""
+        return self.output_processor.token_text(token_id)
 
 
 def _eos_token_ids(tokenizer, hf_config) -> set[int]:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loomlm.engine.detokenizer import IncrementalDetokenizer
 from loomlm.outputs import Logprob
 
 if TYPE_CHECKING:
@@ -52,7 +51,6 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         max_tokens: int,
-        detokenizer: IncrementalDetokenizer | None,
         parent_id: str | None = None,
         index: int = 0,
         arrival_time: float | None = None,
@@ -71,7 +69,6 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
-        self.detokenizer = detokenizer
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
@@ -115,16 +112,21 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep the first `num_output_tokens` generated tokens (a stop string ended the sequence
+        before jump-forward tokens appended after it were computed)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
+
     def fork(self, request_id: str) -> Request:
-        """A copy of this sequence under `request_id`: same tokens, counters, logprobs and
-        detokenizer state (beam search forks a beam into several)."""
+        """A copy of this sequence under `request_id`: same tokens, counters and logprobs
+        (beam search forks a beam into several)."""
         child = copy.copy(self)
         child.request_id = request_id
         child.prompt_token_ids = self.prompt_token_ids  # never modified: shared
         child.all_token_ids = list(self.all_token_ids)
         child.output_token_ids = list(self.output_token_ids)
         child.logprobs = list(self.logprobs) if self.logprobs is not None else None
-        child.detokenizer = self.detokenizer.fork() if self.detokenizer is not None else None
         if self.generator is not None:
             child.generator = torch.Generator()
             child.generator.set_state(self.generator.get_state())

@@ -276,11 +276,11 @@ def _cache_extra(request: Request) -> str | None:
 def check_stop(request: Request, token_id: int) -> bool:
     """Sets the request's finished status if `token_id` ends it; returns whether it did.
 
-    Order as in vLLM: stop strings (via the detokenizer), then EOS / stop token ids,
-    then the length limit. Stops are not checked before `min_tokens` tokens.
+    Token rules only (the engine core sees no text): a completed grammar, then EOS / stop token
+    ids, then the length limit, as vLLM v1's `check_stop`. Stops are not checked before
+    `min_tokens` tokens. Stop strings are the OutputProcessor's (engine/output_processor.py).
     """
     params = request.sampling_params
-    stop_str = request.detokenizer.update(token_id) if request.detokenizer is not None else None
     grammar = request.structured_output
     if grammar is not None:
         grammar.accept(token_id)
@@ -288,9 +288,6 @@ def check_stop(request: Request, token_id: int) -> bool:
             request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, None
             return True
     if request.num_output_tokens >= params.min_tokens:
-        if stop_str is not None:
-            request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-            return True
         if token_id in params.all_stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             # vLLM reports the stop token id, but None for the EOS token.
