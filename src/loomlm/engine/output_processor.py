@@ -83,9 +83,7 @@ class OutputProcessor:
         to_finish: list[Request] = []
         for seq in updated:
             parent = self.requests.get(seq.parent_id)
-            if parent is None or seq.index >= len(parent.detokenizers):
-                continue
-            detok = parent.detokenizers[seq.index]
+            detok = parent.detokenizers[seq.index] if parent is not None else None
             if detok is None:
                 continue
             seen = parent.num_detokenized[seq.index]
