@@ -24,11 +24,15 @@ class FakeRunner:
         self.num_blocks = real.num_blocks
         self.block_size = block_size
         self.steps = []  # per step: [(request_id, num_new_tokens, num_computed_tokens)]
+        self.active_loras = []  # per step: the adapters the runner was told to keep installed
 
     def execute(self, scheduler_output) -> ModelRunnerOutput:
         sampled, logprobs, step = {}, {}, []
+        self.active_loras.append(sorted(scheduler_output.active_loras))
         for item in scheduler_output.scheduled:
             request = item.request
+            if request.lora_request is not None:  # every scheduled adapter is among those to install
+                assert request.lora_request.lora_name in scheduler_output.active_loras
             step.append((request.request_id, item.num_new_tokens, request.num_computed_tokens))
             # the table handed over covers the tokens computed so far and this step's
             table = scheduler_output.block_tables[request.request_id]
@@ -132,3 +136,47 @@ def test_a_stop_string_inside_jump_forward_tokens_drops_the_rest(engine):
     stopped = engine.output_processor.detokenize([seq])
     assert stopped == [seq] and seq.output_token_ids == [50, 60, 61] and seq.stop_reason == texts[1]
     assert seq.all_token_ids == [3, 4, 50, 60, 61]
+
+
+class FakeAdapterCache:
+    """The scheduler's view of the LoRA manager: which adapters are loaded (`is_ready`)."""
+
+    def __init__(self, ready: set[str], failing: set[str]) -> None:
+        self.ready, self.failing = ready, failing
+
+    def is_ready(self, lora_request) -> bool:
+        if lora_request.lora_name in self.failing:
+            raise ValueError("not a PEFT adapter")
+        return lora_request.lora_name in self.ready
+
+
+def test_scheduler_counts_adapters_and_the_runner_is_told_which_to_install(make_tiny_model_dir):
+    """vLLM v1's split: the scheduler admits requests while the running ones use at most
+    max_loras distinct adapters (a request whose adapter is loading waits; one whose adapter
+    failed to load ends "abort" in that step), and hands the runner the set to install."""
+    from loomlm.lora.request import LoRARequest
+
+    engine = LLMEngine.from_engine_args(model=str(make_tiny_model_dir("llama")), max_num_batched_tokens=16,
+                                        max_num_seqs=8, block_size=4, enable_lora=True, max_loras=2)
+    engine.model_runner = FakeRunner(engine.model_runner, 4)
+    cache = FakeAdapterCache(ready={"a", "b", "c"}, failing={"bad"})
+    engine.scheduler.lora_manager = cache
+    loras = {name: LoRARequest(name, i + 1, f"/adapters/{name}") for i, name in enumerate(["a", "b", "c", "d", "bad"])}
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for rid, name in [("a1", "a"), ("b1", "b"), ("c1", "c"), ("a2", "a"), ("d1", "d"), ("base", None), ("x", "bad")]:
+        engine.add_request(rid, [3, 4], params, lora_request=loras.get(name))
+    first = engine.step()
+    # c1 waits (a third adapter), a2 shares a's slot, d1 waits for its load, x failed at once
+    assert [rid for rid, *_ in engine.model_runner.steps[0]] == ["a1", "b1", "a2", "base"]
+    assert engine.model_runner.active_loras[0] == ["a", "b"]
+    failed = {o.request_id: o for o in first if o.finished}
+    assert set(failed) == {"x"} and failed["x"].outputs[0].finish_reason == "abort"
+    cache.ready.add("d")
+    finals = _run(engine)
+    assert set(finals) == {"a1", "b1", "c1", "a2", "d1", "base"}
+    assert all(len(active) <= 2 for active in engine.model_runner.active_loras)
+    # c and d ran only once a and b were no longer running
+    ran = [{rid for rid, *_ in step} for step in engine.model_runner.steps]
+    first_cd = next(i for i, step in enumerate(ran) if step & {"c1", "d1"})
+    assert not any(step & {"a1", "b1", "a2"} for step in ran[first_cd:])
+    assert engine.block_manager.num_free_blocks == engine.model_runner.num_blocks

@@ -31,7 +31,6 @@ from loomlm.engine.output_processor import OutputProcessor
 from loomlm.engine.request import Request, RequestStatus
 from loomlm.engine.scheduler import Scheduler
 from loomlm.engine.structured_output import StructuredOutputManager
-from loomlm.lora.manager import LoRAManager
 from loomlm.lora.request import LoRARequest
 from loomlm.lora.source import resolve_adapter
 from loomlm.models.loader import checkpoint_dtype, iter_weights, load_tokenizer, resolve_model
@@ -69,7 +68,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's context window ({model_max}).")
         max_len = mc.max_model_len or model_max
         self.model_runner = ModelRunner(mc, config.cache_config, self.hf_config,
-                                        model_weights(self.source, mc), max_len, config.kernel_config)
+                                        model_weights(self.source, mc), max_len, config.kernel_config,
+                                        config.lora_config)
         capacity = self.model_runner.num_blocks * config.cache_config.block_size
         if capacity < max_len:
             logger.warning("KV cache holds %d tokens < context window %d: capping max_model_len", capacity, max_len)
@@ -78,9 +78,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.model_runner.num_blocks, config.cache_config.block_size,
                                           config.cache_config.enable_prefix_caching)
         lc = config.lora_config
-        self.lora_manager = (LoRAManager(self.model_runner.model, lc.max_loras, mc.torch_dtype, mc.torch_device,
-                                         lc.max_cpu_loras) if lc.enable_lora else None)
-        self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.lora_manager)
+        self.lora_manager = self.model_runner.lora_manager  # None without enable_lora
+        self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.lora_manager, lc.max_loras)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
         # Adapter id -> its request, for adapters loaded so far (least recently used first): what
         # /v1/models lists. Bounded by max_cpu_loras; the preloaded ones are pinned.
@@ -92,8 +91,8 @@ class LLMEngine:
             lora = self._new_lora_request(adapter_id, resolve_adapter(adapter_id))  # the operator's: any path
             self._pinned_loras.add(adapter_id)
             self.check_lora(lora)
-            if self.lora_manager.acquire(lora) is not None:
-                self.lora_manager.release(lora.lora_name)
+            if len(self.lora_manager.loaded) < lc.max_loras:  # installed now while slots are free
+                self.lora_manager.activate({lora.lora_name: lora})
         self.output_processor = OutputProcessor(self.tokenizer)
         self._check_thread = os.environ.get("LOOMLM_CHECK_ENGINE_THREAD") == "1"
         self._owner_thread: threading.Thread | None = None
@@ -239,7 +238,7 @@ class LLMEngine:
             if params.structured_outputs is not None:
                 seq.structured_output = self.structured_outputs.request_state(params.structured_outputs)
             seq.needs_logprobs = params.needs_sampled_logprob
-            seq.lora_request = lora_request  # its slot is taken when the scheduler admits it
+            seq.lora_request = lora_request  # counted by the scheduler, installed by the runner
             seq.prompt_logprobs_from = request.prompt_logprobs_from
             sequences.append(seq)
         self.output_processor.add_request(request_id, text, token_ids, sequences, params, lora_request, arrival)
@@ -278,7 +277,7 @@ class LLMEngine:
         """Run one engine step; returns an output for every user request that got new tokens."""
         self._assert_owner_thread()
         scheduler_output = self.scheduler.schedule()
-        failed, self.scheduler.finished_by_scheduler = self.scheduler.finished_by_scheduler, []
+        failed = scheduler_output.finished_requests  # an adapter that failed to load
         if scheduler_output.is_empty:
             if not failed:
                 # Everything waits on a background adapter load or grammar compile: do not spin.

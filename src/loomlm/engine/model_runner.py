@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loomlm.config import CacheConfig, KernelConfig, ModelConfig
+from loomlm.config import CacheConfig, KernelConfig, LoRAConfig, ModelConfig
 from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
@@ -26,6 +26,7 @@ from loomlm.layers.lora import LoRABatch
 from loomlm.layers.linear_method import GGUFLinearMethod, select_linear_method
 from loomlm.layers.packed_gemm import return_freed_memory
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
+from loomlm.lora.manager import LoRAManager
 from loomlm.models.registry import model_class_for
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ class ModelRunner:
     """Owns the model, the KV pool and the sampler; `execute()` runs one scheduled step."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config, weights,
-                 max_model_len: int, kernel_config: KernelConfig | None = None) -> None:
-        """weights: iterable of (HF name, tensor); `kernel_config`: the kernel switches (None: the defaults).
+                 max_model_len: int, kernel_config: KernelConfig | None = None,
+                 lora_config: LoRAConfig | None = None) -> None:
+        """weights: iterable of (HF name, tensor); `kernel_config`: the kernel switches (None: the
+        defaults); `lora_config` with enable_lora: the runner owns the adapter slots (`lora_manager`).
 
         Raises ValueError when the checkpoint does not fit the config, or a forced attention backend
         cannot run here."""
@@ -111,6 +114,11 @@ class ModelRunner:
         self.decode_backend = select_decode_backend(self.device, self.dtype, kernel_config.attention_backend)
         logger.info("decode attention backend: %s", self.decode_backend)
         self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
+        # Adapter slots in the model's linears (the scheduler only counts adapters; installing
+        # them is the runner's, each step, as vLLM v1's worker-side LoRA manager).
+        self.lora_manager = (LoRAManager(self.model, lora_config.max_loras, self.dtype, self.device,
+                                         lora_config.max_cpu_loras)
+                             if lora_config is not None and lora_config.enable_lora else None)
 
     def release(self) -> None:
         """Free the weights and the KV pool (at engine shutdown): memory goes back at once, even
@@ -175,14 +183,15 @@ class ModelRunner:
         decode_lens: list[int] = []
         spans: list[PrefillSpan] = []
         token_slots: list[int] = []  # each flat-batch token's adapter slot, -1 for the base model
-        uses_lora = False
+        slot_of = self._activate_loras(scheduler_output)
         for item in items:
             req = item.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
             table = scheduler_output.block_tables[req.request_id]
             first = len(input_ids)
-            uses_lora = uses_lora or req.lora_slot is not None
-            token_slots.extend([-1 if req.lora_slot is None else req.lora_slot] * item.num_new_tokens)
+            if slot_of:
+                slot = -1 if req.lora_request is None else slot_of[req.lora_request.lora_name]
+                token_slots.extend([slot] * item.num_new_tokens)
             input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -212,7 +221,7 @@ class ModelRunner:
             num_decode_tokens=num_decode,
             decode=self._decode_metadata(decode_tables, decode_lens),
             prefill_spans=spans,
-            lora=LoRABatch(torch.tensor(token_slots, dtype=torch.int64, device=dev)) if uses_lora else None,
+            lora=LoRABatch(torch.tensor(token_slots, dtype=torch.int64, device=dev)) if slot_of else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):
@@ -232,6 +241,15 @@ class ModelRunner:
             rows = _logprob_lists(sampled.logprobs)
             output.logprobs = {r.request_id: row for r, row in zip(sampling_requests, rows) if r.needs_logprobs}
         return output
+
+    def _activate_loras(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
+        """Install the running requests' adapters (`LoRAManager.activate`); adapter name -> slot,
+        {} when no scheduled request uses one."""
+        if self.lora_manager is None or not any(it.request.lora_request is not None for it in scheduler_output.scheduled):
+            return {}
+        new = [it.request.lora_request.lora_name for it in scheduler_output.scheduled
+               if it.is_new and it.request.lora_request is not None]
+        return self.lora_manager.activate(scheduler_output.active_loras, new)
 
     def _grammar_rows(self, grammar: GrammarBitmask, sampling_requests: list) -> torch.Tensor:
         """The constrained rows' bitmasks placed at their sampling rows; other rows allow everything (-1)."""

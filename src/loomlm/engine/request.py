@@ -84,10 +84,8 @@ class Request:
         # Prompt logprobs are wanted from this position on (0: all); the prefix cache may serve
         # the positions before it (set by the engine: continuation scoring).
         self.prompt_logprobs_from = 0
-        # Its adapter (None: the base model), and the slot holding it while the request holds
-        # one (set by the scheduler at admission, cleared when the request finishes).
+        # Its adapter (None: the base model); the model runner maps it to a slot each step.
         self.lora_request: LoRARequest | None = None
-        self.lora_slot: int | None = None
         # Set by the engine for a constrained request (structured outputs).
         self.structured_output: StructuredOutputRequest | None = None
         # A per-request generator makes seeded sampling independent of batch composition.

@@ -28,6 +28,7 @@ from loomlm.config import SchedulerConfig
 from loomlm.engine.block_manager import BlockManager
 from loomlm.engine.request import Request, RequestStatus
 from loomlm.lora.manager import LoRAManager
+from loomlm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class ScheduledRequest:
     request: Request
     # Tokens computed this step: positions num_computed_tokens .. num_computed_tokens + num_new_tokens - 1.
     num_new_tokens: int
+    # Scheduled for the first time (vLLM's scheduled_new_reqs): not after a preemption.
+    is_new: bool = False
 
     @property
     def samples_token(self) -> bool:
@@ -66,6 +69,11 @@ class SchedulerOutput:
     # Allowed next tokens of the constrained requests that sample this step (filled by the
     # StructuredOutputManager hook, `grammar_bitmask`).
     grammar_bitmask: GrammarBitmask | None = None
+    # The adapters of every running request after this step's admissions (name -> request; at
+    # most max_loras): the model runner keeps them installed.
+    active_loras: dict[str, LoRARequest] = field(default_factory=dict)
+    # Requests the scheduler ended without running them this step (an adapter that failed to load).
+    finished_requests: list[Request] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -76,15 +84,17 @@ class Scheduler:
     """Decides each step which requests run and how many tokens each computes (module docstring: policy)."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 lora_manager: LoRAManager | None = None) -> None:
+                 lora_manager: LoRAManager | None = None, max_loras: int = 0) -> None:
+        """`lora_manager`: asked only whether a request's adapter is loaded (`is_ready`); the
+        scheduler counts adapters (at most `max_loras` distinct ones among the running requests,
+        as vLLM v1's) and the model runner installs them."""
         self.config = config
         self.block_manager = block_manager
-        self.lora_manager = lora_manager  # adapter slots, taken when a request is admitted
+        self.lora_manager = lora_manager
+        self.max_loras = max_loras
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # since start; read by tests and metrics
-        # Requests the scheduler finished itself (an adapter that failed to load), not reported yet.
-        self.finished_by_scheduler: list[Request] = []
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -144,14 +154,18 @@ class Scheduler:
 
         # Admit waiting requests only if nobody was preempted this step (the pool is tight),
         # in arrival order, passing over those whose grammar is still compiling or whose
-        # adapter is loading or has no free slot yet.
+        # adapter is loading or would be one adapter too many.
+        active_loras = {r.lora_request.lora_name: r.lora_request for r in self.running if r.lora_request is not None}
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs or out.preempted_request_ids:
                 break
             if request.structured_output is not None and not request.structured_output.is_ready:
                 continue
-            if request.lora_request is not None and request.lora_slot is None and not self._take_lora_slot(request):
-                continue
+            lora = request.lora_request
+            if lora is not None and lora.lora_name not in active_loras:
+                # Readiness first: it starts the adapter's load even while the count is full.
+                if not self._lora_ready(request, out) or len(active_loras) >= self.max_loras:
+                    continue
             # Prefix caching: a request starting from scratch shares the cached blocks of its
             # longest cached prefix and computes only the rest.
             cached = []
@@ -178,36 +192,37 @@ class Scheduler:
                     request.num_cached_tokens = num_computed
             bm.allocate(request.request_id, num_computed + num_new)
             request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
+            is_new = request.first_scheduled_time is None
+            if is_new:
                 request.first_scheduled_time = now
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            if lora is not None:
+                active_loras[lora.lora_name] = lora
+            out.scheduled.append(ScheduledRequest(request, num_new, is_new))
             budget -= num_new
 
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        out.active_loras = active_loras
         out.block_tables = {it.request.request_id: bm.block_table(it.request.request_id) for it in out.scheduled}
         return out
 
-    def _take_lora_slot(self, request: Request) -> bool:
-        """Give the request its adapter's slot; False when it must wait. A failed adapter load
-        finishes the request (aborted): it cannot run."""
+    def _lora_ready(self, request: Request, out: SchedulerOutput) -> bool:
+        """Whether the request's adapter is loaded (else it waits). A failed adapter load
+        finishes the request (aborted, in `out.finished_requests`): it cannot run."""
         try:
-            request.lora_slot = self.lora_manager.acquire(request.lora_request)
+            return self.lora_manager.is_ready(request.lora_request)
         except ValueError as exc:
             logger.error("request %s: adapter %s failed to load: %s", request.request_id,
                          request.lora_request.lora_name, exc)
             self.finish(request, RequestStatus.FINISHED_ABORTED)
-            self.finished_by_scheduler.append(request)
+            out.finished_requests.append(request)
             return False
-        return request.lora_slot is not None
 
     def fork(self, parent: Request, child_id: str) -> Request:
         """A copy of `parent` under `child_id` sharing its KV blocks (reference counts), queued
         right after it (running or waiting, as the parent is)."""
         child = parent.fork(child_id)
         self.block_manager.fork(parent.request_id, child_id)
-        if child.lora_slot is not None:  # the child holds the adapter's slot too
-            self.lora_manager.retain(child.lora_request.lora_name)
         queue = self.running if parent in self.running else self.waiting
         queue.insert(queue.index(parent) + 1, child)
         return child
@@ -253,9 +268,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.block_manager.free(request.request_id)
-        if request.lora_slot is not None:
-            self.lora_manager.release(request.lora_request.lora_name)
-            request.lora_slot = None
 
     def abort(self, request: Request) -> None:
         if not request.is_finished:

@@ -7,11 +7,13 @@ Two levels, as in vLLM (`max_loras` on the device, `max_cpu_loras` in host memor
   (`loomlm.lora.merge`), LRU-bounded. `load()` fills it; it is thread-safe and is what the
   server calls in a worker thread (`AsyncLLMEngine.load_lora`), so reading a file never
   stalls decoding.
-- slots: `max_loras` adapters installed in every targeted `Linear`. The scheduler calls
-  `acquire()` when it admits a request: an installed adapter is a hit; a cached one is
-  installed into a free slot, evicting the least recently used adapter that no unfinished
-  request holds; one not cached yet is loaded in a background thread while the request
-  waits (other requests keep running). Requests hold a slot until they finish (`release`).
+- slots: `max_loras` adapters installed in every targeted `Linear`. As in vLLM v1, the
+  scheduler only counts: it admits a request when its adapter is in the host cache
+  (`is_ready`; one not cached yet is loaded in a background thread while the request waits
+  and the others keep running) and the running requests then use at most `max_loras`
+  distinct adapters. The model runner installs them (`activate`, every step, on the step
+  thread): an installed adapter is a hit; another goes into a free slot or evicts the least
+  recently used adapter that no running request uses.
 """
 
 from __future__ import annotations
@@ -50,11 +52,10 @@ class LoRAManager:
         self.dtype, self.device = dtype, device
         self.num_layers = len(model.layers)
         self._slots: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recently used first
-        self._users: dict[str, int] = {}  # adapter name -> unfinished requests holding its slot
         self._lock = threading.Lock()  # guards the host cache and the sources (load() runs in threads)
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()  # host cache, least recently used first
         self._sources: dict[str, str] = {}  # adapter name -> the path (or merge definition) it came from
-        self._loading: dict[str, Future] = {}  # background loads started by acquire()
+        self._loading: dict[str, Future] = {}  # background loads started by is_ready()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loomlm-lora-load")
         self.num_loads = 0
         self.num_hits = 0
@@ -117,51 +118,55 @@ class LoRAManager:
                 self._cache.move_to_end(name)
             return adapter
 
-    # ----------------------------------------------------------------------- slots
-    def acquire(self, request: LoRARequest) -> int | None:
-        """The slot of the request's adapter, installing it if needed; None when the request must
-        wait (its adapter is loading in the background, or every slot is held by running requests).
+    def is_ready(self, request: LoRARequest) -> bool:
+        """Whether the request's adapter is in the host cache, ready to install; if not, its load
+        starts in the background (once) and the request waits. The scheduler's check (step thread).
 
-        Called by the scheduler (the step thread). Raises ValueError when a background load failed.
+        Raises ValueError when the background load failed.
         """
         name = request.lora_name
-        if name in self._slots:
-            self._slots.move_to_end(name)
-            self.num_hits += 1
-            self._users[name] = self._users.get(name, 0) + 1
-            return self._slots[name]
-        adapter = self._cached(name)
-        if adapter is None:
-            future = self._loading.get(name)
-            if future is None:
-                self._loading[name] = self._executor.submit(self.load, request)
-                return None
-            if not future.done():
-                return None
-            del self._loading[name]
-            future.result()  # re-raises a failed load
+        if self._cached(name) is not None:
+            return True
+        future = self._loading.get(name)
+        if future is None:
+            self._loading[name] = self._executor.submit(self.load, request)
+            return False
+        if not future.done():
+            return False
+        del self._loading[name]
+        future.result()  # re-raises a failed load
+        return self._cached(name) is not None  # evicted from the host cache meanwhile: the next call reloads
+
+    # ----------------------------------------------------------------------- slots
+    def activate(self, loras: dict[str, LoRARequest], new_requests: list[str] = ()) -> dict[str, int]:
+        """Install the adapters `loras` (name -> request) in slots and return name -> slot. The
+        model runner's call, each step, with the adapters of every running request (the scheduler
+        admits at most `max_loras` distinct ones, so they always fit); an idle adapter is evicted
+        least recently used first. `new_requests`: the adapters of the requests scheduled for
+        the first time this step (counted in `num_hits` when already installed).
+
+        Raises RuntimeError for more adapters than slots; ValueError when an adapter evicted from
+        the host cache since the scheduler's check no longer loads.
+        """
+        if len(loras) > self.max_loras:
+            raise RuntimeError(f"{len(loras)} adapters scheduled at once; only {self.max_loras} slots.")
+        self.num_hits += sum(1 for name in new_requests if name in self._slots)
+        for name, request in loras.items():
+            if name in self._slots:
+                self._slots.move_to_end(name)
+                continue
             adapter = self._cached(name)
-            if adapter is None:  # evicted from the host cache meanwhile: load again
-                return self.acquire(request)
-        slot = self._free_slot()
-        if slot is None:
-            return None
-        for (layer, module), w in adapter.weights.items():
-            linear, shard = self._target(layer, module)
-            linear.set_lora(slot, shard, w.a_t.to(self.device), w.b_t_scaled().to(self.device))
-        self._slots[name] = slot
-        self._users[name] = 1
-        self.num_loads += 1
-        logger.info("installed adapter %s (%d parameters) in slot %d", name, adapter.num_params, slot)
-        return slot
-
-    def retain(self, name: str) -> None:
-        """One more request holds installed adapter `name`'s slot (a forked sequence)."""
-        self._users[name] += 1
-
-    def release(self, name: str) -> None:
-        """One request holding `name`'s slot has finished."""
-        self._users[name] -= 1
+            if adapter is None:  # evicted from the host cache after the scheduler's check: read it again
+                self.load(request)
+                adapter = self._cached(name)
+            slot = self._free_slot(keep=loras)
+            for (layer, module), w in adapter.weights.items():
+                linear, shard = self._target(layer, module)
+                linear.set_lora(slot, shard, w.a_t.to(self.device), w.b_t_scaled().to(self.device))
+            self._slots[name] = slot
+            self.num_loads += 1
+            logger.info("installed adapter %s (%d parameters) in slot %d", name, adapter.num_params, slot)
+        return {name: self._slots[name] for name in loras}
 
     def _target(self, layer: int, module: str):
         """The Linear and shard holding HF projection `module` ("self_attn.q_proj") of a layer."""
@@ -171,20 +176,19 @@ class LoRAManager:
             linear = getattr(linear, attr)
         return linear, shard
 
-    def _free_slot(self) -> int | None:
+    def _free_slot(self, keep: dict[str, LoRARequest]) -> int:
+        """An empty slot, or the slot of the least recently used adapter not in `keep` (evicted)."""
         used = set(self._slots.values())
         for slot in range(self.max_loras):
             if slot not in used:
                 return slot
-        for name, slot in self._slots.items():  # least recently used first
-            if self._users.get(name, 0) == 0:
-                self._evict(name)
-                return slot
-        return None
+        name = next(name for name in self._slots if name not in keep)  # activate() checked that one exists
+        slot = self._slots[name]
+        self._evict(name)
+        return slot
 
     def _evict(self, name: str) -> None:
         slot = self._slots.pop(name)
-        self._users.pop(name, None)
         for module in self.model.modules():
             if hasattr(module, "clear_lora"):
                 module.clear_lora(slot)
