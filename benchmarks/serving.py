@@ -17,9 +17,11 @@ first chunk with a choice; TPOT per request = (latency - TTFT) / (output tokens 
 gaps between successive chunks of all requests; output tokens from the stream's final usage.
 
 Run: `.venv/bin/python benchmarks/serving.py` (options: --concurrency 1 8 32 128
---num-prompts N --prompt-len 128 --gen-len 128 --model ALIAS_OR_PATH --max-num-seqs N
+--num-prompts N --prompt-len 128 --gen-len 128 --rounds N --model ALIAS_OR_PATH --max-num-seqs N
 --max-num-batched-tokens N --kv-cache-memory-bytes N). Smoke run (seconds once the model is
-loaded): `--smoke`.
+loaded): `--smoke`. With `--rounds N` each concurrency alternates serving and offline N times
+and the summary ends with the median ratio per concurrency (this machine's speed drifts by
+~10% between runs of the same code).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
-from httpx_sse import aconnect_sse
 
 HEALTH_POLL_S = 0.1
 # Engine flags passed to both `loomlm serve` and the offline `LLM` when given.
@@ -67,6 +69,7 @@ class RunResult:
     offline_tok_s: float = float("nan")
     health_ms: list[float] = field(default_factory=list)
     num_preemptions: int = 0  # the server's preemptions during the run (/metrics)
+    client_cpu_s: float = 0.0  # CPU time this load generator used during the serving run
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -110,19 +113,26 @@ def start_server(args: argparse.Namespace, port: int, engine_flags: list[str]) -
     raise RuntimeError("loomlm serve did not answer /health within 600 s")
 
 
-async def send_request(client: httpx.AsyncClient, model: str, prompt: list[int], gen_len: int) -> RequestResult:
-    """One streamed completion, timed as vLLM's `async_request_openai_completions` does."""
+async def send_request(session: aiohttp.ClientSession, base_url: str, model: str, prompt: list[int],
+                       gen_len: int) -> RequestResult:
+    """One streamed completion, read and timed as vLLM's `async_request_openai_completions` does
+    (aiohttp, one SSE line at a time: the load generator shares this machine's 2 cores with the
+    server, and httpx + httpx-sse took about twice its CPU per chunk)."""
     body = {"model": model, "prompt": prompt, "max_tokens": gen_len, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     result = RequestResult()
     start = last = time.perf_counter()
     try:
-        async with aconnect_sse(client, "POST", "/v1/completions", json=body) as source:
-            source.response.raise_for_status()
-            async for event in source.aiter_sse():
-                if event.data == "[DONE]":
+        async with session.post(f"{base_url}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                line = line.strip()
+                if not line:
+                    continue
+                data = line.decode().removeprefix("data: ")
+                if data == "[DONE]":
                     break
-                chunk = json.loads(event.data)
+                chunk = json.loads(data)
                 if chunk.get("choices"):
                     now = time.perf_counter()
                     if result.ttft == 0.0:
@@ -136,7 +146,7 @@ async def send_request(client: httpx.AsyncClient, model: str, prompt: list[int],
         result.success = result.output_len > 0
         if not result.success:
             result.error = "no usage in the stream"
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+    except (aiohttp.ClientError, json.JSONDecodeError, KeyError) as exc:
         result.error = repr(exc)
     return result
 
@@ -144,13 +154,13 @@ async def send_request(client: httpx.AsyncClient, model: str, prompt: list[int],
 async def run_serving(base_url: str, model: str, prompts: list[list[int]], gen_len: int,
                       concurrency: int) -> tuple[float, list[RequestResult]]:
     """All prompts with at most `concurrency` in flight; returns (duration in s, results in prompt order)."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     semaphore = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(3600.0)) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as session:
 
         async def limited(prompt: list[int]) -> RequestResult:
             async with semaphore:
-                return await send_request(client, model, prompt, gen_len)
+                return await send_request(session, base_url, model, prompt, gen_len)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(p) for p in prompts))
@@ -252,6 +262,7 @@ def print_result(run: RunResult) -> None:
     print("{s:{c}^{n}}".format(s=" loomlm ", n=50, c="-"))
     print("{:<40} {:<10.2f}".format("Max /health latency (ms):", max(run.health_ms, default=0.0)))
     print("{:<40} {:<10}".format("Preemptions:", run.num_preemptions))
+    print("{:<40} {:<10.2f}".format("Load generator CPU (s):", run.client_cpu_s))
     for r in run.requests:
         if not r.success:
             print(f"failed request: {r.error}")
@@ -274,6 +285,12 @@ def print_summary(runs: list[RunResult]) -> None:
         print(f"{run.concurrency:>11} {run.output_tok_s:>14.1f} {run.offline_tok_s:>14.1f} "
               f"{run.output_tok_s / run.offline_tok_s:>6.2f} {ttft_p50:>12.0f} {ttft_p99:>12.0f} {itl_p99:>11.0f} "
               f"{max(run.health_ms, default=0.0):>15.1f} {run.num_preemptions:>12}")
+    by_concurrency: dict[int, list[float]] = {}
+    for run in runs:
+        by_concurrency.setdefault(run.concurrency, []).append(run.output_tok_s / run.offline_tok_s)
+    if any(len(ratios) > 1 for ratios in by_concurrency.values()):
+        print("median serving / offline: " + ", ".join(
+            f"{c}: {statistics.median(ratios):.2f} (of {len(ratios)})" for c, ratios in by_concurrency.items()))
 
 
 def main() -> None:
@@ -288,6 +305,8 @@ def main() -> None:
                         help="engine flag for both (default: the engine's)")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                         help="engine flag for both (default: the engine's)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="serving then offline, this many times per concurrency (new prompts each)")
     parser.add_argument("--no-offline", action="store_true", help="serving only (no offline LLM, no ratio)")
     parser.add_argument("--smoke", action="store_true",
                         help="a quick check: concurrency 1 and 4, 8-token prompts, 8 new tokens")
@@ -326,21 +345,25 @@ def main() -> None:
         runs = []
         for c in args.concurrency:
             num_prompts = args.num_prompts or 2 * c
-            # New prompts per concurrency, so the prefix cache never serves a repeat.
-            prompts = make_prompts(num_prompts, args.prompt_len, vocab, seed=c)
-            preemptions_before = num_preemptions(base_url)
-            poller = subprocess.Popen([sys.executable, __file__, "--poll-health", f"{base_url}/health"],
-                                      stdout=subprocess.PIPE, text=True)
-            duration, results = asyncio.run(run_serving(base_url, served_model, prompts, args.gen_len, c))
-            poller.send_signal(signal.SIGTERM)
-            health_ms = json.loads(poller.communicate(timeout=60)[0] or "[]")
-            run = RunResult(c, num_prompts, args.prompt_len, duration, results, health_ms=health_ms,
-                            num_preemptions=num_preemptions(base_url) - preemptions_before)
-            print_result(run)
-            if llm is not None:
-                run.offline_tok_s = run_offline(llm, prompts, args.gen_len, c)
-                print_offline(run)
-            runs.append(run)
+            for round_index in range(args.rounds):
+                # New prompts per concurrency and round, so the prefix cache never serves a repeat.
+                prompts = make_prompts(num_prompts, args.prompt_len, vocab, seed=1000 * round_index + c)
+                preemptions_before = num_preemptions(base_url)
+                poller = subprocess.Popen([sys.executable, __file__, "--poll-health", f"{base_url}/health"],
+                                          stdout=subprocess.PIPE, text=True)
+                cpu_before = time.process_time()
+                duration, results = asyncio.run(run_serving(base_url, served_model, prompts, args.gen_len, c))
+                client_cpu = time.process_time() - cpu_before
+                poller.send_signal(signal.SIGTERM)
+                health_ms = json.loads(poller.communicate(timeout=60)[0] or "[]")
+                run = RunResult(c, num_prompts, args.prompt_len, duration, results, health_ms=health_ms,
+                                num_preemptions=num_preemptions(base_url) - preemptions_before,
+                                client_cpu_s=client_cpu)
+                print_result(run)
+                if llm is not None:
+                    run.offline_tok_s = run_offline(llm, prompts, args.gen_len, c)
+                    print_offline(run)
+                runs.append(run)
         print_summary(runs)
     finally:
         server.terminate()
