@@ -13,7 +13,7 @@ from transformers.masking_utils import causal_mask_function, sliding_window_caus
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from loomlm.layers.attention import PagedAttention, reshape_and_cache
-from loomlm.layers.decode_attention import DECODE_BACKENDS, DecodeMetadata
+from loomlm.layers.decode_attention import DECODE_BACKENDS
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.kernels import cpu_kernels
 
@@ -61,12 +61,9 @@ def dense_reference(q, k, v, scale, window=None, soft_cap=None):
 
 
 def make_meta(backend, tables, lens, kvh, num_pool_blocks, bs, d):
-    num_blocks = tables.shape[1]
-    meta = DecodeMetadata(backend=backend, block_tables=tables, context_lens=lens, max_context_len=int(lens.max()))
-    if backend == "torch":
-        meta.gather_index = (torch.arange(kvh)[:, None] * num_pool_blocks + tables.reshape(1, -1)).reshape(-1)
-        meta.attn_mask = (torch.arange(num_blocks * bs)[None, :] < lens[:, None])[:, None, None, :]
-    return meta
+    """The backend's own step metadata (`prepare_metadata`), as the model runner builds it."""
+    decode_backend = DECODE_BACKENDS[backend](torch.device("cpu"), torch.float32, kvh, num_pool_blocks, bs, d)
+    return decode_backend.prepare_metadata(tables.tolist(), lens.tolist())
 
 
 @pytest.mark.parametrize("backend", sorted(DECODE_BACKENDS))
@@ -91,7 +88,7 @@ def test_decode_backends_match_reference(backend, kvh, group, d, bs, q_scale, wi
     q = torch.randn(seqs, kvh * group, d, generator=g) * q_scale
     scale = 1 / math.sqrt(d)
     meta = make_meta(backend, tables.contiguous(), lens, kvh, num_pool_blocks, bs, d)
-    ours = DECODE_BACKENDS[backend](q, k_cache, v_cache, meta, scale, sliding_window=window, soft_cap=soft_cap)
+    ours = meta.backend.forward(q, k_cache, v_cache, meta, scale, sliding_window=window, soft_cap=soft_cap)
     ref = reference_decode(q, k_cache, v_cache, tables, lens, scale, window, soft_cap)
     assert ours.shape == ref.shape
     # float32 rounding: on AVX2 hosts SDPA's fused softmax differs from the loop by up to 1.2e-5

@@ -53,7 +53,7 @@ def test_the_engine_runs_the_kernels_it_was_given(llm):
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     plain = LLM(MODEL, attention_backend="torch", linear_method="torch", num_gpu_blocks_override=64)
     runner = plain.llm_engine.model_runner
-    assert runner.decode_backend == "torch" and runner.linear_method is TORCH_METHOD
+    assert runner.decode_backend.name == "torch" and runner.linear_method is TORCH_METHOD
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     # Other kernels, the same greedy tokens as the default engine's (float32 both).
     assert [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)] == expected

@@ -159,11 +159,11 @@ def _check_logits(llm, reference, case) -> None:
         with torch.inference_mode():
             theirs = reference(torch.tensor([ids])).logits[0].float()
         for chunk, backend in [(None, "torch"), (3, "torch"), (7, "torch")] + [(1, b) for b in backends]:
-            runner.decode_backend = backend  # chunk 1 runs every token after the first as a decode
+            runner.use_decode_backend(backend)  # chunk 1 runs every token after the first as a decode
             ours = runner.logits_for(ids, chunk)
             err = (ours - theirs).abs().max().item()
             assert err < 1e-4, (case, length, chunk, backend, err)
-    runner.decode_backend = backends[-1]
+    runner.use_decode_backend(backends[-1])
 
 
 def _check_greedy_and_prefix_cache(llm, reference, case) -> None:

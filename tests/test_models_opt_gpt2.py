@@ -117,7 +117,7 @@ def test_prompt_logits_match_transformers(pair):
     logit_std = None
     g = torch.Generator().manual_seed(0)
     backends = ["torch"] + (["cpu_native"] if cpu_kernels() is not None else [])
-    default_backend = runner.decode_backend
+    default_backend = runner.decode_backend.name
     try:
         # chunk 1 runs every token after the first as a decode; the full table's run (chunk 255)
         # ends with one decode, at the last learned position
@@ -128,12 +128,12 @@ def test_prompt_logits_match_transformers(pair):
             logit_std = theirs.std().item()
             paths = [(c, b) for c in chunks for b in (backends if c == 1 or c == MAX_POSITIONS - 1 else ["torch"])]
             for chunk, backend in paths:
-                runner.decode_backend = backend
+                runner.use_decode_backend(backend)
                 ours = runner.logits_for(ids, chunk)
                 assert ours.shape == theirs.shape
                 assert (ours - theirs).abs().max().item() < 1e-4, (length, chunk, backend)
     finally:
-        runner.decode_backend = default_backend
+        runner.use_decode_backend(default_backend)
     assert logit_std > 0.01  # the tolerance is small against the logits' spread (std 0.02 to 0.2 here)
 
 

@@ -85,7 +85,7 @@ def test_tiny_random_models_match_transformers(make_tiny_model_dir, model_type):
         with torch.inference_mode():
             theirs = reference(torch.tensor([ids])).logits[0].float()
         for chunk, backend in [(None, "torch"), (3, "torch")] + [(1, b) for b in backends]:
-            runner.decode_backend = backend  # chunk 1 runs every token after the first as a decode
+            runner.use_decode_backend(backend)  # chunk 1 runs every token after the first as a decode
             ours = runner.logits_for(ids, chunk)
             assert (ours - theirs).abs().max().item() < 1e-4, (model_type, length, chunk, backend)
     # and the engine's generate agrees with transformers' greedy generate

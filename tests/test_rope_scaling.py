@@ -117,7 +117,7 @@ def test_cos_sin_per_sequence_matches_transformers(case):
         spans.append(PrefillSpan(start, start + b - a, b, torch.zeros(1, dtype=torch.int64)))
         start += b - a
     lens = torch.tensor(decode_positions) + 1
-    decode = DecodeMetadata("torch", torch.zeros(len(lens), 1, dtype=torch.int64), lens, int(lens.max()))
+    decode = DecodeMetadata(None, torch.zeros(len(lens), 1, dtype=torch.int64), lens, int(lens.max()))  # rotary reads positions only
     batch = ForwardBatch(positions, positions.clone(), len(decode_positions), decode, spans)
 
     cos, sin = ours.cos_sin(positions, torch.float32, batch)  # [T, rotary_dim]

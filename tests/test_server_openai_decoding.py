@@ -6,6 +6,7 @@ chat templates, and their bad input."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -220,6 +221,15 @@ def test_server_chat_template_replaces_the_models(server) -> None:
     # A template in the request still wins over the server's.
     own = asyncio.run(tokenize({"messages": MESSAGES, "chat_template": "{{ messages[0]['content'] }}"}))
     assert own["tokens"] == tok.encode("What is the capital of France?", add_special_tokens=False)
+
+    async def lorax_prefill(inputs: str) -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loomlm") as http:
+            r = await http.post("/generate", json={"inputs": inputs, "parameters": {
+                "apply_chat_template": True, "max_new_tokens": 1, "details": True, "decoder_input_details": True}})
+            return [t["id"] for t in r.json()["details"]["prefill"]]
+
+    # LoRAX's apply_chat_template renders with the server's template too, not the model's.
+    assert asyncio.run(lorax_prefill(json.dumps(MESSAGES))) == default["tokens"]
 
 
 def test_use_beam_search_equals_offline_beam_search(client: OpenAI, server) -> None:

@@ -18,7 +18,7 @@ import torch
 from loomlm.config import CacheConfig, KernelConfig, LoRAConfig, ModelConfig
 from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
-from loomlm.layers.decode_attention import DecodeMetadata, select_decode_backend
+from loomlm.layers.decode_attention import DECODE_BACKENDS, DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.linear import Linear
 from loomlm.layers.moe import SparseMoeBlock
@@ -111,9 +111,8 @@ class ModelRunner:
         seed_gen.manual_seed(model_config.seed)
         self.sampler = Sampler(seed_gen)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.decode_backend = select_decode_backend(self.device, self.dtype, kernel_config.attention_backend)
-        logger.info("decode attention backend: %s", self.decode_backend)
-        self._gather_buffer = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.use_decode_backend(select_decode_backend(self.device, self.dtype, kernel_config.attention_backend))
+        logger.info("decode attention backend: %s", self.decode_backend.name)
         # Adapter slots in the model's linears (the scheduler only counts adapters; installing
         # them is the runner's, each step, as vLLM v1's worker-side LoRA manager).
         self.lora_manager = (LoRAManager(self.model, lora_config.max_loras, self.dtype, self.device,
@@ -129,35 +128,18 @@ class ModelRunner:
         if drop_stack is not None:
             drop_stack()
         self.kv_cache = None
-        self._gather_buffer = None
+        self.decode_backend = None  # its reused gather buffer goes too
         self.model = None  # last: `model is None` means everything is released
         return_freed_memory()
 
+    def use_decode_backend(self, name: str) -> None:
+        """Run decode attention with the backend `name` (a key of DECODE_BACKENDS) from now on."""
+        self.decode_backend = DECODE_BACKENDS[name](self.device, self.dtype, self.num_kv_heads, self.num_blocks,
+                                                    self.block_size, self.head_dim)
+
     def _decode_metadata(self, tables: list[list[int]], context_lens: list[int]) -> DecodeMetadata | None:
-        """Decode metadata for sequences with these block tables and context lengths (None if none)."""
-        if not tables:
-            return None
-        dev, bs = self.device, self.block_size
-        max_len = max(context_lens)
-        num_blocks = (max_len + bs - 1) // bs
-        padded_tables = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
-        meta = DecodeMetadata(
-            backend=self.decode_backend,
-            block_tables=torch.tensor(padded_tables, dtype=torch.int64, device=dev),  # [S, num_blocks]
-            context_lens=torch.tensor(context_lens, dtype=torch.int64, device=dev),
-            max_context_len=max_len,
-        )
-        if self.decode_backend == "torch":
-            heads = torch.arange(self.num_kv_heads, device=dev)[:, None] * self.num_blocks
-            meta.gather_index = (heads + meta.block_tables.view(1, -1)).view(-1)  # [KVH * S * num_blocks]
-            slots = torch.arange(num_blocks * bs, device=dev)
-            meta.attn_mask = (slots[None, :] < meta.context_lens[:, None])[:, None, None, :]
-            needed = 2 * meta.gather_index.numel() * bs * self.head_dim
-            if self._gather_buffer.numel() < needed:  # grown by doubling, then reused every step
-                self._gather_buffer = torch.empty(max(needed, 2 * self._gather_buffer.numel()),
-                                                  dtype=self.dtype, device=dev)
-            meta.gather_buffer = self._gather_buffer
-        return meta
+        """The decode backend's metadata for sequences with these block tables and context lengths (None if none)."""
+        return self.decode_backend.prepare_metadata(tables, context_lens) if tables else None
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomlm.layers.decode_attention import DECODE_BACKENDS, softcapped_attention
+from loomlm.layers.decode_attention import softcapped_attention
 from loomlm.layers.forward_context import PrefillSpan, current_forward_batch
 from loomlm.layers.kernels import cpu_kernels_for
 
@@ -90,9 +90,8 @@ class PagedAttention(nn.Module):
         num_decode = batch.num_decode_tokens
         decoded = None
         if num_decode:
-            decode = DECODE_BACKENDS[batch.decode.backend]
-            decoded = decode(q[:num_decode], k_cache, v_cache, batch.decode, self.scale,
-                             sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap)
+            decoded = batch.decode.backend.forward(q[:num_decode], k_cache, v_cache, batch.decode, self.scale,
+                                                   sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap)
             if num_decode == q.shape[0]:  # a decode-only step: the backend's output is the whole result
                 return decoded
         out = torch.empty_like(q)

@@ -234,7 +234,7 @@ class LlamaForCausalLM(nn.Module):
     def _decoder_stack(self, batch, num_tokens: int):
         """The native DecoderStack when this step may use it (decoder_stack.py), else None."""
         if not self.use_decoder_stack or batch.num_decode_tokens != num_tokens or batch.lora is not None \
-                or batch.decode.backend != "cpu_native":
+                or batch.decode.backend.name != "cpu_native":
             return None
         k_cache = self.layers[0].self_attn.attn.k_cache
         if self._stack_key is not k_cache:  # first use, or the KV pools were bound anew

@@ -85,7 +85,7 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     app.add_middleware(RequestAccountingMiddleware, metrics=metrics)
     openai_router, openai = build_openai_router(engine, metrics, chat_template, limits)
     app.include_router(openai_router)
-    tgi_router, tgi = build_tgi_router(engine, metrics, max_concurrent_requests, limits)
+    tgi_router, tgi = build_tgi_router(engine, metrics, max_concurrent_requests, limits, chat_template)
     app.include_router(tgi_router)
     app.state.tgi = tgi  # its limits (max_concurrent_requests) can be changed while serving
     llmengine_router, _ = build_llmengine_router(engine, metrics, limits)

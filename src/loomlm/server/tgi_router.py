@@ -78,8 +78,9 @@ class TGIServing:
     """
 
     def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, max_concurrent_requests: int = 128,
-                 limits: ServerLimits | None = None) -> None:
+                 limits: ServerLimits | None = None, chat_template: str | None = None) -> None:
         self.engine = engine
+        self.chat_template = chat_template  # the server's (--chat-template), as the OpenAI face; None: the model's
         self.metrics = metrics
         self.limits = limits or ServerLimits()
         self.max_concurrent_requests = max_concurrent_requests
@@ -220,7 +221,7 @@ class TGIServing:
         if not isinstance(messages, list):
             messages = [{"role": "user", "content": inputs}]
         self.limits.check_count("inputs", len(messages), self.limits.max_messages, "messages")
-        return render_chat(self.engine.tokenizer, messages, add_generation_prompt=True)
+        return render_chat(self.engine.tokenizer, messages, self.chat_template, add_generation_prompt=True)
 
     async def _lora_request(self, p: GenerateParameters, api_token: str | None) -> LoRARequest | None:
         if p.adapter_id is not None and p.merged_adapters is not None:
@@ -365,9 +366,11 @@ class TGIServing:
 
 
 def build_tgi_router(engine: AsyncLLMEngine, metrics: ServerMetrics, max_concurrent_requests: int = 128,
-                     limits: ServerLimits | None = None) -> tuple[APIRouter, TGIServing]:
-    """The LoRAX / TGI routes for `engine` (TGI's `/tokenize` form is dispatched by the app)."""
-    serving = TGIServing(engine, metrics, max_concurrent_requests, limits)
+                     limits: ServerLimits | None = None,
+                     chat_template: str | None = None) -> tuple[APIRouter, TGIServing]:
+    """The LoRAX / TGI routes for `engine` (TGI's `/tokenize` form is dispatched by the app);
+    `chat_template` (the server's) renders LoRAX's `apply_chat_template` inputs."""
+    serving = TGIServing(engine, metrics, max_concurrent_requests, limits, chat_template)
     router = APIRouter()
     router.add_api_route("/", serving.compat_generate, methods=["POST"], response_model=None)
     router.add_api_route("/generate", serving.generate, methods=["POST"], response_model=None)
