@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"
 
@@ -58,6 +60,13 @@ def test_load_chat_template_from_file_or_text(tmp_path: Path) -> None:
     assert load_chat_template(str(path)) == template
     assert load_chat_template(template) == template
     assert load_chat_template(None) is None
+    # vLLM's keyword names: chat_template=, and is_literal= for a value that is the template itself
+    assert load_chat_template(chat_template=path) == template
+    assert load_chat_template(chat_template="not a path", is_literal=True) == "not a path"
+    with pytest.raises(TypeError):
+        load_chat_template(path, is_literal=True)
+    with pytest.raises(ValueError):
+        load_chat_template(chat_template="no/such/template.jinja")
 
 
 def test_generate_prints_the_greedy_completion() -> None:

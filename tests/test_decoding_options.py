@@ -182,6 +182,7 @@ def test_chat_equals_generate_on_the_rendered_conversation(llm):
         direct = llm.generate(tok.encode(ids, add_special_tokens=False), params, use_tqdm=False)[0]
         assert out.prompt_token_ids == direct.prompt_token_ids
         assert out.outputs[0].text == direct.outputs[0].text
+        assert out.prompt == ids  # the rendered conversation, as vLLM's LLM.chat reports it
     single = llm.chat(conversations[0], params, use_tqdm=False)
     assert len(single) == 1 and single[0].outputs[0].text == chats[0].outputs[0].text
     # continue_final_message: the assistant's partial reply is continued, not closed.

@@ -131,6 +131,15 @@ def test_unknown_model_and_engine_arg_raise():
         LLM("no-such-model-alias")
     with pytest.raises(ValueError):
         LLM("smollm2-135m-instruct", not_an_engine_arg=1)
+    with pytest.raises(ValueError, match="task='embed' is not supported"):  # vLLM's task arg: generation only
+        LLM("smollm2-135m-instruct", task="embed")
+
+
+def test_task_generate_is_accepted():
+    from loomlm.config import EngineConfig
+
+    assert EngineConfig.from_kwargs(task="generate").model_config.task == "generate"
+    assert EngineConfig.from_kwargs().model_config.task == "auto"
 
 
 def test_progress_bar(small_cache_llm, capsys):

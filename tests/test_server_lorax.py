@@ -286,3 +286,17 @@ def test_truncate_keeps_the_last_prompt_tokens(lorax_server, lorax_client, llm):
     expected = llm.generate([ids[-5:]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0]
     assert [t["id"] for t in r.json()["details"]["tokens"]] == expected.token_ids
+
+
+def test_tgi_client_chat_streamed_and_not(tgi_client, llm):
+    """`text_generation.Client.chat` sends `model="tgi"` (hard-coded in the client) to
+    /v1/chat/completions; TGI serves its model whatever the name, and so does loomlm."""
+    messages = [text_generation.types.Message(role="user", content="Name a color.")]
+    expected = llm.chat([{"role": "user", "content": "Name a color."}],
+                        SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    reply = tgi_client.chat(messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage["completion_tokens"] == 8 or reply.choices[0].finish_reason == "stop"  # usage: Any
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                       tgi_client.chat(messages, max_tokens=8, temperature=0, stream=True) if chunk.choices)
+    assert streamed == expected

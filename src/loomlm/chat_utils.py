@@ -16,19 +16,26 @@ from pathlib import Path
 from typing import Any
 
 
-def load_chat_template(value: str | None) -> str | None:
-    """A chat template from a file path or inline Jinja text (vLLM's `--chat-template`); None stays None.
+def load_chat_template(chat_template: Path | str | None, *, is_literal: bool = False) -> str | None:
+    """A chat template from a file path or inline Jinja text (vLLM's `--chat-template` and its
+    `vllm.entrypoints.chat_utils.load_chat_template`); None stays None. `is_literal`: the value
+    is the template itself, never a path.
 
-    Raises ValueError when `value` is neither a readable file nor Jinja text.
+    Raises ValueError when the value is neither a readable file nor Jinja text; TypeError for a
+    Path with is_literal (as vLLM).
     """
-    if value is None:
+    if chat_template is None:
         return None
-    path = Path(value)
+    if is_literal:
+        if isinstance(chat_template, Path):
+            raise TypeError("chat_template is expected to be read directly from its value")
+        return chat_template
+    path = Path(chat_template)
     if path.is_file():
         return path.read_text()
-    if "{{" in value or "{%" in value:
-        return value
-    raise ValueError(f"chat template {value!r} is neither a file nor a Jinja template.")
+    if isinstance(chat_template, str) and ("{{" in chat_template or "{%" in chat_template):
+        return chat_template
+    raise ValueError(f"chat template {str(chat_template)!r} is neither a file nor a Jinja template.")
 
 
 class ChatTemplateTimeout(Exception):

@@ -31,6 +31,7 @@ _ENGINE_FLAGS = (
     "tokenizer_revision",
     "trust_remote_code",
     "quantization",
+    "task",
     "attention_backend",
     "linear_method",
     "gguf_activation_planes",
@@ -67,6 +68,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
                             "quantized kernels (default: dequantize to float at load); q8_0 / q4_0: quantize "
                             "any checkpoint's projection weights to that GGML type at load")
+    group.add_argument("--task", default=None, help="vLLM's flag: auto or generate (the pooling tasks are refused)")
     kernels = parser.add_argument_group("kernels (default: the LOOMLM_* variable of the same name, else automatic)")
     kernels.add_argument("--attention-backend", default=None, choices=["torch", "cpu_native"],
                          help="decode attention (LOOMLM_ATTENTION_BACKEND)")

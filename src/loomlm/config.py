@@ -47,6 +47,8 @@ class ModelConfig:
             load to that GGML type (gguf-py's reference quantizer, as llama.cpp's
             `llama-quantize`) and run on the same kernels; the embedding table, the LM head and
             MoE experts stay float.
+        task: vLLM's engine arg: "auto" or "generate" (loomlm runs generative models; the
+            pooling tasks "embed", "classify", "score", "reward" are refused).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -61,8 +63,12 @@ class ModelConfig:
     device: str = "auto"
     max_logprobs: int = 20
     quantization: str | None = None
+    task: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.task not in ("auto", "generate"):
+            raise ValueError(f"task={self.task!r} is not supported: loomlm runs generative models "
+                             "(task='generate' or 'auto').")
         if self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATION_METHODS))}, "
                              f"got {self.quantization!r}.")

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.chat_utils import render_chat
+from loomlm.engine.input_processor import EncodedPrompt
 from loomlm.engine.llm_engine import LLMEngine
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import RequestOutput
@@ -144,10 +145,11 @@ class LLM:
         if not conversations:
             raise ValueError("no conversation given.")
         tokenizer = self.get_tokenizer()
-        # The template writes the special tokens itself: encode without adding more (as vLLM).
-        prompts = [tokenizer.encode(render_chat(tokenizer, list(conversation), chat_template, add_generation_prompt,
-                                                continue_final_message), add_special_tokens=False)
-                   for conversation in conversations]
+        # The template writes the special tokens itself: encode without adding more (as vLLM); the
+        # outputs' `prompt` is the rendered text, as vLLM's.
+        prompts = [self.llm_engine.input_processor.encode(
+            render_chat(tokenizer, list(conversation), chat_template, add_generation_prompt, continue_final_message),
+            add_special_tokens=False) for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -168,8 +170,10 @@ class LLM:
         return [finished[rid] for rid in request_ids]
 
 
-def _as_prompt_list(prompts) -> list[str | list[int]]:
-    def one(p) -> str | list[int]:
+def _as_prompt_list(prompts) -> list[str | list[int] | EncodedPrompt]:
+    def one(p) -> str | list[int] | EncodedPrompt:
+        if isinstance(p, EncodedPrompt):  # already tokenized (LLM.chat)
+            return p
         if isinstance(p, dict):
             if "prompt_token_ids" in p:
                 return list(p["prompt_token_ids"])

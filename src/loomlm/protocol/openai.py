@@ -13,6 +13,7 @@ are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from typing import Any, Literal
 
@@ -226,6 +227,22 @@ class CompletionChoice(BaseModel):
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = Field(default=None, exclude_if=_omit_none)
 
 
+def _system_fingerprint() -> str:
+    try:
+        return f"fp_loomlm_{importlib.metadata.version('loomlm')}"
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "fp_loomlm"
+
+
+# The model name `text_generation.Client.chat` (TGI's client) hard-codes in its chat requests:
+# it selects the served model, and TGI's chunk shape (`TGIDeltaMessage`).
+TGI_CLIENT_MODEL = "tgi"
+
+# OpenAI's `system_fingerprint` of chat completions (the backend configuration); TGI's client
+# (`text_generation.types.ChatComplete`) requires it as a string.
+SYSTEM_FINGERPRINT = _system_fingerprint()
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -264,6 +281,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now_s)
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     # vLLM extra, only when asked for.
@@ -277,9 +295,18 @@ class DeltaMessage(BaseModel):
     content: str | None = Field(default=None, exclude_if=_omit_none)
 
 
+class TGIDeltaMessage(BaseModel):
+    """A chat stream delta as TGI sends it: `role` and `tool_calls` on every chunk, which TGI's
+    client (`text_generation.types.ChoiceDelta`) requires."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: None = None
+
+
 class ChatCompletionStreamChoice(BaseModel):
     index: int
-    delta: DeltaMessage
+    delta: DeltaMessage | TGIDeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -290,6 +317,7 @@ class ChatCompletionStreamResponse(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=_now_s)
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
 

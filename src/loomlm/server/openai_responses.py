@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from loomlm.outputs import RequestOutput
 from loomlm.protocol.openai import (
+    TGI_CLIENT_MODEL,
     ChatCompletionChoice,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
@@ -26,6 +27,7 @@ from loomlm.protocol.openai import (
     CompletionStreamResponse,
     DeltaMessage,
     SamplingRequestFields,
+    TGIDeltaMessage,
     UsageInfo,
 )
 from loomlm.server.errors import BadRequestError, error_body
@@ -107,6 +109,7 @@ async def stream_response(
         )
 
     num_top = generation.params[0].logprobs or 0
+    tgi_client = is_chat and getattr(body, "model", None) == TGI_CLIENT_MODEL
 
     def make_choice(delta: TextDelta) -> BaseModel:
         if not is_chat:
@@ -115,7 +118,12 @@ async def stream_response(
             return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
                                     finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
         # The finishing chunk of a choice carries an empty delta `{}` when no text is left, as OpenAI's.
-        message = DeltaMessage(content=delta.text) if delta.text or delta.finish_reason is None else DeltaMessage()
+        if tgi_client:
+            message = TGIDeltaMessage(content=delta.text)
+        elif delta.text or delta.finish_reason is None:
+            message = DeltaMessage(content=delta.text)
+        else:
+            message = DeltaMessage()
         logprobs = None if delta.logprobs is None else chat_logprobs(
             delta.token_ids, delta.logprobs, num_top, token_text)
         return ChatCompletionStreamChoice(index=delta.index, delta=message, logprobs=logprobs,
@@ -126,11 +134,14 @@ async def stream_response(
         # OpenAI opens each chat choice with the role and an empty content.
         num_choices = len(generation.prompts) * generation.params[0].n
         opening = [
-            make_chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            make_chunk([ChatCompletionStreamChoice(
+                index=i, delta=TGIDeltaMessage(content="") if tgi_client else DeltaMessage(role="assistant", content=""))])
             for i in range(num_choices)
         ]
     outputs = await first_then_rest(raw_request, generation.outputs())
-    events = _sse_events(outputs, generation, opening, make_chunk, make_choice, body.include_usage_in_stream)
+    # TGI's client parses every `data:` line as JSON: no `[DONE]` for it (TGI 2.0 sent none).
+    events = _sse_events(outputs, generation, opening, make_chunk, make_choice, body.include_usage_in_stream,
+                         done=not tgi_client)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -141,10 +152,11 @@ async def _sse_events(
     make_chunk: Callable[..., BaseModel],
     make_choice: Callable[[TextDelta], BaseModel],
     include_usage: bool,
+    done: bool = True,
 ) -> AsyncGenerator[str, None]:
     """SSE text of a stream (first_then_rest's `outputs`): the opening chunks, one chunk per text
     delta of a choice (its last one with the finish_reason), the usage chunk if asked for, then
-    `[DONE]`. Closing it aborts the generation.
+    `[DONE]` (unless `done` is False). Closing it aborts the generation.
     """
     # Per OpenAI, with include_usage every chunk carries "usage": null except the last.
     exclude = None if include_usage else {"usage"}
@@ -165,4 +177,5 @@ async def _sse_events(
     except Exception as exc:  # headers are sent: the error can only travel inside the stream
         logger.exception("stream %s failed", generation.request_id)
         yield sse_event(error_body(f"{type(exc).__name__}: {exc}", 500).model_dump_json())
-    yield SSE_DONE
+    if done:
+        yield SSE_DONE

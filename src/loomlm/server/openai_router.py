@@ -28,6 +28,7 @@ from loomlm.engine.input_processor import ContextWindowError
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, RequestOutput
 from loomlm.protocol.openai import (
+    TGI_CLIENT_MODEL,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -41,7 +42,11 @@ from loomlm.protocol.openai import (
 )
 from loomlm.protocol.structured_outputs import from_openai
 from loomlm.sampling_params import SamplingParams
-from loomlm.server.errors import BadRequestError, ModelNotFoundError, bad_request_on_value_error
+from loomlm.server.errors import (
+    BadRequestError,
+    ModelNotFoundError,
+    bad_request_on_value_error,
+)
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_generation import Generation, drain
@@ -163,6 +168,8 @@ class OpenAIServing:
         fails to load (or a name too long to be one)."""
         with bad_request_on_value_error("model"):
             self.limits.check_name("model", model)
+        if model == TGI_CLIENT_MODEL and not self.engine.is_registered_lora(model):
+            model = None  # TGI's clients send this name on every chat; TGI serves its model whatever it is
         try:
             return await self.engine.lora_for_model(model)
         except LookupError as exc:
