@@ -7,6 +7,8 @@ best round of each counts: this machine's speed drifts by up to 2x within an
 hour, and alternating keeps one system from getting all the fast minutes.
 Run: `.venv/bin/python benchmarks/throughput.py` (options: --concurrency 1 8 32
 --prompt-len 128 --gen-len 128 --rounds 2 --model ALIAS_OR_PATH --quantization gguf).
+`--lora-overhead`: loomlm with LoRA enabled (as `loomlm serve` runs) against loomlm without, on
+requests that name no adapter, instead of transformers.
 """
 
 from __future__ import annotations
@@ -94,33 +96,44 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--quantization", default=None, choices=["gguf"],
                         help="run loomlm on the GGUF file's quantized blocks (transformers stays float32)")
+    parser.add_argument("--lora-overhead", action="store_true",
+                        help="instead of transformers, compare loomlm with enable_lora=True (`loomlm serve`'s "
+                             "default) against loomlm without, no request naming an adapter")
     args = parser.parse_args()
     print_machine()
 
     from loomlm import LLM
 
     max_c = max(args.concurrency)
-    llm = LLM(args.model, max_num_seqs=max(max_c, 1), max_num_batched_tokens=max(512, max_c),
-              quantization=args.quantization)
+    engine_args = dict(max_num_seqs=max(max_c, 1), max_num_batched_tokens=max(512, max_c),
+                       quantization=args.quantization)
+    llm = LLM(args.model, **engine_args)
     print(f"loomlm linear method: {llm.llm_engine.model_runner.linear_method.name}")
     vocab = llm.llm_engine.hf_config.vocab_size
+    if args.lora_overhead:
+        compare(LLM(args.model, enable_lora=True, **engine_args), llm, vocab, args,
+                names=("enable_lora=True", "enable_lora=False"))
+        return
     reference = None if args.skip_transformers else load_reference(args.model)
     compare(llm, reference, vocab, args)
 
 
-def compare(llm, reference, vocab: int, args: argparse.Namespace) -> None:
-    """Print tok/s of loomlm and transformers (None: skipped) at each of args.concurrency, and their ratio.
+def compare(llm, reference, vocab: int, args: argparse.Namespace,
+            names: tuple[str, str] = ("loomlm", "transformers")) -> None:
+    """Print tok/s of loomlm and the reference (transformers, None: skipped; or a second loomlm
+    `LLM`) at each of args.concurrency, and their ratio.
 
     Same prompts for both (args.prompt_len tokens, args.gen_len new ones); args.rounds alternating
     runs each, the best counts.
     """
+    run_reference = bench_loomlm if hasattr(reference, "llm_engine") else bench_transformers
     # Warm-up (first-call allocations, the native kernels' build) for both.
     warm = make_prompts(1, args.prompt_len, vocab, seed=99)
     bench_loomlm(llm, warm, 4)
     if reference is not None:
-        bench_transformers(reference, warm, 4)
+        run_reference(reference, warm, 4)
 
-    print(f"{'concurrency':>11} {'loomlm tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}")
+    print(f"{'concurrency':>11} {names[0] + ' tok/s':>20} {names[1] + ' tok/s':>20} {'ratio':>6}")
     for c in args.concurrency:
         ours_runs, theirs_runs = [], []
         for round_index in range(max(1, args.rounds)):
@@ -128,9 +141,9 @@ def compare(llm, reference, vocab: int, args: argparse.Namespace) -> None:
             prompts = make_prompts(c, args.prompt_len, vocab, seed=1000 * round_index + c)
             ours_runs.append(bench_loomlm(llm, prompts, args.gen_len))
             if reference is not None:
-                theirs_runs.append(bench_transformers(reference, prompts, args.gen_len))
+                theirs_runs.append(run_reference(reference, prompts, args.gen_len))
         ours, theirs = max(ours_runs), max(theirs_runs, default=float("nan"))
-        print(f"{c:>11} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>6.2f}", flush=True)
+        print(f"{c:>11} {ours:>20.1f} {theirs:>20.1f} {ours / theirs:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,16 @@ def test_score_prints_each_value_with_its_log_probability() -> None:
     printed = [float(line.rsplit(": ", 1)[1]) for line in lines[1:]]
     assert [line.split(":")[0] for line in lines[1:]] == ["- Paris", "- Berlin"]
     assert printed == [round(float(s), 4) for s in expected] and printed[0] > printed[1]
+
+
+def test_serve_enables_lora_unless_disabled() -> None:
+    """As in LoRAX, `loomlm serve` answers requests naming an adapter without any flag;
+    --enable-lora (vLLM's) is still accepted, --disable-lora turns LoRA off."""
+    from loomlm.cli import build_parser, serve_engine_kwargs
+
+    parser = build_parser()
+    assert serve_engine_kwargs(parser.parse_args(["serve"]))["enable_lora"] is True
+    assert serve_engine_kwargs(parser.parse_args(["serve", "--enable-lora"]))["enable_lora"] is True
+    assert serve_engine_kwargs(parser.parse_args(["serve", "--disable-lora"]))["enable_lora"] is False
+    with pytest.raises(ValueError, match="--adapter-ids"):
+        serve_engine_kwargs(parser.parse_args(["serve", "--disable-lora", "--adapter-ids", "x"]))

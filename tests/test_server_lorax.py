@@ -300,3 +300,54 @@ def test_tgi_client_chat_streamed_and_not(tgi_client, llm):
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
                        tgi_client.chat(messages, max_tokens=8, temperature=0, stream=True) if chunk.choices)
     assert streamed == expected
+
+
+def test_adapters_without_any_lora_flag(lorax_client, adapters, tmp_path):
+    """`loomlm serve MODEL` as a LoRAX user starts it (no LoRA flag): adapters from the Hugging
+    Face cache load on first use, alone and merged, with the same outputs as a server started
+    with the adapters' paths."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    commit = "1" * 40
+    hub = tmp_path / "hub"
+    for name in ("attn-r8", "mlp-r8"):
+        repo = hub / f"models--acme--{name}"
+        shutil.copytree(adapters[name], repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "loomlm.cli", "serve", "smollm2-135m-instruct", "--port", str(port),
+                               "--log-level", "warning"], env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert server.poll() is None, "loomlm serve exited"
+            try:
+                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = lorax.Client(base_url, timeout=300)
+        ours = client.generate(PROMPT, adapter_id="acme/attn-r8", max_new_tokens=8, ignore_eos_token=True)
+        expected = lorax_client.generate(PROMPT, adapter_id=str(adapters["attn-r8"]), adapter_source="local",
+                                         max_new_tokens=8, ignore_eos_token=True)
+        assert ours.generated_text == expected.generated_text
+        spec = {"weights": [0.7, 0.3], "merge_strategy": "linear", "density": 1.0}
+        merged = client.generate(PROMPT, merged_adapters=lorax.MergedAdapters(ids=["acme/attn-r8", "acme/mlp-r8"], **spec),
+                                 max_new_tokens=8, ignore_eos_token=True)
+        local_ids = [str(adapters["attn-r8"]), str(adapters["mlp-r8"])]
+        expected = lorax_client.generate(PROMPT, merged_adapters=lorax.MergedAdapters(ids=local_ids, **spec),
+                                         adapter_source="local", max_new_tokens=8, ignore_eos_token=True)
+        assert merged.generated_text == expected.generated_text
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

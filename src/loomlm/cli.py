@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="model name the API reports and accepts")
     lora = serve.add_argument_group("adapters (LoRAX)")
     lora.add_argument("--enable-lora", action="store_true", default=None,
-                      help="serve requests that name a LoRA adapter (implied by --adapter-ids)")
+                      help="serve requests that name a LoRA adapter: the default, as in LoRAX (vLLM's flag, accepted)")
+    lora.add_argument("--disable-lora", action="store_true", default=False,
+                      help="refuse requests that name an adapter (no LoRA slots; the engine as offline)")
     lora.add_argument("--max-loras", "--max-active-adapters", dest="max_loras", type=int, default=None,
                       help="adapters installed at once; the least recently used idle one is evicted (default: 8)")
     lora.add_argument("--max-cpu-loras", type=int, default=None,
@@ -187,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine arguments of `loomlm serve`: LoRA is on unless --disable-lora (adapters load on
+    first use, as in LoRAX; a request naming none costs nothing). Raises ValueError for
+    --disable-lora with --enable-lora or adapter flags."""
+    engine_kwargs = _engine_kwargs(args)
+    for name in ("max_loras", "max_cpu_loras", "lora_adapter_ids", "adapter_roots"):
+        if getattr(args, name) is not None:
+            engine_kwargs[name] = getattr(args, name)
+    if args.disable_lora:
+        given = [flag for flag, value in (("--enable-lora", args.enable_lora), ("--adapter-ids", args.lora_adapter_ids),
+                                          ("--adapter-root", args.adapter_roots)) if value]
+        if given:
+            raise ValueError(f"--disable-lora contradicts {', '.join(given)}.")
+    engine_kwargs["enable_lora"] = not args.disable_lora
+    return engine_kwargs
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loomlm.chat_utils import load_chat_template
     from loomlm.server.app import (
@@ -195,13 +214,8 @@ def _serve(args: argparse.Namespace) -> int:
     from loomlm.server.auth import load_api_keys
 
     api_keys = load_api_keys(args.api_keys, args.api_key_file)  # before the model loads: fail fast
-    engine_kwargs = _engine_kwargs(args)
+    engine_kwargs = serve_engine_kwargs(args)
     limits = _limits(args)
-    for name in ("enable_lora", "max_loras", "max_cpu_loras", "lora_adapter_ids", "adapter_roots"):
-        if getattr(args, name) is not None:
-            engine_kwargs[name] = getattr(args, name)
-    if args.lora_adapter_ids or args.adapter_roots:
-        engine_kwargs["enable_lora"] = True
     run_server(
         args.model,
         host=args.host,
