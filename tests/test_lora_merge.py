@@ -164,15 +164,34 @@ def test_merge_keeps_the_adapters_dtype(adapter_dirs):
         assert torch.equal(w.b_t, reference.weights[key].b_t.bfloat16())
 
 
-def test_rank_mismatch_is_refused_like_peft(base_dir, adapter_dirs):
-    config = MergeConfig(ids=("attn", "attn-r4"), weights=(1.0, 1.0))
+def test_rank_mismatch_ties_is_refused_like_peft(base_dir, adapter_dirs):
+    config = MergeConfig(ids=("attn", "attn-r4"), weights=(1.0, 1.0), merge_strategy="ties", density=0.5)
     with pytest.raises(ValueError, match=r"'attn' \(r=8\), 'attn-r4' \(r=4\)"):
         merge_adapters("m", load(adapter_dirs, config.ids), config)
     with pytest.raises(ValueError, match="same r"):
         peft_model_with(base_dir, adapter_dirs, config.ids).base_model.add_weighted_adapter(
-            list(config.ids), list(config.weights), "merged", combination_type="linear")
+            list(config.ids), list(config.weights), "merged", combination_type="ties", density=0.5)
     with pytest.raises(ValueError, match="2 ids"):
         merge_adapters("m", load(adapter_dirs, ("attn",)), config)
+
+
+@pytest.mark.parametrize("weights", [(0.6, 0.4), (1.0, -0.5)])
+def test_linear_merge_of_different_ranks_is_the_exact_weighted_sum(adapter_dirs, weights):
+    """r=8 with r=4 (peft refuses): every module's update is sum_i w_i s_i B_i A_i exactly, one
+    update of rank 12 where both adapters take part; dare_linear at density 1 is the same."""
+    names = ("attn", "attn-r4")
+    parts = load(adapter_dirs, names)
+    merged = merge_adapters("m", parts, MergeConfig(ids=names, weights=weights))
+    assert set(merged.weights) == set(parts[0].weights) | set(parts[1].weights)
+    for key, w in merged.weights.items():
+        expected = sum(weight * p.weights[key].scaling * (p.weights[key].a_t @ p.weights[key].b_t)
+                       for weight, p in zip(weights, parts) if key in p.weights)
+        torch.testing.assert_close(w.scaling * (w.a_t @ w.b_t), expected, rtol=1e-5, atol=1e-6)
+        assert w.rank == sum(p.weights[key].rank for p in parts if key in p.weights)
+    dare = merge_adapters("m", parts, MergeConfig(ids=names, weights=weights, merge_strategy="dare_linear",
+                                                 density=1.0))
+    for key, w in dare.weights.items():
+        torch.testing.assert_close(w.a_t @ w.b_t, merged.weights[key].a_t @ merged.weights[key].b_t)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

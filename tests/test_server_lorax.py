@@ -143,8 +143,13 @@ def test_merged_adapters(lorax_client, adapters):
         first = lorax_client.generate(PROMPT, merged_adapters=spec, max_new_tokens=8, ignore_eos_token=True)
         again = lorax_client.generate(PROMPT, merged_adapters=spec, max_new_tokens=8, ignore_eos_token=True)
         assert first.generated_text == again.generated_text  # cached by its definition: the same draw
-    # Rank mismatch (r8 with r4): peft refuses the linear merge.
-    mismatch = lorax.MergedAdapters(ids=[a, str(adapters["all-r4"])], weights=[0.5, 0.5], density=1.0)
+    # Different ranks (r8 with r4): linear merges exactly (peft refuses), so weights (1, 0) are a alone;
+    # ties over different ranks is refused with a clear error.
+    r4 = str(adapters["all-r4"])
+    mixed = lorax.MergedAdapters(ids=[a, r4], weights=[1.0, 0.0], merge_strategy="linear", density=1.0)
+    assert lorax_client.generate(PROMPT, merged_adapters=mixed, max_new_tokens=10,
+                                 ignore_eos_token=True).generated_text == alone
+    mismatch = lorax.MergedAdapters(ids=[a, r4], weights=[0.5, 0.5], merge_strategy="ties", density=0.5)
     with pytest.raises(lorax.errors.ValidationError, match="r=4|rank"):
         lorax_client.generate(PROMPT, merged_adapters=mismatch, max_new_tokens=2)
 

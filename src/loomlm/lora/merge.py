@@ -171,12 +171,12 @@ def _adapter_rank(adapter: LoRAAdapter) -> int:
 
 
 def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn,
-                  config: MergeConfig, where: str) -> LoRAWeights:
-    """peft's `LoraModel._generalized_task_arithmetic_weighted_adapter` for one module."""
+                  config: MergeConfig, where: str, concatenate: bool = False) -> LoRAWeights:
+    """peft's `LoraModel._generalized_task_arithmetic_weighted_adapter` for one module; with
+    `concatenate`, or adapters of different ranks there, the exact concatenation (`_concatenate`)."""
     ranks = {w.rank for _, _, w in members}
-    if len(ranks) > 1:
-        listing = ", ".join(f"{adapter.name!r} (r={w.rank})" for adapter, _, w in members)
-        raise ValueError(f"cannot merge {where}: the adapters' ranks differ there: {listing}.")
+    if concatenate or len(ranks) > 1:
+        return _concatenate(members, config, where)
     weights_a, weights_b, tensors_a, tensors_b = [], [], [], []
     for _, weight, w in members:
         weight_with_scaling = weight * w.scaling
@@ -197,6 +197,34 @@ def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: 
     return LoRAWeights(merged_a.t().contiguous(), merged_b.t().contiguous(), scaling=1.0)
 
 
+def _concatenate(members: list[tuple[LoRAAdapter, float, LoRAWeights]], config: MergeConfig,
+                 where: str) -> LoRAWeights:
+    """"linear" / "dare_linear" over adapters of different ranks, exactly: sum_i w_i s_i B_i A_i is
+    the rank-(sum r_i) update [B_1 .. B_n] [A_1; ..; A_n] (peft's "cat" combination), with
+    sqrt(|w_i s_i|) on each factor and the sign on A's, as peft splits a weight. dare_linear
+    first prunes each factor at random to `density`, rescaled, as peft's `dare_linear` does.
+
+    Raises ValueError for ties / dare_ties (their sign election needs one shape per module)."""
+    if config.merge_strategy not in ("linear", "dare_linear"):
+        listing = ", ".join(f"{adapter.name!r} (r={w.rank})" for adapter, _, w in members)
+        raise ValueError(f"cannot merge {where} with merge_strategy {config.merge_strategy!r}: the adapters' "
+                         f"ranks differ there ({listing}); 'linear' and 'dare_linear' merge any ranks.")
+    parts_a, parts_b = [], []
+    for _, weight, w in members:
+        weight_with_scaling = weight * w.scaling
+        sign = 1 if weight_with_scaling >= 0 else -1
+        a, b = w.a_t.t().float(), w.b_t.t().float()  # [rank, in], [out, rank]: peft's shapes, as pruned there
+        if config.merge_strategy == "dare_linear":
+            prune = _peft("prune")
+            a, b = prune(a, config.density, "random", rescale=True), prune(b, config.density, "random", rescale=True)
+        parts_a.append(a * (math.sqrt(abs(weight_with_scaling)) * sign))
+        parts_b.append(b * math.sqrt(abs(weight_with_scaling)))
+    dtype = members[0][2].a_t.dtype
+    a_t = torch.cat(parts_a, dim=0).t().contiguous().to(dtype)  # [in_features, sum of ranks]
+    b_t = torch.cat(parts_b, dim=1).t().contiguous().to(dtype)  # [sum of ranks, out_features]
+    return LoRAWeights(a_t, b_t, scaling=1.0)
+
+
 @torch.no_grad()
 def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) -> LoRAAdapter:
     """One adapter from `adapters` (adapters[i] weighted by config.weights[i]), as peft's
@@ -215,19 +243,23 @@ def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) 
     the result covers the union of the modules present (peft keeps adapters[0]'s
     `layers_to_transform`, which a `LoRAAdapter` does not record).
 
+    Beyond peft: "linear" and "dare_linear" merge adapters of different ranks (peft refuses
+    them): then every module's weighted sum of the updates is served exactly, as one update of
+    the summed rank (`_concatenate`).
+
     Raises ValueError: not one adapter per id, an adapter without weights, adapters of different
-    ranks (peft requires one r for linear, ties, dare_linear and dare_ties; with rank_pattern the
-    largest rank counts, and the ranks must also agree in each module), or a module other than
-    the seven decoder projections.
+    ranks for ties / dare_ties (peft requires one r; with rank_pattern the largest rank counts,
+    and the ranks must also agree in each module), or a module other than the seven decoder
+    projections.
     """
     if len(adapters) != len(config.ids):
         raise ValueError(f"merge {name!r}: {len(adapters)} adapters for {len(config.ids)} ids.")
     strategy = "linear" if len(adapters) == 1 else config.merge_strategy
     ranks = [_adapter_rank(adapter) for adapter in adapters]
-    if len(set(ranks)) > 1:
+    if len(set(ranks)) > 1 and strategy not in ("linear", "dare_linear"):
         listing = ", ".join(f"{adapter.name!r} (r={rank})" for adapter, rank in zip(adapters, ranks))
         raise ValueError(f"merge {name!r}: merge_strategy {strategy!r} needs adapters of one rank (as peft's "
-                         f"add_weighted_adapter), got {listing}.")
+                         f"add_weighted_adapter), got {listing}; 'linear' and 'dare_linear' merge any ranks.")
     keys = {key for adapter in adapters for key in adapter.weights}
     unsupported = sorted(module for _, module in keys if module not in _MODULE_ORDER)
     if unsupported:
@@ -240,5 +272,6 @@ def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) 
         for layer, module in sorted(keys, key=lambda key: (key[0], _MODULE_ORDER[key[1]])):
             members = [(adapter, weight, adapter.weights[(layer, module)])
                        for adapter, weight in zip(adapters, config.weights) if (layer, module) in adapter.weights]
-            merged[(layer, module)] = _merge_module(members, merge, config, f"layer {layer} {module}")
+            merged[(layer, module)] = _merge_module(members, merge, config, f"layer {layer} {module}",
+                                                    concatenate=len(set(ranks)) > 1)
     return LoRAAdapter(name, merged)
