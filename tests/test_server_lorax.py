@@ -356,3 +356,17 @@ def test_adapters_without_any_lora_flag(lorax_client, adapters, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_loomlm_lorax_dropin_against_the_server(lorax_server, lorax_client, adapters):
+    """`import loomlm.lorax as lorax` code, LoRAX's names: the same answer as the real client."""
+    import loomlm.lorax as ours
+
+    spec = {"ids": [str(adapters["attn-r8"]), str(adapters["mlp-r8"])], "weights": [0.6, 0.4],
+            "merge_strategy": "linear", "density": 1.0}
+    mine = ours.Client(lorax_server.base_url, timeout=300).generate(
+        PROMPT, merged_adapters=ours.MergedAdapters(**spec), max_new_tokens=6, ignore_eos_token=True)
+    theirs = lorax_client.generate(PROMPT, merged_adapters=lorax.MergedAdapters(**spec), max_new_tokens=6,
+                                   ignore_eos_token=True)
+    assert isinstance(mine, ours.Response) and mine.generated_text == theirs.generated_text
+    assert mine.details.finish_reason == ours.FinishReason.Length

@@ -79,6 +79,14 @@ class ShardTimeoutError(LoomlmClientError):
     """HTTP 504."""
 
 
+class NotSupportedError(LoomlmClientError):
+    """LoRAX's error for a model its client cannot run (`lorax.errors.NotSupportedError`, same
+    constructor); loomlm's clients never raise it, it is here so that LoRAX code catching it runs."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"Model `{model_id}` is not available for inference with this client.")
+
+
 class UnknownError(LoomlmClientError):
     """Any other failure: another status, or an answer the client cannot read."""
 

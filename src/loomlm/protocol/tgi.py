@@ -111,6 +111,10 @@ class FinishReason(str, Enum):
     length = "length"  # max_new_tokens reached
     eos_token = "eos_token"  # the model's end-of-sequence token (or a completed constraint)
     stop_sequence = "stop_sequence"  # one of `stop` was generated
+    # The same members under lorax-client's names (`lorax.types.FinishReason`): aliases.
+    Length = "length"
+    EndOfSequenceToken = "eos_token"
+    StopSequence = "stop_sequence"
 
 
 class InputToken(BaseModel):
