@@ -33,6 +33,7 @@ from loomlm.client import (
     NotFoundError,
     OverloadedError,
     RateLimitExceededError,
+    ServerError,
     ShardNotReadyError,
     ShardTimeoutError,
     UnknownError,
@@ -491,7 +492,7 @@ ERROR_CASES = [
     (422, {"detail": [{"loc": ["body", "inputs"], "msg": "Field required"}]}, UnprocessableEntityError, "Field required"),
     (429, {"error": "slow down"}, RateLimitExceededError, "slow down"),
     (504, {"error": "timeout"}, ShardTimeoutError, "timeout"),
-    (503, {"error": "unavailable"}, UnknownError, "Error status 503: unavailable"),
+    (503, {"error": "unavailable"}, ServerError, "Error status 503: unavailable"),  # an UnknownError too
 ]
 
 

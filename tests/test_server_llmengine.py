@@ -19,7 +19,7 @@ from types import ModuleType, SimpleNamespace
 import httpx
 import pytest
 from openai import OpenAI
-from server_utils import RunningServer, make_adapter, offline, serve_engine
+from server_utils import RunningServer, make_adapter, offline, serve_app, serve_engine
 
 import loomlm
 from loomlm import SamplingParams
@@ -282,6 +282,42 @@ def test_loomlm_completion_base_url_from_env_and_errors(le_server, monkeypatch):
         loomlm.Completion.create(MODEL, PROMPT, temperature=1.5)
     with pytest.raises(TypeError, match="no_such_parameter"):
         loomlm.Completion.create(MODEL, PROMPT, no_such_parameter=1)
+
+
+def test_llmengine_dropin_reads_llm_engines_variables_and_names(le, le_server, adapter, monkeypatch):
+    """`import loomlm.llmengine as llmengine` code: the server from LLM_ENGINE_BASE_PATH and the key
+    from SCALE_API_KEY (LLM Engine's own variables), LLM Engine's names for results and errors."""
+    import loomlm.llmengine as ours
+    from loomlm.server.app import build_app
+
+    monkeypatch.delenv("LOOMLM_BASE_URL", raising=False)
+    monkeypatch.delenv("LOOMLM_API_KEY", raising=False)
+    monkeypatch.setenv("LLM_ENGINE_BASE_PATH", le_server.base_url + "/")
+    kwargs = {"prompt": PROMPT, "max_new_tokens": 6, "temperature": 0}
+    mine = ours.Completion.create(model=MODEL, **kwargs)
+    assert isinstance(mine, ours.CompletionSyncResponse)
+    assert mine.output.text == le.Completion.create(model=MODEL, **kwargs).output.text
+    assert [m.name for m in ours.Model.list().model_endpoints] == [MODEL, adapter]
+    assert ours.Model.get(MODEL).name == MODEL
+    with pytest.raises(ours.errors.NotFoundError):
+        ours.Model.get("no-such-model")
+    with pytest.raises(NotImplementedError):
+        ours.Model.create(name="x", model="y")
+    # A server that wants a key: SCALE_API_KEY is sent, a wrong one is LLM Engine's UnauthorizedError.
+    guarded = build_app(le_server.engine, api_keys=["s3cret"])
+    with serve_app(guarded, le_server.engine) as locked:
+        monkeypatch.setenv("LLM_ENGINE_BASE_PATH", locked.base_url + "/")
+        monkeypatch.setenv("SCALE_API_KEY", "wrong")
+        with pytest.raises(ours.errors.UnauthorizedError):
+            ours.Completion.create(model=MODEL, **kwargs)
+        monkeypatch.setenv("SCALE_API_KEY", "s3cret")
+        assert ours.Completion.create(model=MODEL, **kwargs).output.text == mine.output.text
+    for name in ("BadRequestError", "NotFoundError", "RateLimitExceededError", "ServerError", "UnauthorizedError",
+                 "UnknownError"):
+        assert hasattr(le.errors, name) and hasattr(ours.errors, name)
+    from loomlm.client.errors import parse_error
+
+    assert isinstance(parse_error(503, {"detail": "down"}), ours.errors.ServerError)
 
 
 # ---------------------------------------------------------------------------

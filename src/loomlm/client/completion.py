@@ -44,8 +44,9 @@ class Completion:
         ...     if chunk.output:
         ...         print(chunk.output.text, end="")
 
-    The server is `base_url`, else `$LOOMLM_BASE_URL`, else `http://127.0.0.1:8000`; the key
-    is `api_key`, else `$LOOMLM_API_KEY`, sent as `Authorization: Bearer` (none: no header).
+    The server is `base_url`, else `$LOOMLM_BASE_URL`, else LLM Engine's `$LLM_ENGINE_BASE_PATH`,
+    else `http://127.0.0.1:8000`; the key is `api_key`, else `$LOOMLM_API_KEY`, else LLM Engine's
+    `$SCALE_API_KEY`, sent as `Authorization: Bearer` (none: no header).
     """
 
     @classmethod

@@ -94,6 +94,11 @@ class UnknownError(LoomlmClientError):
         super().__init__(f"Error status {status_code}: {message}", status_code, payload)
 
 
+class ServerError(UnknownError):
+    """A 5xx answer other than LoRAX's 504 (`ShardTimeoutError`): LLM Engine's `ServerError`; an
+    `UnknownError` still, as LoRAX's client reports these."""
+
+
 _ERROR_BY_TYPE: dict[str, type[LoomlmClientError]] = {
     "generation": GenerationError,
     "incomplete_generation": IncompleteGenerationError,
@@ -136,11 +141,12 @@ def parse_error(status_code: int, payload: Any) -> LoomlmClientError:
 
     The body's `error_type` decides first (validation, generation, overloaded,
     incomplete_generation), then the status; `UnknownError` otherwise. As LoRAX's
-    `parse_error`, plus 401 -> `AuthenticationError`.
+    `parse_error`, plus 401 -> `AuthenticationError` and other 5xx -> `ServerError` (an
+    `UnknownError`), as LLM Engine's.
     """
     message = error_message(payload)
     error_type = payload.get("error_type") if isinstance(payload, dict) else None
     error_class = _ERROR_BY_TYPE.get(error_type) if isinstance(error_type, str) else None
     if error_class is None:
-        error_class = _ERROR_BY_STATUS.get(status_code, UnknownError)
+        error_class = _ERROR_BY_STATUS.get(status_code, ServerError if 500 <= status_code < 600 else UnknownError)
     return error_class(message, status_code, payload)

@@ -28,22 +28,26 @@ from loomlm.protocol.llmengine import (
 COMPLETIONS_SYNC_PATH = "v1/llm/completions-sync"
 COMPLETIONS_STREAM_PATH = "v1/llm/completions-stream"
 
-# Where `Completion` finds the server and its key when the call names neither.
+# Where `Completion` finds the server and its key when the call names neither: loomlm's
+# variables, then LLM Engine's own (its client's `get_base_path` / `get_api_key`).
 BASE_URL_ENV = "LOOMLM_BASE_URL"
 API_KEY_ENV = "LOOMLM_API_KEY"
+LLMENGINE_BASE_URL_ENV = "LLM_ENGINE_BASE_PATH"
+LLMENGINE_API_KEY_ENV = "SCALE_API_KEY"
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"  # `loomlm serve`'s default address
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    """`base_url`, else `$LOOMLM_BASE_URL`, else `DEFAULT_BASE_URL`: the server's root (the
-    `/v1/llm/...` paths are appended to it)."""
-    return base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    """`base_url`, else `$LOOMLM_BASE_URL`, else `$LLM_ENGINE_BASE_PATH`, else `DEFAULT_BASE_URL`:
+    the server's root (the `/v1/llm/...` paths are appended to it)."""
+    return base_url or os.environ.get(BASE_URL_ENV) or os.environ.get(LLMENGINE_BASE_URL_ENV) or DEFAULT_BASE_URL
 
 
 def request_headers_for(api_key: str | None, request_headers: dict[str, str] | None) -> dict[str, str]:
-    """The headers of a call: `Authorization: Bearer <api_key or $LOOMLM_API_KEY>` when there is a
-    key, then `request_headers` (which win, e.g. to send another `Authorization`)."""
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    """The headers of a call: `Authorization: Bearer <api_key, else $LOOMLM_API_KEY, else
+    $SCALE_API_KEY>` when there is a key, then `request_headers` (which win, e.g. to send
+    another `Authorization`)."""
+    key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or os.environ.get(LLMENGINE_API_KEY_ENV))
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return {**headers, **(request_headers or {})}
 
