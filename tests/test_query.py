@@ -212,6 +212,33 @@ def test_custom_writer_sees_tokens_as_they_arrive(model):
     assert max(s["num_tokens"] for s in states if s["variable"] == "B") <= 5
 
 
+def test_writers_get_lmqls_program_state(model):
+    """A writer written against LMQL (`program_variables.variable_values`, `final`, as lmql's
+    `StreamingOutputWriter` reads it) gets a ProgramState: texts, INT program values, var / fin."""
+    seen = []
+
+    class LMQLStyleWriter(loomlm.BaseOutputWriter):
+        async def add_interpreter_head_state(self, variable, head, prompt, where, trace, is_valid, is_final, mask,
+                                             num_tokens, program_variables):
+            seen.append((variable, dict(program_variables.variable_values),
+                         dict(program_variables.variable_program_values),
+                         {name: program_variables.final(name) for name in program_variables.variable_values},
+                         program_variables.prompt, prompt))
+
+    result = loomlm.run_sync("Q: How many legs does a spider have? A:[LEGS]\nQ: Name one.\nA:[NAME]", model=model,
+                             output_writer=LMQLStyleWriter(), max_tokens=6, where="INT(LEGS)")
+    legs = result["LEGS"]
+    assert isinstance(legs, int)
+    variable, texts, values, finality, state_prompt, prompt = seen[-1]
+    assert set(texts) == {"LEGS", "NAME"} and isinstance(texts["LEGS"], str) and int(texts["LEGS"]) == legs
+    assert texts["NAME"] == result["NAME"]
+    assert values == {"LEGS": legs, "NAME": result["NAME"]} and finality == {"LEGS": "fin", "NAME": "fin"}
+    assert state_prompt == prompt == result.prompt
+    growing = [entry for entry in seen if entry[0] == "NAME" and entry[3].get("NAME") == "var"]
+    assert growing and all(entry[3]["LEGS"] == "fin" for entry in growing)
+    assert all(entry[1]["NAME"] == entry[2]["NAME"] for entry in growing)
+
+
 def test_printing_writer_prints_the_interaction_then_validity(model, capsys):
     result = loomlm.run_sync(QUESTION + "[A]", model=model, output_writer=loomlm.printing, max_tokens=6)
     assert capsys.readouterr().out == result.prompt + "\n\nvalid=True\n"

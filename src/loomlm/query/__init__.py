@@ -12,6 +12,7 @@ Template syntax: `loomlm.query.template`; constraints: `loomlm.query.constraints
 
 from __future__ import annotations
 
+from loomlm.query.program_state import ProgramState
 from loomlm.query.runner import QueryResult, run, run_sync
 from loomlm.query.writers import (
     BaseOutputWriter,
@@ -28,6 +29,7 @@ __all__ = [
     "BaseOutputWriter",
     "HeadlessOutputWriter",
     "PrintingOutputWriter",
+    "ProgramState",
     "QueryResult",
     "SilentOutputWriter",
     "headless",

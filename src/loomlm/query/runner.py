@@ -17,6 +17,7 @@ from typing import Any
 from loomlm.decoders import Decoder
 from loomlm.generation import Model, as_model
 from loomlm.query.constraints import HoleConstraints, parse_where
+from loomlm.query.program_state import ProgramState
 from loomlm.query.template import Hole, Reference, RoleTag, Text, parse_template
 from loomlm.query.writers import BaseOutputWriter, silent
 
@@ -97,6 +98,7 @@ async def run(query: str, output_writer: BaseOutputWriter | None = None, model: 
     writer = output_writer if output_writer is not None else silent
     state = _Interaction(template.is_chat)
     variables: dict[str, str | int] = {}
+    texts: dict[str, str] = {}  # each finished hole's text (INT holes: before conversion)
     is_valid, variable, num_tokens = True, None, 0
     for segment in template.segments:
         if isinstance(segment, Text):
@@ -111,23 +113,25 @@ async def run(query: str, output_writer: BaseOutputWriter | None = None, model: 
                 value = str(await writer.input(f"{variable}: "))
                 num_tokens = 0
                 variables[variable] = value
+                texts[variable] = value
             else:
                 value, num_tokens, ok = await _fill(handle, state, variable, constraints[variable], base, writer,
-                                                    where, is_valid, variables)
+                                                    where, is_valid, variables, texts)
                 is_valid = is_valid and ok
                 is_int = constraints[variable].is_int and ok
                 variables[variable] = int(value) if is_int else value
+                texts[variable] = value
             state.add(value)
             await writer.add_interpreter_head_state(variable, 0, state.text, where, None, is_valid, False, None,
-                                                    num_tokens, dict(variables))
+                                                    num_tokens, _program_state(state.text, texts, variables))
     await writer.add_interpreter_head_state(variable, 0, state.text, where, None, is_valid, True, None, num_tokens,
-                                            dict(variables))
+                                            _program_state(state.text, texts, variables))
     return QueryResult(state.text, variables, is_valid)
 
 
 async def _fill(handle: Model, state: _Interaction, variable: str, constraints: HoleConstraints, base: Decoder,
                 writer: BaseOutputWriter, where: str | None, is_valid: bool,
-                variables: dict[str, str | int]) -> tuple[str, int, bool]:
+                variables: dict[str, str | int], texts: dict[str, str]) -> tuple[str, int, bool]:
     """Generate one hole, reporting each growth; returns (value, tokens, meets its constraints)."""
     decoder = base.with_constraints(tuple(constraints.stop), constraints.include_stop_str,
                                     constraints.structured_outputs, constraints.max_tokens)
@@ -144,7 +148,8 @@ async def _fill(handle: Model, state: _Interaction, variable: str, constraints: 
             continue
         text, num_tokens = value, partial.num_tokens
         await writer.add_interpreter_head_state(variable, 0, state.text + text, where, None, is_valid, False, None,
-                                                num_tokens, {**variables, variable: text})
+                                                num_tokens, _program_state(state.text + text, texts, variables,
+                                                                           variable, text))
     return text, num_tokens, constraints.is_satisfied_by(text, num_tokens)
 
 
@@ -154,3 +159,14 @@ def run_sync(query: str, output_writer: BaseOutputWriter | None = None, model: M
     the model's own event loop thread)."""
     handle = as_model(model)
     return handle._runtime.loop.run_sync(run(query, output_writer, handle, **kwargs))
+
+
+def _program_state(prompt: str, texts: dict[str, str], variables: dict[str, str | int], current: str | None = None,
+                   partial: str | None = None) -> ProgramState:
+    """What the writer gets: the finished holes ("fin"), and the one growing ("var") if any."""
+    program_state = ProgramState(prompt)
+    for name, value in variables.items():
+        program_state.set(name, texts[name], value, montonicity="fin")
+    if current is not None:
+        program_state.set(current, partial, montonicity="var")
+    return program_state

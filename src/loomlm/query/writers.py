@@ -14,6 +14,8 @@ import asyncio
 import sys
 from typing import Any, TextIO
 
+from loomlm.query.program_state import ProgramState
+
 
 class BaseOutputWriter:
     """Receives a query's states; subclass it and override what you need (the defaults do nothing
@@ -25,7 +27,7 @@ class BaseOutputWriter:
 
     async def add_interpreter_head_state(self, variable: str | None, head: int, prompt: str, where: str | None,
                                          trace: Any, is_valid: bool, is_final: bool, mask: Any, num_tokens: int,
-                                         program_variables: dict[str, Any]) -> None:
+                                         program_variables: ProgramState) -> None:
         """One state of the query.
 
         Args:
@@ -40,8 +42,9 @@ class BaseOutputWriter:
             is_final: the query is done; prompt and program_variables are final.
             mask: reserved (None): the constraints are applied inside the engine.
             num_tokens: tokens generated for `variable` so far.
-            program_variables: {name: value} of the holes so far (the current one partial;
-                INT holes as int once finished).
+            program_variables: a `ProgramState` (LMQL's): `variable_values` {name: text} of the
+                holes so far (the current one partial), `variable_program_values` with INT holes
+                as int once finished; itself a dict of those program values.
         """
 
 
