@@ -370,3 +370,35 @@ def test_loomlm_lorax_dropin_against_the_server(lorax_server, lorax_client, adap
                                    ignore_eos_token=True)
     assert isinstance(mine, ours.Response) and mine.generated_text == theirs.generated_text
     assert mine.details.finish_reason == ours.FinishReason.Length
+
+
+def test_load_and_unload_lora_adapters_at_run_time(lorax_server, adapters, tmp_path):
+    """vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`: an adapter under the
+    --adapter-root becomes a model name, listed with its parent, until it is unloaded."""
+    from openai import OpenAI, NotFoundError
+
+    base, path = lorax_server.base_url, str(adapters["mlp-r8"])
+    client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=300)
+    with httpx.Client(base_url=base, timeout=300) as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "runtime-mlp", "lora_path": path})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'runtime-mlp' added successfully."
+        cards = {m.id: m for m in client.models.list().data}
+        assert cards["runtime-mlp"].parent == "smollm2-135m-instruct"
+        by_name = client.completions.create(model="runtime-mlp", prompt=PROMPT, max_tokens=6, temperature=0)
+        by_path = client.completions.create(model=path, prompt=PROMPT, max_tokens=6, temperature=0)
+        assert by_name.choices[0].text == by_path.choices[0].text
+        again = http.post("/v1/load_lora_adapter", json={"lora_name": "runtime-mlp", "lora_path": path})
+        assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+        outside = tmp_path / "elsewhere"
+        outside.mkdir()
+        refused = http.post("/v1/load_lora_adapter", json={"lora_name": "other", "lora_path": str(outside)})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == 400
+        empty = http.post("/v1/load_lora_adapter", json={"lora_name": "", "lora_path": path})
+        assert empty.status_code == 400
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "runtime-mlp"})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'runtime-mlp' removed successfully."
+        assert "runtime-mlp" not in {m.id for m in client.models.list().data}
+        with pytest.raises(NotFoundError):
+            client.completions.create(model="runtime-mlp", prompt=PROMPT, max_tokens=2)
+        gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "runtime-mlp"})
+        assert gone.status_code == 404 and gone.json()["error"]["message"] == "The lora adapter 'runtime-mlp' cannot be found."

@@ -197,6 +197,14 @@ class AsyncLLMEngine:
         Raises ValueError: LoRA not enabled, or an id that resolves to no allowed adapter."""
         return await asyncio.to_thread(self.engine.lora_request_for, adapter_id, adapter_source, api_token)
 
+    async def load_lora_adapter(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """`LLMEngine.register_lora` in a worker thread. Raises ValueError as it does."""
+        return await asyncio.to_thread(self.engine.register_lora, lora_name, lora_path)
+
+    def unload_lora_adapter(self, lora_name: str) -> bool:
+        """`LLMEngine.unregister_lora` (thread-safe): False for an unknown name."""
+        return self.engine.unregister_lora(lora_name)
+
     def warm_structured_outputs(self) -> None:
         """Build the grammar compiler now (~0.5 s holding the GIL) rather than on the first structured
         request, when every other request would wait for it."""

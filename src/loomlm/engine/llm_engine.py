@@ -33,7 +33,12 @@ from loomlm.engine.scheduler import Scheduler
 from loomlm.engine.structured_output import StructuredOutputManager
 from loomlm.lora.request import LoRARequest
 from loomlm.lora.source import resolve_adapter
-from loomlm.models.loader import checkpoint_dtype, iter_weights, load_tokenizer, resolve_model
+from loomlm.models.loader import (
+    checkpoint_dtype,
+    iter_weights,
+    load_tokenizer,
+    resolve_model,
+)
 from loomlm.outputs import RequestOutput
 from loomlm.sampling_params import SamplingParams
 
@@ -151,6 +156,43 @@ class LLMEngine:
         if known is not None and known.lora_path == path:
             return known
         return self._new_lora_request(adapter_id, path)
+
+    def register_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """Load an adapter at run time under `lora_name` (vLLM's `/v1/load_lora_adapter`): a
+        directory under `LoRAConfig.adapter_roots` or a Hugging Face id in the local cache, read
+        into the host cache now (blocking; thread-safe), then listed and kept (not trimmed from
+        the registry) until `unregister_lora`. Requests select it by its name.
+
+        Raises ValueError: LoRA not enabled, an empty name or path, a name already registered, or
+        a path that resolves to no allowed adapter or to a bad one.
+        """
+        if self.lora_manager is None:
+            raise ValueError("LoRA adapters need the engine argument enable_lora=True (loomlm serve --enable-lora).")
+        if not lora_name or not lora_path:
+            raise ValueError("Both 'lora_name' and 'lora_path' must be provided.")
+        if self.is_registered_lora(lora_name) or lora_name == self.served_model_name:
+            raise ValueError(f"The lora adapter '{lora_name}' has already been loaded.")
+        lora = self._new_lora_request(lora_name, resolve_adapter(lora_path, None,
+                                                                 allowed_roots=self.config.lora_config.adapter_roots))
+        with self._lora_lock:
+            self._pinned_loras.add(lora_name)
+        try:
+            self.check_lora(lora)
+        except BaseException:
+            with self._lora_lock:
+                self._pinned_loras.discard(lora_name)
+            raise
+        return lora
+
+    def unregister_lora(self, lora_name: str) -> bool:
+        """Forget a registered adapter (vLLM's `/v1/unload_lora_adapter`): requests can no longer
+        name it; those already running finish with it (its slot is freed by LRU eviction once
+        unused). Returns False for a name not registered. Thread-safe."""
+        with self._lora_lock:
+            if self.lora_requests.pop(lora_name, None) is None:
+                return False
+            self._pinned_loras.discard(lora_name)
+        return True
 
     def _new_lora_request(self, adapter_id: str, path: str) -> LoRARequest:
         with self._lora_lock:

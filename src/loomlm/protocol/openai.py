@@ -369,5 +369,23 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter` body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's `POST /v1/unload_lora_adapter` body (`lora_int_id` accepted, unused: names are unique)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class DetokenizeResponse(BaseModel):
     prompt: str

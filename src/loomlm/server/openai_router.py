@@ -20,7 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loomlm.beam_search import BeamSearchParams
 from loomlm.chat_utils import render_chat
@@ -34,17 +34,20 @@ from loomlm.protocol.openai import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     SamplingRequestFields,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from loomlm.protocol.structured_outputs import from_openai
 from loomlm.sampling_params import SamplingParams
 from loomlm.server.errors import (
     BadRequestError,
     ModelNotFoundError,
+    OpenAIHTTPError,
     bad_request_on_value_error,
 )
 from loomlm.server.limits import ServerLimits
@@ -108,6 +111,25 @@ class OpenAIServing:
                               root=lora.lora_path, parent=self.served_model_name)
                     for lora in self.engine.registered_loras()]
         return ModelList(data=[card, *adapters])
+
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        """`POST /v1/load_lora_adapter` (vLLM's): load `lora_path` (under --adapter-root, or a
+        Hugging Face id in the local cache) as the model `lora_name`. Errors: 400 (LoRA disabled,
+        name taken, path not allowed, bad adapter)."""
+        with bad_request_on_value_error("lora_path"):
+            self.limits.check_name("lora_name", body.lora_name)
+            self.limits.check_name("lora_path", body.lora_path)
+            await self.engine.load_lora_adapter(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        """`POST /v1/unload_lora_adapter` (vLLM's): requests can no longer name `lora_name`; those
+        running finish with it. Errors: 404 for a name not loaded."""
+        with bad_request_on_value_error("lora_name"):
+            self.limits.check_name("lora_name", body.lora_name)
+        if not self.engine.unload_lora_adapter(body.lora_name):
+            raise OpenAIHTTPError(f"The lora adapter '{body.lora_name}' cannot be found.", 404, "lora_name")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/completions`. Errors: 400 invalid input, 404 unknown model."""
@@ -398,6 +420,9 @@ def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_tem
     serving = OpenAIServing(engine, metrics, chat_template, limits)
     router = APIRouter()
     router.add_api_route("/v1/models", serving.list_models, methods=["GET"], response_model=ModelList)
+    router.add_api_route("/v1/load_lora_adapter", serving.load_lora_adapter, methods=["POST"], response_model=None)
+    router.add_api_route("/v1/unload_lora_adapter", serving.unload_lora_adapter, methods=["POST"],
+                         response_model=None)
     router.add_api_route("/v1/completions", serving.create_completion, methods=["POST"], response_model=None)
     router.add_api_route("/v1/chat/completions", serving.create_chat_completion, methods=["POST"], response_model=None)
     router.add_api_route("/detokenize", serving.detokenize, methods=["POST"], response_model=DetokenizeResponse)
