@@ -124,9 +124,11 @@ class ScoringResult:
         return shifted - np.log(np.exp(shifted).sum())
 
     def probs(self, agg: str = "sum") -> np.ndarray:
+        """softmax of `scores(agg)`, shape [len(continuations)] (sums to 1)."""
         return np.exp(self.logprobs(agg))
 
     def argmax(self, agg: str = "sum") -> str:
+        """The continuation with the highest `scores(agg)` (the first one on ties)."""
         return self.continuations[int(self.scores(agg=agg).argmax())]
 
     def __str__(self) -> str:
@@ -171,6 +173,7 @@ class LLM:
         return await self.adapter.generate(prompt, max_tokens, decoder, **decoder_kwargs)
 
     def generate_sync(self, prompt: str, max_tokens: int | None = None, **kwargs: Any) -> str | list[str]:
+        """`generate`, blocking (works inside a running event loop too)."""
         decoder_kwargs = _split(kwargs, _DECODER_KWARGS, "generate_sync")
         decoder = decoder_kwargs.pop("decoder", "argmax")
         return self.adapter.generate_sync(prompt, max_tokens, decoder, **decoder_kwargs)
@@ -181,6 +184,7 @@ class LLM:
         return ScoringResult(await self.adapter.score(prompt, values))
 
     def score_sync(self, prompt: str, values: str | Sequence[str], **kwargs: Any) -> ScoringResult:
+        """`score`, blocking (works inside a running event loop too)."""
         _split(kwargs, frozenset(), "score_sync")
         return ScoringResult(self.adapter.score_sync(prompt, values))
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loomlm.client import AsyncClient, Client
 from loomlm.client import errors as errors
-from loomlm.client.generate import _check_merged_adapters
+from loomlm.client.generate import check_merged_adapters
 from loomlm.protocol.tgi import (
     AlternativeToken,
     BestOfSequence,
@@ -45,7 +45,7 @@ class MergedAdapters(MergedAdaptersSpec):
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
-        _check_merged_adapters(self)
+        check_merged_adapters(self)
 
 
 class ResponseFormatType(str, Enum):

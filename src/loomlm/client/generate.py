@@ -151,7 +151,7 @@ def _check_parameters(parameters: GenerateParameters, stream: bool) -> None:
     if parameters.adapter_source is not None and parameters.adapter_source not in ADAPTER_SOURCES:
         raise ValidationError(f"`adapter_source={parameters.adapter_source}` must be one of {list(ADAPTER_SOURCES)}")
     if parameters.merged_adapters is not None:
-        _check_merged_adapters(parameters.merged_adapters)
+        check_merged_adapters(parameters.merged_adapters)
 
     if parameters.best_of is not None and parameters.best_of > 1:
         if parameters.seed is not None:
@@ -174,8 +174,11 @@ def _check_parameters(parameters: GenerateParameters, stream: bool) -> None:
             raise ValidationError(f"`value` cannot be empty for `{parameters.grammar['type']}` grammar")
 
 
-def _check_merged_adapters(merged_adapters: MergedAdaptersSpec) -> None:
-    """LoRAX's `MergedAdapters` validators."""
+def check_merged_adapters(merged_adapters: MergedAdaptersSpec) -> None:
+    """LoRAX's `MergedAdapters` validators (lorax-client's `lorax.types.MergedAdapters`).
+
+    Raises ValidationError: empty ids or weights, their lengths differ, an unknown merge_strategy
+    or majority_sign_method, or a density outside [0, 1]."""
     if not merged_adapters.ids:
         raise ValidationError("`ids` cannot be empty")
     if not merged_adapters.weights:

@@ -40,6 +40,7 @@ class Model:
 
     @classmethod
     def create(cls, *args: Any, **kwargs: Any) -> Any:
+        """Not supported (also `update`, `delete`, `download`). Raises NotImplementedError."""
         raise NotImplementedError("a loomlm server serves the model it was started with: start "
                                   "`loomlm serve MODEL` instead of Model.create")
 

@@ -170,13 +170,13 @@ class LLMEngine:
             raise ValueError("LoRA adapters need the engine argument enable_lora=True (loomlm serve --enable-lora).")
         if not lora_name or not lora_path:
             raise ValueError("Both 'lora_name' and 'lora_path' must be provided.")
-        if self.is_registered_lora(lora_name) or lora_name == self.served_model_name:
-            raise ValueError(f"The lora adapter '{lora_name}' has already been loaded.")
-        lora = self._new_lora_request(lora_name, resolve_adapter(lora_path, None,
-                                                                 allowed_roots=self.config.lora_config.adapter_roots))
-        with self._lora_lock:
+        with self._lora_lock:  # reserve the name at once: two loads of one name cannot both succeed
+            if lora_name in self.lora_requests or lora_name in self._pinned_loras or lora_name == self.served_model_name:
+                raise ValueError(f"The lora adapter '{lora_name}' has already been loaded.")
             self._pinned_loras.add(lora_name)
         try:
+            path = resolve_adapter(lora_path, None, allowed_roots=self.config.lora_config.adapter_roots)
+            lora = self._new_lora_request(lora_name, path)
             self.check_lora(lora)
         except BaseException:
             with self._lora_lock:
