@@ -12,7 +12,8 @@ import torch
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-from loomlm.layers.attention import PagedAttention, reshape_and_cache
+from loomlm.layers.attention import PagedAttention
+from loomlm.layers.fused_ops import TORCH_FUSED_OPS, select_fused_ops
 from loomlm.layers.decode_attention import DECODE_BACKENDS
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.kernels import cpu_kernels
@@ -153,6 +154,8 @@ def run_step(attn, seqs, decodes=(), spans=(), backend="torch"):
         positions=torch.cat([torch.arange(s, e) for _, s, e in ranges]),
         slot_mapping=torch.cat([seqs[i].slots(s, e) for i, s, e in ranges]),
         num_decode_tokens=len(decodes), decode=meta, prefill_spans=prefill_spans,
+        # the native backend runs with the native KV write, as the model runner pairs them
+        ops=select_fused_ops(torch.device("cpu"), torch.float32) if backend == "cpu_native" else TORCH_FUSED_OPS,
     )
     q, k, v = (torch.cat([getattr(seqs[i], name)[s:e] for i, s, e in ranges]) for name in ("q", "k", "v"))
     with forward_context(batch):
@@ -251,12 +254,15 @@ def test_reshape_and_cache_native_equals_index_copy():
     k = qkv[:, 4 * d:(4 + kvh) * d].unflatten(1, (kvh, d))
     v = qkv[:, (4 + kvh) * d:].unflatten(1, (kvh, d))
     slots = torch.tensor([0, 23, 7, 8, 15])
+    ops = select_fused_ops(torch.device("cpu"), torch.float32)
+    assert ops.name == "cpu_native"
     native = [torch.zeros(kvh, blocks, bs, d) for _ in range(2)]
-    reshape_and_cache(k, v, *native, slots)
+    ops.reshape_and_cache(k, v, *native, slots)
     reference = [torch.zeros(kvh, blocks, bs, d) for _ in range(2)]
-    for cache, x in zip(reference, (k, v)):
-        cache.view(kvh, blocks * bs, d).index_copy_(1, slots, x.transpose(0, 1))
+    TORCH_FUSED_OPS.reshape_and_cache(k, v, *reference, slots)
+    for cache, x in zip(reference, (k, v)):  # the reference itself is where vLLM puts each token
+        assert torch.equal(cache.view(kvh, blocks * bs, d)[:, slots], x.transpose(0, 1))
     assert torch.equal(native[0], reference[0]) and torch.equal(native[1], reference[1])
     assert int((native[0].abs().sum(-1) != 0).sum()) == t * kvh  # nothing else written
     with pytest.raises(RuntimeError, match="outside the pool"):
-        reshape_and_cache(k, v, *native, torch.tensor([0, 1, 2, 3, blocks * bs]))
+        ops.reshape_and_cache(k, v, *native, torch.tensor([0, 1, 2, 3, blocks * bs]))

@@ -20,6 +20,7 @@ from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DECODE_BACKENDS, DecodeMetadata, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
+from loomlm.layers.fused_ops import select_fused_ops
 from loomlm.layers.linear import Linear
 from loomlm.layers.moe import SparseMoeBlock
 from loomlm.layers.lora import LoRABatch
@@ -109,10 +110,11 @@ class ModelRunner:
                     self.kv_cache.numel() * self.dtype.itemsize / 2**20)
         seed_gen = torch.Generator(device=self.device)
         seed_gen.manual_seed(model_config.seed)
-        self.sampler = Sampler(seed_gen)
+        self.fused_ops = select_fused_ops(self.device, self.dtype)
+        self.sampler = Sampler(seed_gen, self.fused_ops)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.use_decode_backend(select_decode_backend(self.device, self.dtype, kernel_config.attention_backend))
-        logger.info("decode attention backend: %s", self.decode_backend.name)
+        logger.info("decode attention backend: %s; fused ops: %s", self.decode_backend.name, self.fused_ops.name)
         # Adapter slots in the model's linears (the scheduler only counts adapters; installing
         # them is the runner's, each step, as vLLM v1's worker-side LoRA manager).
         self.lora_manager = (LoRAManager(self.model, lora_config.max_loras, self.dtype, self.device,
@@ -204,6 +206,7 @@ class ModelRunner:
             decode=self._decode_metadata(decode_tables, decode_lens),
             prefill_spans=spans,
             lora=LoRABatch(torch.tensor(token_slots, dtype=torch.int64, device=dev)) if slot_of else None,
+            ops=self.fused_ops,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         with forward_context(batch):
@@ -294,6 +297,7 @@ class ModelRunner:
                 num_decode_tokens=1 if is_decode else 0,
                 decode=self._decode_metadata([table.tolist()], [end]) if is_decode else None,
                 prefill_spans=[] if is_decode else [PrefillSpan(0, end - start, end, table)],
+                ops=self.fused_ops,
             )
             with forward_context(batch):
                 hidden = self.model(torch.tensor(token_ids[start:end], device=dev), batch.positions)

@@ -8,19 +8,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from loomlm.layers.kernels import cpu_kernels_for
+from loomlm.layers.forward_context import current_fused_ops
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [num_tokens, 2 * intermediate] (gate, then up) -> silu(gate) * up, [num_tokens, intermediate].
 
-    float32 on the CPU runs the native kernel (one pass, no temporaries); elsewhere PyTorch ops.
+    The forward pass's fused ops compute it (the native kernel in float32 on the CPU: one pass,
+    no temporaries).
     """
-    native = cpu_kernels_for(gate_up)
-    if native is not None:
-        return native.silu_and_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return current_fused_ops().silu_and_mul(gate_up)
 
 
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -25,25 +25,6 @@ from torch import nn
 
 from loomlm.layers.decode_attention import softcapped_attention
 from loomlm.layers.forward_context import PrefillSpan, current_forward_batch
-from loomlm.layers.kernels import cpu_kernels_for
-
-
-def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
-    """Write key, value [T, num_kv_heads, head_dim] into the pools [num_kv_heads, num_blocks, block_size,
-    head_dim] at slot_mapping [T] int64 (slot = block * block_size + offset), vLLM's reshape_and_cache.
-
-    float32 on the CPU runs the native copy (one memcpy per token and head; it raises RuntimeError for
-    a slot outside the pool); elsewhere two index_copy_ calls (IndexError there).
-    """
-    native = cpu_kernels_for(k_cache)
-    if native is not None:
-        native.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-        return
-    num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
-    pool_shape = (num_kv_heads, num_blocks * block_size, head_dim)
-    k_cache.view(pool_shape).index_copy_(1, slot_mapping, key.transpose(0, 1))
-    v_cache.view(pool_shape).index_copy_(1, slot_mapping, value.transpose(0, 1))
 
 
 class PagedAttention(nn.Module):
@@ -85,7 +66,7 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = self.k_cache, self.v_cache
         if k_cache is None or v_cache is None:
             raise RuntimeError("KV cache not bound to the attention layer")
-        reshape_and_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        batch.ops.reshape_and_cache(k, v, k_cache, v_cache, batch.slot_mapping)
 
         num_decode = batch.num_decode_tokens
         decoded = None

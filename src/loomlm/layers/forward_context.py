@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from loomlm.layers.decode_attention import DecodeMetadata
+from loomlm.layers.fused_ops import TORCH_FUSED_OPS, TorchFusedOps
 from loomlm.layers.lora import LoRABatch
 
 
@@ -42,6 +43,7 @@ class ForwardBatch:
     decode: DecodeMetadata | None  # how those read their context; None when there are none
     prefill_spans: list[PrefillSpan]
     lora: LoRABatch | None = None  # adapter slots of the tokens; None when no token runs an adapter
+    ops: TorchFusedOps = TORCH_FUSED_OPS  # the fused ops the runner chose at load (`select_fused_ops`)
 
 
 _current: contextvars.ContextVar[ForwardBatch | None] = contextvars.ContextVar("loomlm_forward_batch", default=None)
@@ -61,6 +63,12 @@ def current_forward_batch() -> ForwardBatch:
     if batch is None:
         raise RuntimeError("no forward batch: call the model inside `with forward_context(batch):`")
     return batch
+
+
+def current_fused_ops() -> TorchFusedOps:
+    """The fused ops of the current forward pass; the PyTorch reference outside one."""
+    batch = _current.get()
+    return TORCH_FUSED_OPS if batch is None else batch.ops
 
 
 def current_lora_batch() -> LoRABatch | None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from loomlm.layers.kernels import cpu_kernels_for
+from loomlm.layers.forward_context import current_fused_ops
 
 if TYPE_CHECKING:
     from loomlm.layers.forward_context import ForwardBatch
@@ -207,17 +207,6 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_hea
     x is typically a fused QKV projection (q and k heads side by side, then v, left alone);
     cos/sin from `cos_sin`, [num_tokens, rotary_dim]: with rotary_dim < head_dim only the first
     rotary_dim channels of each head turn (transformers' partial rotary, modeling_phi3.py).
-    float32 on the CPU runs the native kernel; elsewhere PyTorch ops.
+    The forward pass's fused ops compute it (the native kernel in float32 on the CPU).
     """
-    rotary_dim = cos.shape[-1]
-    native = cpu_kernels_for(x)
-    if native is not None and x.stride(-1) == 1 and rotary_dim == head_dim:
-        native.rotary_(x, cos, sin, num_heads, head_dim)
-        return
-    heads = x[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim))[..., :rotary_dim]  # a view
-    heads.copy_(heads * cos.unsqueeze(1) + _rotate_half(heads) * sin.unsqueeze(1))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    current_fused_ops().rotary_(x, cos, sin, num_heads, head_dim)

@@ -20,7 +20,7 @@ import torch
 
 from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.layers import logits_processors as lp
-from loomlm.layers.kernels import cpu_kernels_for
+from loomlm.layers.fused_ops import TORCH_FUSED_OPS, TorchFusedOps
 
 
 @dataclass
@@ -41,18 +41,6 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None  # None when no row asked for logprobs
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x: [num_rows, vocab] -> [num_rows] int64, exactly `x.argmax(dim=-1)` (first maximal index; NaN wins).
-
-    float32 rows on the CPU use the native kernel (ATen's CPU argmax is a scalar loop: ~2 ms
-    per 32 rows of a 49K vocabulary, a few percent of a decode step).
-    """
-    native = cpu_kernels_for(x)
-    if native is not None and x.dim() == 2 and x.shape[-1] > 0 and x.stride(-1) == 1:
-        return native.argmax_rows(x)
-    return x.argmax(dim=-1)
-
-
 def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor) -> LogprobsTensors:
     """logprobs: [num_rows, vocab] (log_softmax), token_ids: [num_rows] -> the chosen tokens' logprobs and ranks
     plus the top `num_logprobs` alternatives of each row."""
@@ -68,8 +56,9 @@ def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.
 class Sampler:
     """Samples one token per row from float32 logits under per-row settings (see the module docstring)."""
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, ops: TorchFusedOps = TORCH_FUSED_OPS) -> None:
         self.generator = generator  # draws the noise of unseeded rows
+        self.ops = ops  # argmax_rows: the native kernel's on the CPU in float32 (ATen's is a scalar loop)
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [num_rows, vocab_size] float32 -> sampled token ids [num_rows] int64 (+ logprobs if asked)."""
@@ -104,7 +93,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Processed logits [num_rows, vocab_size] -> token ids [num_rows]: argmax for greedy rows, else a
         draw after temperature, min-p, typical-p and top-k / top-p."""
-        greedy_ids = argmax_rows(logits)
+        greedy_ids = self.ops.argmax_rows(logits)
         if meta.all_greedy:
             return greedy_ids
         logits = logits / meta.temperature[:, None]
@@ -119,7 +108,7 @@ class Sampler:
         noise.exponential_(generator=self.generator)
         for row, gen in meta.generators.items():
             noise[row].exponential_(generator=gen)
-        sampled = argmax_rows(probs / noise)
+        sampled = self.ops.argmax_rows(probs / noise)
         return torch.where(meta.is_greedy, greedy_ids, sampled)
 
 

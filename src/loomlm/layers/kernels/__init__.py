@@ -4,9 +4,9 @@
 compiler, no ninja, `LOOMLM_NATIVE_KERNELS=0`): callers then use the pure
 PyTorch path, which computes the same thing. The module holds:
 - `paged_decode_attention` (paged_decode_cpu.cpp), the "cpu_native" decode backend, and
-  `reshape_and_cache` (the KV write, attention.py);
-- `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `argmax_rows` (fused_ops_cpu.cpp),
-  reached through layers/norm.py, activation.py, rotary.py and sampler.py;
+  `reshape_and_cache` (the KV write);
+- `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `argmax_rows` (fused_ops_cpu.cpp);
+  these and the KV write are `CpuNativeFusedOps` (layers/fused_ops.py), chosen once at load;
 - `pack_f32`, `gemm_f32`, `gemm_isa` (gemm_cpu.cpp): float32 GEMM on panel-packed weights,
   the "native" linear method (layers/linear_method.py);
 - `quant_gemm`, `quant_dequantize`, `quant_isa` (quant_cpu.cpp): GEMM/GEMV on GGUF-quantized
@@ -25,8 +25,6 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +97,3 @@ def cpuinfo_field(key: str) -> str:
     except OSError:
         pass
     return ""
-
-
-def cpu_kernels_for(x: torch.Tensor):
-    """The native module when tensor `x` is float32 on the CPU and the kernels are built, else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        return None
-    return cpu_kernels()
