@@ -165,3 +165,33 @@ def test_mixed_batch_rows_with_settings_off_sample_as_alone(logits):
     penalised[5] -= 4.0
     assert out.sampled_token_ids[1] == penalised.argmax()
     assert out.sampled_token_ids[2] in logits[2].topk(5).indices
+
+
+def test_processed_logprobs_report_the_distribution_sampled_from(logits):
+    """logprobs_mode="processed_logprobs" (vLLM's option, per request here): the logprobs after
+    logit_bias (and, sampling, temperature and top-k); raw rows in the same batch keep the model's."""
+    top = int(logits[0].argmax())
+    bias = {top: -100.0}
+    reqs = [make_request([1], [], temperature=0.0, logprobs=3, logit_bias=bias, logprobs_mode="processed_logprobs"),
+            make_request([1], [], temperature=0.0, logprobs=3, logit_bias=bias),
+            make_request([1], [], temperature=0.5, top_k=4, logprobs=3, logprobs_mode="processed_logprobs", seed=3)]
+    meta = SamplingMetadata.from_requests(reqs, VOCAB, torch.device("cpu"))
+    out = Sampler()(logits[:3].clone(), meta)
+    biased = logits[0].clone()
+    biased[top] -= 100.0
+    expected = biased.log_softmax(-1)
+    assert int(out.sampled_token_ids[0]) == int(biased.argmax())
+    torch.testing.assert_close(out.logprobs.logprobs[0], expected[out.logprobs.logprob_token_ids[0]])
+    assert top not in out.logprobs.logprob_token_ids[0].tolist()  # biased away: not among the top 3
+    raw = logits[1].log_softmax(-1)  # row 1: raw, so the biased-away token still leads the top 3
+    assert int(out.logprobs.logprob_token_ids[1, 1]) == int(logits[1].argmax())
+    torch.testing.assert_close(out.logprobs.logprobs[1], raw[out.logprobs.logprob_token_ids[1]])
+    scaled = logits[2] / 0.5
+    kept = scaled.topk(4).indices
+    truncated = torch.full_like(scaled, float("-inf"))
+    truncated[kept] = scaled[kept]
+    assert int(out.sampled_token_ids[2]) in kept.tolist()
+    ids = out.logprobs.logprob_token_ids[2]
+    torch.testing.assert_close(out.logprobs.logprobs[2], truncated.log_softmax(-1)[ids])
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        SamplingParams(logprobs_mode="raw_logits")

@@ -22,8 +22,10 @@ Source: eth-sri/lmql `src/lmql/api/llm.py` (`LLM`, `LLM.from_descriptor`, `gener
   sums. (loomlm's own `ScoringResult` aggregates over the value's tokens only.)
 
 Queries and output writers are loomlm's (`run`, `run_sync`, `printing`, `stream`, `headless`,
-`silent`, `BaseOutputWriter`, see `loomlm.query`): their template syntax is loomlm's, not LMQL's
-language, which needs the `lmql` package itself.
+`silent`, `BaseOutputWriter`, see `loomlm.query`). `run` takes an LMQL program (a decoder clause
+or a quoted prompt first) and hands it to the `lmql` package's compiler, on loomlm's engine
+(`loomlm.query.lmql_program`; an ImportError says so when `lmql` is not installed), and loomlm's
+template syntax otherwise; its errors say which reading was used.
 """
 
 from __future__ import annotations

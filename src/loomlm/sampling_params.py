@@ -59,6 +59,9 @@ class StructuredOutputsParams:
 
 GuidedDecodingParams = StructuredOutputsParams
 
+# vLLM's logprobs_mode values that report log-probabilities (not its raw_logits / processed_logits).
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+
 
 @dataclass
 class SamplingParams:
@@ -90,6 +93,10 @@ class SamplingParams:
         logprobs: return the sampled token's logprob and this many most likely alternatives
             per generated token (natural log of the model's raw distribution, as vLLM v1).
         prompt_logprobs: the same for every prompt token after the first.
+        logprobs_mode: which distribution `logprobs` report: "raw_logprobs" (the model's, before
+            any processing; the default) or "processed_logprobs" (the one sampled from: after
+            logit_bias, allowed tokens, bad words, penalties, structured output, temperature,
+            min-p, typical-p, top-k and top-p). vLLM's engine option of that name, here per request.
         spaces_between_special_tokens: vLLM's detokenization option (spaces around special tokens).
         truncate_prompt_tokens: keep only the last k prompt tokens (left truncation).
         logit_bias: {token_id: bias} added to the logits before sampling (OpenAI; ids may be strings).
@@ -121,6 +128,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logprobs_mode: str = "raw_logprobs"
     detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -184,6 +192,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if self.logit_bias and any(not math.isfinite(v) for v in self.logit_bias.values()):
             raise ValueError("logit_bias values must be finite numbers.")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {list(LOGPROBS_MODES)}, got {self.logprobs_mode!r}.")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if self.best_of is not None:

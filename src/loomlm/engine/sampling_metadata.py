@@ -45,6 +45,7 @@ class SamplingMetadata:
     disallowed_tokens: torch.Tensor | None = None  # [num_rows, vocab_size] bool (allowed_token_ids)
     watermarks: list[WatermarkBatch] = field(default_factory=list)  # one per distinct hash key
     max_num_logprobs: int | None = None  # most alternatives any row wants; None: no row needs logprobs
+    processed_logprobs_rows: torch.Tensor | None = None  # [k] int64: rows reporting processed_logprobs
     grammar_bitmask: torch.Tensor | None = None  # [num_rows, ceil(vocab / 32)] int32; -1 rows: unconstrained
 
     @classmethod
@@ -104,6 +105,10 @@ class SamplingMetadata:
                                                   floats(delta), hash_key))
         wanted = [r.sampling_params.logprobs or 0 for r in requests if r.needs_logprobs]
         meta.max_num_logprobs = max(wanted) if wanted else None
+        processed = [i for i, r in enumerate(requests)
+                     if r.needs_logprobs and r.sampling_params.logprobs_mode == "processed_logprobs"]
+        if processed:
+            meta.processed_logprobs_rows = torch.tensor(processed, dtype=torch.int64, device=device)
         return meta
 
 

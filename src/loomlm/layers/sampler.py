@@ -62,12 +62,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [num_rows, vocab_size] float32 -> sampled token ids [num_rows] int64 (+ logprobs if asked)."""
-        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         logits = self.process_logits(logits, meta)
-        sampled = self.sample(logits, meta)
-        if raw_logprobs is None:
+        sampled, final_logits = self.sample(logits, meta)
+        if logprobs is None:
             return SamplerOutput(sampled, None)
-        return SamplerOutput(sampled, gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled))
+        rows = meta.processed_logprobs_rows
+        if rows is not None:  # these report the distribution they were sampled from (vLLM's processed_logprobs)
+            logprobs[rows] = final_logits[rows].log_softmax(dim=-1)
+        return SamplerOutput(sampled, gather_logprobs(logprobs, meta.max_num_logprobs, sampled))
 
     @staticmethod
     def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -90,12 +93,13 @@ class Sampler:
                 logits = apply_watermark(logits, w.prev_token_ids, w.gamma, w.delta, w.hash_key)
         return logits
 
-    def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Processed logits [num_rows, vocab_size] -> token ids [num_rows]: argmax for greedy rows, else a
-        draw after temperature, min-p, typical-p and top-k / top-p."""
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Processed logits [num_rows, vocab_size] -> (token ids [num_rows], the logits drawn from
+        [num_rows, vocab_size]): argmax for greedy rows, else a draw after temperature, min-p,
+        typical-p and top-k / top-p (identities on greedy rows, whose settings are neutral)."""
         greedy_ids = self.ops.argmax_rows(logits)
         if meta.all_greedy:
-            return greedy_ids
+            return greedy_ids, logits
         logits = logits / meta.temperature[:, None]
         if meta.min_p is not None:
             logits = lp.apply_min_p(logits, meta.min_p)
@@ -109,7 +113,7 @@ class Sampler:
         for row, gen in meta.generators.items():
             noise[row].exponential_(generator=gen)
         sampled = self.ops.argmax_rows(probs / noise)
-        return torch.where(meta.is_greedy, greedy_ids, sampled)
+        return torch.where(meta.is_greedy, greedy_ids, sampled), logits
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 from loomlm.decoders import Decoder
 from loomlm.generation import Model, as_model
 from loomlm.query.constraints import HoleConstraints, parse_where
+from loomlm.query.lmql_program import looks_like_lmql_program, run_lmql_program
 from loomlm.query.program_state import ProgramState
 from loomlm.query.template import Hole, Reference, RoleTag, Text, parse_template
 from loomlm.query.writers import BaseOutputWriter, silent
@@ -68,7 +69,11 @@ class _Interaction:
 async def run(query: str, output_writer: BaseOutputWriter | None = None, model: Model | str | None = None,
               where: str | None = None, inputs: dict[str, Any] | None = None, decoder: str = "argmax",
               max_tokens: int | None = None, **decoder_kwargs: Any) -> QueryResult:
-    """Run `query` (syntax: `loomlm.query.template`) on `model` (None: the default model).
+    """Run `query` on `model` (None: the default model): loomlm's template syntax
+    (`loomlm.query.template`), or an LMQL program (its first statement a decoder clause or a quoted
+    prompt), which the `lmql` package compiles and runs on loomlm's engine
+    (`loomlm.query.lmql_program`; it then returns lmql's `LMQLResult`, `inputs` are the program's
+    free variables, and the program holds its decoder and constraints).
 
     Args:
         output_writer: gets the query's states as tokens arrive (default `loomlm.silent`).
@@ -82,9 +87,19 @@ async def run(query: str, output_writer: BaseOutputWriter | None = None, model: 
     Raises ValueError (before anything runs): a malformed query or where clause, a hole name
     reused, a decoder that yields several completions; RuntimeError: input asked of a headless writer.
     """
-    template = parse_template(query, inputs or {})
-    names = [hole.name for hole in template.holes]
-    constraints = parse_where(where, names)
+    if looks_like_lmql_program(query):
+        if where is not None or max_tokens is not None or decoder != "argmax" or decoder_kwargs:
+            raise ValueError("this query is an LMQL program (it starts with a decoder or a quoted prompt): write its "
+                             "decoder, where clause and limits in the program; where=, decoder=, max_tokens= and "
+                             "decoder arguments are for loomlm's template syntax.")
+        return await run_lmql_program(query, model, output_writer, **(inputs or {}))
+    try:
+        template = parse_template(query, inputs or {})
+        names = [hole.name for hole in template.holes]
+        constraints = parse_where(where, names)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (read as loomlm's template syntax; an LMQL program would start with a decoder "
+                         "clause or a quoted prompt string)") from exc
     for hole in template.holes:
         if hole.kind == "input" and constraints[hole.name] != HoleConstraints():
             raise ValueError(f"hole [{hole.name}:input] is filled by the output writer: it takes no constraints.")

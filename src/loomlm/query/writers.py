@@ -25,6 +25,12 @@ class BaseOutputWriter:
         """The value of an `[NAME:input]` hole; `args[0]` is the prompt ("NAME: ")."""
         return await asyncio.to_thread(input, *args)
 
+    def add_compiler_output(self, code: str) -> None:
+        """lmql's hook: the Python an LMQL program compiled to (LMQL programs only). Does nothing."""
+
+    def add_decoder_state(self, *args: Any, **kwargs: Any) -> None:
+        """lmql's hook: the decoder's search tree (LMQL programs only). Does nothing."""
+
     async def add_interpreter_head_state(self, variable: str | None, head: int, prompt: str, where: str | None,
                                          trace: Any, is_valid: bool, is_final: bool, mask: Any, num_tokens: int,
                                          program_variables: ProgramState) -> None:

@@ -31,6 +31,7 @@ from loomlm.server.errors import (
 )
 from loomlm.server.limits import RequestLimitsMiddleware, ServerLimits
 from loomlm.server.llmengine_router import LLMENGINE_PATH_PREFIX, build_llmengine_router
+from loomlm.server.lmtp import build_lmtp_router
 from loomlm.server.metrics import (
     RequestAccountingMiddleware,
     ServerMetrics,
@@ -54,7 +55,8 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     `POST /detokenize`; LoRAX / TGI `POST /`, `/generate`, `/generate_stream`, `GET /info`
     (`loomlm.server.tgi_router`); LLM Engine `POST /v1/llm/completions-sync`, `-stream`,
     `GET /v1/llm/model-endpoints[/{name}]` (`loomlm.server.llmengine_router`); loomlm's
-    continuation scoring `POST /score` (`loomlm.server.score_router`); `POST /tokenize`
+    continuation scoring `POST /score` (`loomlm.server.score_router`); LMQL's model transport
+    protocol, the websocket `ws://HOST:PORT/` (`loomlm.server.lmtp`); `POST /tokenize`
     in either family's form (TGI's when the body has `inputs`, vLLM's otherwise); `GET /health`
     (200 while serving), `GET /metrics` (Prometheus text, from a registry owned by this app).
     `chat_template` (Jinja text) replaces the model's. With `api_keys`, every route but
@@ -91,6 +93,8 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     llmengine_router, _ = build_llmengine_router(engine, metrics, limits)
     app.include_router(llmengine_router)
     app.include_router(build_score_router(engine, metrics, limits))  # errors in the OpenAI format (the default)
+    # LMQL's transport, a websocket on "/" (LoRAX's `POST /` is HTTP: the two do not meet).
+    app.include_router(build_lmtp_router(engine, metrics, limits, tuple(api_keys or ())))
 
     @app.post("/tokenize", response_model=None)
     async def tokenize(raw_request: Request):
@@ -138,6 +142,20 @@ def freeze_gc_heap() -> None:
     gc.freeze()
 
 
+def log_lmtp_usage(engine: AsyncLLMEngine, host: str, port: int) -> None:
+    """Log how `lmql` reaches this server: its model line, with the tokenizer saved where lmql
+    can load it (`export_tokenizer`); a tokenizer that cannot be saved only gets a warning."""
+    from loomlm.query.lmql_program import export_tokenizer
+
+    try:
+        tokenizer_dir = export_tokenizer(engine.tokenizer)
+    except Exception as exc:  # noqa: BLE001  # a slow tokenizer without a JSON form: LMTP still works
+        logger.warning("LMTP: could not save the tokenizer for lmql (%s)", exc)
+        return
+    logger.info("LMQL (LMTP) on ws://%s:%d/: lmql.model(%r, endpoint='%s:%d', tokenizer=%r)", host, port,
+                engine.served_model_name, host, port, str(tokenizer_dir))
+
+
 def run_server(
     model: str,
     host: str = "127.0.0.1",
@@ -181,6 +199,7 @@ def run_server(
             host,
             port,
         )
+        log_lmtp_usage(engine, host, port)
         uvicorn.Server(config).run()
     finally:
         engine.shutdown()
