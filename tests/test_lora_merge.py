@@ -1,6 +1,7 @@
 """Merged LoRA adapters against peft's `add_weighted_adapter` on a tiny random Llama: every
 strategy (dare_* under one seed) gives peft's merged lora_A / lora_B; a single adapter comes
-back unchanged; rank mismatches are refused as peft refuses them; MergeConfig validation."""
+back unchanged; different ranks merge exactly (linear by concatenation, ties on the dense
+deltas as peft's ties_svd); MergeConfig validation."""
 
 from __future__ import annotations
 
@@ -164,13 +165,50 @@ def test_merge_keeps_the_adapters_dtype(adapter_dirs):
         assert torch.equal(w.b_t, reference.weights[key].b_t.bfloat16())
 
 
-def test_rank_mismatch_ties_is_refused_like_peft(base_dir, adapter_dirs):
-    config = MergeConfig(ids=("attn", "attn-r4"), weights=(1.0, 1.0), merge_strategy="ties", density=0.5)
-    with pytest.raises(ValueError, match=r"'attn' \(r=8\), 'attn-r4' \(r=4\)"):
-        merge_adapters("m", load(adapter_dirs, config.ids), config)
+@pytest.mark.parametrize(("strategy", "sign_method"), [("ties", "total"), ("ties", "frequency"),
+                                                      ("dare_ties", "total")])
+def test_ties_over_different_ranks_merges_the_dense_deltas_as_peft_svd(base_dir, adapter_dirs, strategy, sign_method):
+    """r=8 with r=4 (peft's plain ties refuses): our update equals peft's "ties_svd" /
+    "dare_ties_svd" before its truncating SVD, dare's pruning under one seed included."""
+    config = MergeConfig(ids=("attn", "attn-r4"), weights=(1.0, -0.6), merge_strategy=strategy, density=0.5,
+                         majority_sign_method=sign_method)
     with pytest.raises(ValueError, match="same r"):
         peft_model_with(base_dir, adapter_dirs, config.ids).base_model.add_weighted_adapter(
-            list(config.ids), list(config.weights), "merged", combination_type="ties", density=0.5)
+            list(config.ids), list(config.weights), "merged", combination_type=strategy, density=0.5)
+    # peft's "ties_svd" merges each module's get_delta_weight()s with merge_utils.ties / dare_ties,
+    # then truncates by SVD; the reference is that merge before the SVD, module by module in peft's order.
+    from peft.utils import merge_utils
+
+    peft_model = peft_model_with(base_dir, adapter_dirs, config.ids)
+    ours = ours_merge(adapter_dirs, config, SEED)
+    torch.manual_seed(SEED)
+    compared = 0
+    for module_name, module in peft_model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            names = [n for n in config.ids if n in module.lora_A]
+            weights = torch.tensor([w for n, w in zip(config.ids, config.weights) if n in module.lora_A])
+            with torch.no_grad():
+                deltas = [module.get_delta_weight(n) for n in names]
+                if strategy == "ties":
+                    theirs = merge_utils.ties(deltas, weights, 0.5, sign_method)
+                else:
+                    theirs = merge_utils.dare_ties(deltas, weights, 0.5, sign_method)
+            match = _MODULE.search(module_name)
+            w = ours.weights[(int(match[1]), match[2])]
+            torch.testing.assert_close((w.a_t @ w.b_t).t() * w.scaling, theirs, rtol=1e-5, atol=1e-6, msg=module_name)
+            assert w.rank == min(theirs.shape)
+            compared += 1
+    assert compared == 2 * 4  # q, k, v, o in both layers (attn-r4 only on q and v)
+
+
+def test_dense_merge_too_large_is_refused(adapter_dirs, monkeypatch):
+    import loomlm.lora.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "MAX_DENSE_MERGE_BYTES", 1024)
+    config = MergeConfig(ids=("attn", "attn-r4"), weights=(1.0, 1.0), merge_strategy="ties", density=0.5)
+    with pytest.raises(ValueError, match=r"dense deltas.*'attn' \(r=8\), 'attn-r4' \(r=4\)|"
+                                         r"'attn' \(r=8\), 'attn-r4' \(r=4\).*dense deltas"):
+        merge_adapters("m", load(adapter_dirs, config.ids), config)
     with pytest.raises(ValueError, match="2 ids"):
         merge_adapters("m", load(adapter_dirs, ("attn",)), config)
 

@@ -55,6 +55,10 @@ _STRATEGIES: dict[str, MergeFn] = {
 # LoRAX's set (`MERGE_STRATEGIES` in its client); peft has more (svd, cat, magnitude_prune).
 MERGE_STRATEGIES = tuple(_STRATEGIES)
 MAJORITY_SIGN_METHODS = ("total", "frequency")
+# ties / dare_ties over adapters of different ranks merge the dense deltas (their sign election and
+# trimming need one shape); the served result then holds a rank-min(in, out) update per module.
+_DENSE_STRATEGIES = ("ties", "dare_ties")
+MAX_DENSE_MERGE_BYTES = 256 << 20
 
 # peft merges module by module in `named_modules()` order: layer by layer, and within a layer
 # in the order HF's Llama-family decoder registers its projections. dare_* draw from torch's
@@ -171,12 +175,15 @@ def _adapter_rank(adapter: LoRAAdapter) -> int:
 
 
 def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn,
-                  config: MergeConfig, where: str, concatenate: bool = False) -> LoRAWeights:
+                  config: MergeConfig, where: str, mixed_ranks: bool = False) -> LoRAWeights:
     """peft's `LoraModel._generalized_task_arithmetic_weighted_adapter` for one module; with
-    `concatenate`, or adapters of different ranks there, the exact concatenation (`_concatenate`)."""
+    `mixed_ranks` (adapters of different ranks), or different ranks there, the exact
+    concatenation (`_concatenate`: linear, dare_linear) or the dense deltas (`_dense`: ties, dare_ties)."""
     ranks = {w.rank for _, _, w in members}
-    if concatenate or len(ranks) > 1:
-        return _concatenate(members, config, where)
+    if mixed_ranks or len(ranks) > 1:
+        if config.merge_strategy in _DENSE_STRATEGIES:
+            return _dense(members, merge, config)
+        return _concatenate(members, config)
     weights_a, weights_b, tensors_a, tensors_b = [], [], [], []
     for _, weight, w in members:
         weight_with_scaling = weight * w.scaling
@@ -197,18 +204,13 @@ def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: 
     return LoRAWeights(merged_a.t().contiguous(), merged_b.t().contiguous(), scaling=1.0)
 
 
-def _concatenate(members: list[tuple[LoRAAdapter, float, LoRAWeights]], config: MergeConfig,
-                 where: str) -> LoRAWeights:
+def _concatenate(members: list[tuple[LoRAAdapter, float, LoRAWeights]], config: MergeConfig) -> LoRAWeights:
     """"linear" / "dare_linear" over adapters of different ranks, exactly: sum_i w_i s_i B_i A_i is
     the rank-(sum r_i) update [B_1 .. B_n] [A_1; ..; A_n] (peft's "cat" combination), with
     sqrt(|w_i s_i|) on each factor and the sign on A's, as peft splits a weight. dare_linear
     first prunes each factor at random to `density`, rescaled, as peft's `dare_linear` does.
 
-    Raises ValueError for ties / dare_ties (their sign election needs one shape per module)."""
-    if config.merge_strategy not in ("linear", "dare_linear"):
-        listing = ", ".join(f"{adapter.name!r} (r={w.rank})" for adapter, _, w in members)
-        raise ValueError(f"cannot merge {where} with merge_strategy {config.merge_strategy!r}: the adapters' "
-                         f"ranks differ there ({listing}); 'linear' and 'dare_linear' merge any ranks.")
+    """
     parts_a, parts_b = [], []
     for _, weight, w in members:
         weight_with_scaling = weight * w.scaling
@@ -223,6 +225,27 @@ def _concatenate(members: list[tuple[LoRAAdapter, float, LoRAWeights]], config: 
     a_t = torch.cat(parts_a, dim=0).t().contiguous().to(dtype)  # [in_features, sum of ranks]
     b_t = torch.cat(parts_b, dim=1).t().contiguous().to(dtype)  # [sum of ranks, out_features]
     return LoRAWeights(a_t, b_t, scaling=1.0)
+
+
+def _dense_rank(in_features: int, out_features: int) -> int:
+    return min(in_features, out_features)
+
+
+def _dense(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn, config: MergeConfig) -> LoRAWeights:
+    """ties / dare_ties over adapters of different ranks, on the dense deltas: peft's "ties_svd" /
+    "dare_ties_svd" (`_svd_generalized_task_arithmetic_weighted_adapter`: each adapter's delta
+    s_i B_i A_i [out, in], weighted by w_i, merged by the strategy) without its final truncated
+    SVD, so nothing is lost. Served exactly as a rank-min(in, out) update: an identity factor
+    and the merged delta."""
+    deltas = [(w.a_t.float() @ w.b_t.float()).t().contiguous() * w.scaling for _, _, w in members]  # [out, in]
+    weights = torch.tensor([float(weight) for _, weight, _ in members], device=deltas[0].device)
+    merged = merge(deltas, weights, config)  # [out, in]
+    out_features, in_features = merged.shape
+    dtype = members[0][2].a_t.dtype
+    eye = torch.eye(_dense_rank(in_features, out_features), dtype=dtype, device=merged.device)
+    if in_features <= out_features:  # x @ I @ merged^T
+        return LoRAWeights(eye, merged.t().contiguous().to(dtype), scaling=1.0)
+    return LoRAWeights(merged.t().contiguous().to(dtype), eye, scaling=1.0)  # x @ merged^T @ I
 
 
 @torch.no_grad()
@@ -243,27 +266,36 @@ def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) 
     the result covers the union of the modules present (peft keeps adapters[0]'s
     `layers_to_transform`, which a `LoRAAdapter` does not record).
 
-    Beyond peft: "linear" and "dare_linear" merge adapters of different ranks (peft refuses
-    them): then every module's weighted sum of the updates is served exactly, as one update of
-    the summed rank (`_concatenate`).
+    Beyond peft's add_weighted_adapter with these strategies (it refuses adapters of different
+    ranks; with rank_pattern the largest rank counts): "linear" and "dare_linear" then serve every
+    module's weighted sum of the updates exactly, as one update of the summed rank
+    (`_concatenate`); "ties" and "dare_ties" merge the dense deltas as peft's "ties_svd" /
+    "dare_ties_svd" do, without the truncating SVD (`_dense`).
 
-    Raises ValueError: not one adapter per id, an adapter without weights, adapters of different
-    ranks for ties / dare_ties (peft requires one r; with rank_pattern the largest rank counts,
-    and the ranks must also agree in each module), or a module other than the seven decoder
-    projections.
+    Raises ValueError: not one adapter per id, an adapter without weights, a dense merge larger
+    than MAX_DENSE_MERGE_BYTES, or a module other than the seven decoder projections.
     """
     if len(adapters) != len(config.ids):
         raise ValueError(f"merge {name!r}: {len(adapters)} adapters for {len(config.ids)} ids.")
     strategy = "linear" if len(adapters) == 1 else config.merge_strategy
     ranks = [_adapter_rank(adapter) for adapter in adapters]
-    if len(set(ranks)) > 1 and strategy not in ("linear", "dare_linear"):
-        listing = ", ".join(f"{adapter.name!r} (r={rank})" for adapter, rank in zip(adapters, ranks))
-        raise ValueError(f"merge {name!r}: merge_strategy {strategy!r} needs adapters of one rank (as peft's "
-                         f"add_weighted_adapter), got {listing}; 'linear' and 'dare_linear' merge any ranks.")
+    mixed_ranks = len(set(ranks)) > 1
     keys = {key for adapter in adapters for key in adapter.weights}
     unsupported = sorted(module for _, module in keys if module not in _MODULE_ORDER)
     if unsupported:
         raise ValueError(f"merge {name!r}: cannot merge modules {unsupported} (only {', '.join(_MODULE_ORDER)}).")
+    if mixed_ranks and strategy in _DENSE_STRATEGIES:
+        size = 0
+        for key in keys:
+            w = next(adapter.weights[key] for adapter in adapters if key in adapter.weights)
+            in_features, out_features = w.a_t.shape[0], w.b_t.shape[1]
+            size += _dense_rank(in_features, out_features) * (in_features + out_features) * w.a_t.element_size()
+        if size > MAX_DENSE_MERGE_BYTES:
+            listing = ", ".join(f"{adapter.name!r} (r={rank})" for adapter, rank in zip(adapters, ranks))
+            raise ValueError(f"merge {name!r}: merge_strategy {strategy!r} over adapters of different ranks ({listing}) "
+                             f"is computed on the dense deltas, {size / 2**20:.0f} MiB here (at most "
+                             f"{MAX_DENSE_MERGE_BYTES // 2**20} MiB); 'linear' and 'dare_linear' merge any ranks "
+                             "exactly at the summed rank, and ties needs no dense deltas for adapters of one rank.")
     merge = _STRATEGIES[strategy]
     merged = {}
     with warnings.catch_warnings():
@@ -273,5 +305,5 @@ def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) 
             members = [(adapter, weight, adapter.weights[(layer, module)])
                        for adapter, weight in zip(adapters, config.weights) if (layer, module) in adapter.weights]
             merged[(layer, module)] = _merge_module(members, merge, config, f"layer {layer} {module}",
-                                                    concatenate=len(set(ranks)) > 1)
+                                                    mixed_ranks=mixed_ranks)
     return LoRAAdapter(name, merged)
