@@ -205,3 +205,27 @@ def test_run_takes_lmql_programs_in_process_and_says_which_syntax():
         loomlm_lmql.run_sync(PROGRAM, where="len(TOKENS(ANSWER)) < 3")
     with pytest.raises(ValueError, match="loomlm's template syntax"):
         loomlm_lmql.run_sync("Q: [ANSWER]", where="STOPS_AT(ANSWER,")
+
+
+def test_generate_asks_only_for_what_fits_the_window():
+    """lmql asks for chunks (16, 128) unaware of the context window: GENERATE generates what fits
+    (checked on the protocol core, with an engine that records what it was asked)."""
+    from loomlm.outputs import CompletionOutput, Logprob, RequestOutput
+    from loomlm.server.lmtp import generate_entries
+
+    class RecordingEngine:
+        max_model_len, tokenizer, asked = 10, [None] * 100, []
+
+        async def generate(self, prompt, params, request_id, lora_request=None):
+            self.asked.append(params.max_tokens)
+            yield RequestOutput(request_id, None, prompt, None,
+                                [CompletionOutput(0, "", [7], None, [{7: Logprob(-0.5)}], "length")], True)
+
+    async def entries(max_tokens):
+        return [e async for e in generate_entries(RecordingEngine(), 3, {"prompt": [1] * 6, "max_tokens": max_tokens},
+                                                  "r")]
+
+    assert asyncio.run(entries(128)) == [{"token": 7, "stream_id": 3, "logprob": -0.5, "finish_reason": "length",
+                                          "top_logprobs": {"7": -0.5}}]
+    asyncio.run(entries(2))
+    assert RecordingEngine.asked == [4, 2]

@@ -149,6 +149,10 @@ async def generate_entries(engine: AsyncLLMEngine, stream_id: Any, data: dict[st
     params = generate_params(data)
     if params.logit_bias and len(params.logit_bias) > len(engine.tokenizer):
         raise LMTPError("logit_bias has more entries than the vocabulary.")
+    # lmql asks for a chunk (16, or 128 for "no limit") without knowing the window: generate what fits.
+    room = engine.max_model_len - len(prompt)
+    if params.max_tokens is not None and 1 <= room < params.max_tokens:
+        params.max_tokens = room
     sent = 0
     async for output in engine.generate(prompt, params, request_id, lora_request=lora):
         completion = output.outputs[0]
