@@ -23,6 +23,7 @@ _ENGINE_FLAGS = (
     "max_model_len",
     "kv_cache_memory_bytes",
     "max_num_seqs",
+    "step_thread_niceness",
     "max_num_batched_tokens",
     "dtype",
     "device",
@@ -49,6 +50,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one running batch")
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+    group.add_argument("--step-thread-niceness", type=int, default=None, metavar="N",
+                       help="serving: nice increment of the step thread and its OpenMP workers, so HTTP goes "
+                            "first on busy cores (default 5; 0 off)")
     group.add_argument(
         "--dtype",
         default=None,

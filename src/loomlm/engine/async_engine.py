@@ -21,6 +21,7 @@ import asyncio
 import atexit
 import functools
 import logging
+import os
 import queue
 import threading
 import uuid
@@ -66,9 +67,22 @@ def _step_loop(engine_ref: weakref.ref, inbox: queue.SimpleQueue) -> None:
         has_unfinished = result
 
 
+def _lower_priority(niceness: int) -> None:
+    """Raise this thread's nice value by `niceness` (Linux: per thread; the OpenMP workers it starts
+    inherit it). Must run before the thread's first parallel region. Where the OS has no per-thread
+    priority, nothing changes."""
+    if niceness and hasattr(os, "setpriority"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+        except OSError as exc:  # a sandbox without the call: serve anyway
+            logger.warning("could not lower the step thread's priority (%s)", exc)
+
+
 def _build_then_step(cls: type[AsyncLLMEngine], config: EngineConfig, handoff: queue.SimpleQueue) -> None:
     """The step thread of `AsyncLLMEngine.from_engine_args`: load the model here, hand the engine
     (or the error) to the caller through `handoff`, then serve it."""
+    _lower_priority(config.scheduler_config.step_thread_niceness)
     try:
         engine = cls(LLMEngine(config))
         engine._adopt_step_thread(threading.current_thread())
