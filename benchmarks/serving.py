@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import statistics
@@ -176,6 +177,14 @@ def poll_health(url: str) -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
+    # Stand in for a probe from another machine: on these 2 cores, a poller at the load's own
+    # priority measured its own wait for a CPU as well (worst 47-57 ms at 128 streams, 23 ms at
+    # nice -10, same server). Raising priority needs privileges; without them it stays as it is.
+    try:
+        os.nice(-10)
+        sys.stderr.write("health poller at nice -10\n")
+    except OSError:
+        sys.stderr.write("health poller at the default priority (no privilege to raise it)\n")
     latencies: list[float] = []
     with httpx.Client(timeout=30.0) as client:
         while not stop:

@@ -68,11 +68,13 @@ def _deadline(timeout_s: float) -> Iterator[None]:
 
 def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template: str | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                timeout_s: float | None = None) -> str:
+                timeout_s: float | None = None, tools: list[dict[str, Any]] | None = None) -> str:
     """The conversation as prompt text (special tokens included, so encode it without adding more).
 
     chat_template None uses the tokenizer's (the model's). `timeout_s`: the rendering time
     allowed (for templates sent by clients); blocking, so servers call it in a worker thread.
+    `tools`: OpenAI tool definitions, handed to the template as `tools` (transformers'
+    `apply_chat_template(tools=...)`; a template that does not read them ignores them).
     Raises ValueError: no messages, no template, an error raised while rendering, or the time
     limit passed.
     """
@@ -84,7 +86,7 @@ def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template: str | 
             return tokenizer.apply_chat_template(
                 messages, tokenize=False, chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message)
+                continue_final_message=continue_final_message, tools=tools)
     except ChatTemplateTimeout as exc:
         raise ValueError(f"Cannot apply the chat template: {exc}") from None
     except Exception as exc:  # jinja errors and template-raised exceptions are the caller's input

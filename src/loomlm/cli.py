@@ -52,7 +52,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
     group.add_argument("--step-thread-niceness", type=int, default=None, metavar="N",
                        help="serving: nice increment of the step thread and its OpenMP workers, so HTTP goes "
-                            "first on busy cores (default 5; 0 off)")
+                            "first on busy cores (default 0: off; costs throughput on few cores)")
     group.add_argument(
         "--dtype",
         default=None,
@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LoRAX/TGI routes answer 429 beyond this many requests in flight (default: 128)")
     serve.add_argument("--chat-template", default=None,
                        help="chat template (a file, or Jinja text) replacing the model's")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='tool_choice "auto": read tool calls out of the text with --tool-call-parser')
+    serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                       help="the format of the model's tool calls (vLLM's parsers of these names)")
+    serve.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                       help="split the model's <think> reasoning into reasoning_content (vLLM's parsers of these names)")
     keys = serve.add_argument_group("API keys (every route but /health and /metrics; none given: the server is open)")
     keys.add_argument("--api-key", dest="api_keys", action="append", default=[], metavar="KEY",
                       help="a key clients must send (Bearer, x-api-key, or Basic user); repeat for several")
@@ -218,6 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
     from loomlm.server.auth import load_api_keys
 
     api_keys = load_api_keys(args.api_keys, args.api_key_file)  # before the model loads: fail fast
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser.")
     engine_kwargs = serve_engine_kwargs(args)
     limits = _limits(args)
     run_server(
@@ -230,6 +238,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         api_keys=api_keys,
         limits=limits,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         **engine_kwargs,
     )
     return 0

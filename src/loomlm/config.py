@@ -167,17 +167,18 @@ class SchedulerConfig:
         long_prefill_token_threshold: most prompt tokens one request may prefill in a step
             (0: up to the whole budget), so a long prompt does not starve decodes.
         step_thread_niceness: added to the nice value of an AsyncLLMEngine's step thread (and so of
-            the OpenMP workers it starts), 0-19: when the event loop, the HTTP clients or a health
-            probe need a core the compute threads hold, the kernel runs them first. They use a few
-            percent of the CPU, so the steps lose next to nothing. On 2 cores under 128 streams the
-            worst `/health` fell from 47-53 ms to 27 ms at +5 (benchmarks/serving.py). Ignored by
-            the offline LLM, which has no step thread.
+            the OpenMP workers it starts), 0-19 (default 0): when the event loop, the HTTP clients or
+            a health probe need a core the compute threads hold, the kernel runs them first. A trade:
+            on 2 cores (benchmarks/serving.py, Zen 4) +5 cut the worst `/health` under 128 streams
+            from 47-53 ms to 27 ms, but the compute threads, preempted at once, then wait for each
+            other at every OpenMP barrier: 32 streams served 193 / 183 tok/s against 211 / 212 at 0.
+            Ignored by the offline LLM, which has no step thread.
     """
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     long_prefill_token_threshold: int = 0
-    step_thread_niceness: int = 5
+    step_thread_niceness: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

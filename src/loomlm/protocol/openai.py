@@ -145,14 +145,48 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class FunctionDefinition(BaseModel):
+    """A function the model may call: its name, description and JSON-schema `parameters`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ChatCompletionToolsParam(BaseModel):
+    """One entry of `tools`: `{"type": "function", "function": {...}}`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ChatCompletionNamedFunction(BaseModel):
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(BaseModel):
+    """`tool_choice` naming one function: `{"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"] = "function"
+    function: ChatCompletionNamedFunction
+
+
 class ChatCompletionRequest(SamplingRequestFields):
     """`POST /v1/chat/completions`.
 
     `max_completion_tokens` is OpenAI's newer name for `max_tokens` and wins
     when both are given; with neither, generation may run to the context window.
+    `tool_choice` left out is "auto" when `tools` are given (vLLM), else "none".
     """
 
     messages: list[ChatMessage]
+    tools: list[ChatCompletionToolsParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None = None
+    parallel_tool_calls: bool | None = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -263,9 +297,27 @@ class CompletionStreamResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call the model made: `{"id", "type": "function", "function": {"name", "arguments"}}`."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
+    """The assistant's message; `content` None when it only called tools. `reasoning_content`
+    (vLLM / DeepSeek's field) appears only with a reasoning parser."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = None
+    reasoning_content: str | None = Field(default=None, exclude_if=_omit_none)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -288,11 +340,28 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = Field(default=None, exclude_if=_omit_none)
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_omit_none)
+    arguments: str | None = Field(default=None, exclude_if=_omit_none)
+
+
+class DeltaToolCall(BaseModel):
+    """A tool-call fragment of a stream, as OpenAI sends them: the first of a call carries its
+    `index`, `id`, `type` and function name; the next ones argument text to append."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_omit_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_omit_none)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     """A chat stream delta; unset keys are left out (`{}` on the finishing chunk), as OpenAI does."""
 
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_omit_none)
     content: str | None = Field(default=None, exclude_if=_omit_none)
+    reasoning_content: str | None = Field(default=None, exclude_if=_omit_none)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_omit_none)
 
 
 class TGIDeltaMessage(BaseModel):

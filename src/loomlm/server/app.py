@@ -48,7 +48,9 @@ logger = logging.getLogger("loomlm.server")
 
 
 def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_concurrent_requests: int = 128,
-              api_keys: Sequence[str] | None = None, limits: ServerLimits | None = None) -> FastAPI:
+              api_keys: Sequence[str] | None = None, limits: ServerLimits | None = None,
+              enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+              reasoning_parser: str | None = None) -> FastAPI:
     """An app serving `engine` through the OpenAI-, LoRAX / TGI- and Scale LLM Engine-compatible APIs.
 
     Routes: OpenAI `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
@@ -64,10 +66,12 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     says so. Errors use each family's body (see `loomlm.server.errors`). Each request is
     counted, timed and logged in one line on the `loomlm.server` logger. `limits` bound every
     request (body size, JSON depth, counts, memory ceiling; `loomlm.server.limits`), default
-    `ServerLimits()`.
+    `ServerLimits()`. `enable_auto_tool_choice` / `tool_call_parser`: vLLM's tool-calling flags
+    (`loomlm.server.tool_parsers`); `reasoning_parser`: vLLM's `--reasoning-parser`
+    (`loomlm.server.chat_output`).
 
     Raises:
-        ValueError: an empty API key.
+        ValueError: an empty API key, an unknown tool-call parser, auto tool choice without one.
     """
     app = FastAPI(title="loomlm",
                   summary=f"OpenAI-, LoRAX- and LLM Engine-compatible server for {engine.served_model_name}")
@@ -85,7 +89,8 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     app.add_middleware(RequestLimitsMiddleware, limits=limits, metrics=metrics)
     install_api_keys(app, api_keys)  # before the accounting middleware, which then logs the 401s too
     app.add_middleware(RequestAccountingMiddleware, metrics=metrics)
-    openai_router, openai = build_openai_router(engine, metrics, chat_template, limits)
+    openai_router, openai = build_openai_router(engine, metrics, chat_template, limits, enable_auto_tool_choice,
+                                                tool_call_parser, reasoning_parser)
     app.include_router(openai_router)
     tgi_router, tgi = build_tgi_router(engine, metrics, max_concurrent_requests, limits, chat_template)
     app.include_router(tgi_router)
@@ -166,6 +171,9 @@ def run_server(
     max_concurrent_requests: int = 128,
     api_keys: Sequence[str] | None = None,
     limits: ServerLimits | None = None,
+    enable_auto_tool_choice: bool = False,
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` into an AsyncLLMEngine and serve it with uvicorn until interrupted.
@@ -188,7 +196,8 @@ def run_server(
         engine_kwargs["served_model_name"] = served_model_name
     engine = AsyncLLMEngine.from_engine_args(model=model, **engine_kwargs)
     try:
-        app = build_app(engine, chat_template, max_concurrent_requests, api_keys, limits)
+        app = build_app(engine, chat_template, max_concurrent_requests, api_keys, limits, enable_auto_tool_choice,
+                        tool_call_parser, reasoning_parser)
         freeze_gc_heap()
         # uvicorn's access log would duplicate the accounting middleware's line.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -116,6 +116,7 @@ class ServerLimits:
         max_prompts_per_request: prompts in one batched `/v1/completions` body.
         max_score_values: continuations in one `/score` body.
         max_messages: chat messages in one body.
+        max_tools: `tools` in one chat body.
         max_merged_adapters: adapters in one LoRAX `merged_adapters`.
         max_stop_sequences: stop strings (and `bad_words`) per request.
         max_stop_chars: longest stop string / bad word.
@@ -136,6 +137,7 @@ class ServerLimits:
     max_prompts_per_request: int = 256
     max_score_values: int = 256
     max_messages: int = 1024
+    max_tools: int = 128
     max_merged_adapters: int = 16
     max_stop_sequences: int = 64
     max_stop_chars: int = 1024

@@ -26,10 +26,12 @@ from loomlm.protocol.openai import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    DeltaToolCall,
     SamplingRequestFields,
     TGIDeltaMessage,
     UsageInfo,
 )
+from loomlm.server.chat_output import ChatOutputState
 from loomlm.server.errors import BadRequestError, error_body
 from loomlm.server.openai_generation import Generation
 from loomlm.server.openai_logprobs import (
@@ -49,9 +51,18 @@ from loomlm.server.sse import (
 logger = logging.getLogger(__name__)
 
 
-def full_response(generation: Generation, created_s: int, is_chat: bool, token_text: Callable[[int], str]
-                  ) -> BaseModel:
-    """The whole (non-streamed) completion or chat completion of `generation`, OpenAI's shape."""
+def _chat_message(text: str, state: ChatOutputState | None) -> ChatResponseMessage:
+    if state is None:
+        return ChatResponseMessage(content=text)
+    reasoning, content, calls = state.message(text)
+    return ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls)
+
+
+def full_response(generation: Generation, created_s: int, is_chat: bool, token_text: Callable[[int], str],
+                  chat_output: ChatOutputState | None = None) -> BaseModel:
+    """The whole (non-streamed) completion or chat completion of `generation`, OpenAI's shape;
+    with `chat_output` (a chat with tools or a reasoning parser) each choice's text is read into
+    reasoning, content and tool calls."""
     request_id = generation.request_id
     params = generation.params[0]
     n = params.n
@@ -63,17 +74,17 @@ def full_response(generation: Generation, created_s: int, is_chat: bool, token_t
     ]
     usage = generation.usage()
     if is_chat:
-        chat_choices = [
-            ChatCompletionChoice(
+        chat_choices = []
+        for i, c, _ in results:
+            state = chat_output.fresh() if chat_output is not None else None  # one per choice
+            chat_choices.append(ChatCompletionChoice(
                 index=i,
-                message=ChatResponseMessage(content=c.text),
+                message=_chat_message(c.text, state),
                 logprobs=chat_logprobs(c.token_ids, c.logprobs, params.logprobs or 0, token_text)
                 if c.logprobs is not None else None,
-                finish_reason=c.finish_reason,
+                finish_reason=state.finish_reason(c.finish_reason) if state is not None else c.finish_reason,
                 stop_reason=c.stop_reason,
-            )
-            for i, c, _ in results
-        ]
+            ))
         return ChatCompletionResponse(
             id=request_id, created=created_s, model=generation.model_name, choices=chat_choices, usage=usage,
             prompt_logprobs=prompt_logprobs_json(views[0].prompt_logprobs),
@@ -98,9 +109,13 @@ async def stream_response(
     created_s: int,
     is_chat: bool,
     token_text: Callable[[int], str],
+    chat_output: ChatOutputState | None = None,
 ) -> StreamingResponse:
     """`generation` as OpenAI's SSE stream of chunks (completion or chat), after its first output
-    (so that input the engine rejects is still a plain HTTP 400)."""
+    (so that input the engine rejects is still a plain HTTP 400). With `chat_output` (tools or a
+    reasoning parser), each choice's text is read as it grows: reasoning_content and content
+    deltas, then per tool call one chunk with its id and name and one with its arguments
+    (argument fragments as generated for a named function), reassembling to the non-streamed message."""
     chunk_cls = ChatCompletionStreamResponse if is_chat else CompletionStreamResponse
 
     def make_chunk(choices: list[Any], usage: UsageInfo | None = None) -> BaseModel:
@@ -111,7 +126,27 @@ async def stream_response(
     num_top = generation.params[0].logprobs or 0
     tgi_client = is_chat and getattr(body, "model", None) == TGI_CLIENT_MODEL
 
-    def make_choice(delta: TextDelta) -> BaseModel:
+    states: dict[int, ChatOutputState] = {}
+    texts: dict[int, str] = {}
+
+    def make_parsed_choice(delta: TextDelta) -> BaseModel | None:
+        state = states.setdefault(delta.index, chat_output.fresh())
+        texts[delta.index] = texts.get(delta.index, "") + delta.text
+        finished = delta.finish_reason is not None
+        reasoning, content, fragments = state.delta(texts[delta.index], finished)
+        if not reasoning and not content and not fragments and not finished:
+            return None  # held back: nothing to show yet
+        message = DeltaMessage(reasoning_content=reasoning or None, content=content or None,
+                               tool_calls=[DeltaToolCall.model_validate(f) for f in fragments] or None)
+        logprobs = None if delta.logprobs is None else chat_logprobs(
+            delta.token_ids, delta.logprobs, num_top, token_text)
+        return ChatCompletionStreamChoice(index=delta.index, delta=message, logprobs=logprobs,
+                                          finish_reason=state.finish_reason(delta.finish_reason),
+                                          stop_reason=delta.stop_reason)
+
+    def make_choice(delta: TextDelta) -> BaseModel | None:
+        if is_chat and chat_output is not None and not tgi_client:
+            return make_parsed_choice(delta)
         if not is_chat:
             logprobs = None if delta.logprobs is None else completion_logprobs(
                 delta.token_ids, delta.logprobs, num_top, token_text, delta.text_offset)
@@ -150,12 +185,12 @@ async def _sse_events(
     generation: Generation,
     opening: list[BaseModel],
     make_chunk: Callable[..., BaseModel],
-    make_choice: Callable[[TextDelta], BaseModel],
+    make_choice: Callable[[TextDelta], BaseModel | None],
     include_usage: bool,
     done: bool = True,
 ) -> AsyncGenerator[str, None]:
     """SSE text of a stream (first_then_rest's `outputs`): the opening chunks, one chunk per text
-    delta of a choice (its last one with the finish_reason), the usage chunk if asked for, then
+    delta of a choice (its last one with the finish_reason; none where `make_choice` holds it back), the usage chunk if asked for, then
     `[DONE]` (unless `done` is False). Closing it aborts the generation.
     """
     # Per OpenAI, with include_usage every chunk carries "usage": null except the last.
@@ -167,7 +202,9 @@ async def _sse_events(
                 yield sse_event(chunk.model_dump_json(exclude=exclude))
             async for item in outputs:
                 for delta in tracker.deltas(*item):
-                    yield sse_event(make_chunk([make_choice(delta)]).model_dump_json(exclude=exclude))
+                    choice = make_choice(delta)
+                    if choice is not None:
+                        yield sse_event(make_chunk([choice]).model_dump_json(exclude=exclude))
         finally:
             await aclose_shielded(outputs)
         if include_usage:

@@ -14,6 +14,7 @@ fields, the error messages and the usage accounting; see
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -43,7 +44,7 @@ from loomlm.protocol.openai import (
     UnloadLoRAAdapterRequest,
 )
 from loomlm.protocol.structured_outputs import from_openai
-from loomlm.sampling_params import SamplingParams
+from loomlm.sampling_params import SamplingParams, StructuredOutputsParams
 from loomlm.server.errors import (
     BadRequestError,
     ModelNotFoundError,
@@ -53,10 +54,17 @@ from loomlm.server.errors import (
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_generation import Generation, drain
+from loomlm.server.chat_output import REASONING_PARSERS, ChatOutputState
 from loomlm.server.openai_responses import full_response, stream_response
 from loomlm.server.sse import (
     ClientDisconnected,
     run_until_disconnect,
+)
+from loomlm.server.tool_parsers import (
+    TOOL_CALL_PARSERS,
+    ToolCallState,
+    named_schema,
+    required_schema,
 )
 
 if TYPE_CHECKING:
@@ -89,7 +97,17 @@ class OpenAIServing:
     """Serves the OpenAI routes for one engine (its served model name, tokenizer, context window)."""
 
     def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None,
-                 limits: ServerLimits | None = None) -> None:
+                 limits: ServerLimits | None = None, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {list(REASONING_PARSERS)}, got {reasoning_parser!r}.")
+        self.reasoning_parser = reasoning_parser
+        if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {list(TOOL_CALL_PARSERS)}, got {tool_call_parser!r}.")
+        if enable_auto_tool_choice and tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser.")
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.tool_call_parser = tool_call_parser
         self.engine = engine
         self.chat_template = chat_template  # the server default (--chat-template); None: the model's
         self.metrics = metrics
@@ -157,14 +175,57 @@ class OpenAIServing:
         lora = await self._lora_for_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+        tools, tool_state = self._tool_choice(body)
+        extra: dict[str, Any] = {}
+        if tool_state.mode in ("required", "named"):
+            schema = (required_schema(tools, body.parallel_tool_calls is not False) if tool_state.mode == "required"
+                      else named_schema(next(t for t in tools if t["function"]["name"] == tool_state.function_name)))
+            extra["structured_outputs"] = StructuredOutputsParams(json=schema)
         params = self._sampling_params(body, body.requested_max_tokens,
-                                       logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-        prompt_text = await self._render_chat(body)
+                                       logprobs=(body.top_logprobs or 0) if body.logprobs else None, **extra)
+        if tool_state.mode == "auto":
+            params = params.clone(skip_special_tokens=False)  # markers such as [TOOL_CALLS] are special tokens (vLLM)
+        prompt_text = await self._render_chat(body, tools)
         # The template already wrote the special tokens (vLLM chat: add_special_tokens=False).
         encoded = await self._encode(prompt_text, params, add_special_tokens=False, param="messages")
         prompts = [encoded.token_ids]
+        tools_read = tool_state if tool_state.mode != "none" else None
+        chat_output = (ChatOutputState(tools_read, self.reasoning_parser)
+                       if tools_read is not None or self.reasoning_parser is not None else None)
         return await self._serve(body, raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", is_chat=True,
-                                 lora=lora)
+                                 lora=lora, chat_output=chat_output)
+
+    def _tool_choice(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, ToolCallState]:
+        """The request's tools (as the chat template takes them) and how its output is read, with
+        vLLM's rules and messages; 400 for a tool_choice without tools, "auto" on a server without
+        --enable-auto-tool-choice, a named function not in `tools`, or forced tool calls together
+        with another structured output."""
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+        if tools is not None:
+            with bad_request_on_value_error("tools"):
+                self.limits.check_count("tools", len(tools), self.limits.max_tools, "tools")
+        choice = body.tool_choice
+        if choice is None:
+            choice = "auto" if tools else "none"
+        if choice == "none":
+            return tools, ToolCallState("none")
+        if not tools:
+            raise BadRequestError("When using `tool_choice`, `tools` must be set.", "tool_choice")
+        if choice == "auto":
+            if not self.enable_auto_tool_choice:
+                raise BadRequestError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                                      "to be set", "tool_choice")
+            return tools, ToolCallState("auto", parser=self.tool_call_parser)
+        if any(getattr(body, name) is not None for name in ("response_format", "guided_json", "guided_regex",
+                                                             "guided_choice", "guided_grammar")):
+            raise BadRequestError("tool_choice 'required' or a named function cannot be combined with "
+                                  "response_format or guided decoding.", "tool_choice")
+        if choice == "required":
+            return tools, ToolCallState("required")
+        name = choice.function.name
+        if name not in {tool["function"]["name"] for tool in tools}:
+            raise BadRequestError(f"Tool '{name}' has not been passed in `tools`.", "tool_choice")
+        return tools, ToolCallState("named", function_name=name)
 
     # -- request -> engine ----------------------------------------------------------------
 
@@ -258,7 +319,8 @@ class OpenAIServing:
                              else await asyncio.to_thread(self.tokenizer.decode, encoded.token_ids))
         return prompts, texts
 
-    async def _render_chat(self, body: ChatCompletionRequest | TokenizeRequest) -> str:
+    async def _render_chat(self, body: ChatCompletionRequest | TokenizeRequest,
+                           tools: list[dict[str, Any]] | None = None) -> str:
         """The conversation rendered (in a worker thread) by the request's chat template, else the
         server's (--chat-template), else the model's own. A request's own template needs
         `--trust-request-chat-template` and gets `chat_template_timeout_s` to render."""
@@ -274,7 +336,7 @@ class OpenAIServing:
         try:
             return await asyncio.to_thread(
                 render_chat, self.tokenizer, messages, body.chat_template or self.chat_template,
-                body.add_generation_prompt is not False, bool(body.continue_final_message), timeout_s)
+                body.add_generation_prompt is not False, bool(body.continue_final_message), timeout_s, tools)
         except ValueError as exc:
             raise BadRequestError(str(exc), "chat_template" if timeout_s is not None else "messages") from exc
 
@@ -326,6 +388,7 @@ class OpenAIServing:
         echo_texts: list[str] | None = None,
         keep_generated: bool = True,
         lora: LoRARequest | None = None,
+        chat_output: ChatOutputState | None = None,
     ) -> Response:
         per_prompt_params = []
         for prompt in prompts:
@@ -347,11 +410,12 @@ class OpenAIServing:
                 await run_until_disconnect(raw_request, self._beam_search(body, generation))
                 return JSONResponse(full_response(generation, created_s, is_chat, self._token_text).model_dump())
             if body.stream:
-                return await stream_response(body, raw_request, generation, created_s, is_chat, self._token_text)
+                return await stream_response(body, raw_request, generation, created_s, is_chat, self._token_text,
+                                             chat_output)
             await run_until_disconnect(raw_request, drain(generation))
         except ClientDisconnected:
             return Response(status_code=_STATUS_CLIENT_CLOSED)
-        return JSONResponse(full_response(generation, created_s, is_chat, self._token_text).model_dump())
+        return JSONResponse(full_response(generation, created_s, is_chat, self._token_text, chat_output).model_dump())
 
     async def _beam_search(self, body: SamplingRequestFields, generation: Generation) -> None:
         """vLLM's `use_beam_search`: beam_width = n, one search per prompt, run concurrently;
@@ -380,8 +444,17 @@ class OpenAIServing:
         record_usage(generation.raw_request, self.metrics, usage.prompt_tokens, usage.completion_tokens)
 
 def _message_for_template(message: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates expect it: `content` a string (text parts joined)."""
+    """A message as chat templates expect it: `content` a string (text parts joined), and the
+    arguments of an assistant's `tool_calls` decoded from their JSON text (vLLM does the same:
+    templates index into them)."""
     data = message.model_dump(exclude_none=True)
+    for call in data.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                pass  # left as the client wrote it
     content = message.content
     if isinstance(content, list):
         texts = []
@@ -413,11 +486,18 @@ def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
 
 
 def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None,
-                        limits: ServerLimits | None = None) -> tuple[APIRouter, OpenAIServing]:
+                        limits: ServerLimits | None = None, enable_auto_tool_choice: bool = False,
+                        tool_call_parser: str | None = None, reasoning_parser: str | None = None
+                        ) -> tuple[APIRouter, OpenAIServing]:
     """The OpenAI routes for `engine`, counting tokens into `metrics`; `chat_template` overrides the
-    model's; `limits` bound each request (default `ServerLimits()`). (vLLM's `/tokenize` form is
-    dispatched by the app, through the returned serving object.)"""
-    serving = OpenAIServing(engine, metrics, chat_template, limits)
+    model's; `limits` bound each request (default `ServerLimits()`); `enable_auto_tool_choice` and
+    `tool_call_parser` (vLLM's flags) let `tool_choice: "auto"` read tool calls out of the text
+    (`loomlm.server.tool_parsers`); `reasoning_parser` splits `<think>` reasoning into
+    `reasoning_content` (`loomlm.server.chat_output`). (vLLM's `/tokenize` form is dispatched by
+    the app, through the returned serving object.) Raises ValueError for an unknown parser, or auto
+    tool choice without one."""
+    serving = OpenAIServing(engine, metrics, chat_template, limits, enable_auto_tool_choice, tool_call_parser,
+                            reasoning_parser)
     router = APIRouter()
     router.add_api_route("/v1/models", serving.list_models, methods=["GET"], response_model=ModelList)
     router.add_api_route("/v1/load_lora_adapter", serving.load_lora_adapter, methods=["POST"], response_model=None)
