@@ -131,8 +131,8 @@ def test_unknown_model_and_engine_arg_raise():
         LLM("no-such-model-alias")
     with pytest.raises(ValueError):
         LLM("smollm2-135m-instruct", not_an_engine_arg=1)
-    with pytest.raises(ValueError, match="task='embed' is not supported"):  # vLLM's task arg: generation only
-        LLM("smollm2-135m-instruct", task="embed")
+    with pytest.raises(ValueError, match="task='classify' is not supported"):  # vLLM's task arg: generate / embed
+        LLM("smollm2-135m-instruct", task="classify")
 
 
 def test_task_generate_is_accepted():

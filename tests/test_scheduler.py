@@ -188,3 +188,61 @@ def test_default_config_admits_a_burst_of_128_and_prefills_it_in_arrival_order()
     assert steps[0] == 0
     # Every request streams before the first one finishes (no second wave waiting for slots).
     assert not any(r.is_finished for r in requests)
+
+
+def steps_to_first_token(policy: str, late_priority: int) -> tuple[int, int, list[Request]]:
+    """A saturated engine (two sequence slots, a pool for about two requests) running six long
+    low-priority requests; then one request arrives with `late_priority`. Returns the steps until
+    its first token, the preemptions, and every request (finished)."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=2, scheduling_policy=policy),
+                      BlockManager(12, 4))
+    background = [make_request(f"bg{i}", 8, 12) for i in range(6)]
+    for r in background:
+        r.priority = 5 if policy == "priority" else 0
+        sched.add_request(r)
+    for _ in range(3):  # the batch is running
+        out = sched.schedule()
+        sched.update_from_output(out, {it.request.request_id: 7 for it in out.scheduled if it.samples_token})
+    late = make_request("late", 8, 4, first_token_id=100)
+    late.priority = late_priority
+    sched.add_request(late)
+    steps, preemptions = None, 0
+    for step in range(1, 1000):
+        if not sched.has_unfinished_requests():
+            break
+        out = sched.schedule()
+        check_step(sched, out)
+        preemptions += len(out.preempted_request_ids)
+        sched.update_from_output(out, {it.request.request_id: 7 for it in out.scheduled if it.samples_token})
+        if steps is None and late.num_output_tokens:
+            steps = step
+    sched.block_manager.check_invariants()
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    return steps, preemptions, background + [late]
+
+
+def test_priority_request_gets_its_first_token_before_fcfs_would():
+    """vLLM's --scheduling-policy priority: a late request of higher priority (lower value) is
+    admitted at once, preempting the lowest-priority running one; under FCFS it waits for slots.
+    Nothing is lost: every request ends with all its tokens."""
+    fcfs_steps, fcfs_preemptions, fcfs_requests = steps_to_first_token("fcfs", 0)
+    prio_steps, prio_preemptions, prio_requests = steps_to_first_token("priority", 0)
+    assert prio_steps == 1 and fcfs_steps > 10, (prio_steps, fcfs_steps)
+    assert prio_preemptions >= 1 and fcfs_preemptions == 0
+    for r in fcfs_requests + prio_requests:
+        assert r.status == RequestStatus.FINISHED_LENGTH and r.num_output_tokens == r.max_tokens
+    # Equal priority: no jumping the queue (strictly higher priority preempts).
+    equal_steps, equal_preemptions, _ = steps_to_first_token("priority", 5)
+    assert equal_steps > 10 and equal_preemptions == 0
+
+
+def test_priority_orders_admission_and_picks_the_lowest_priority_victim():
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, scheduling_policy="priority"),
+                      BlockManager(64, 4))
+    requests = [make_request(f"r{p}", 4, 2) for p in (3, 1, 2)]
+    for r, p in zip(requests, (3, 1, 2)):
+        r.priority = p
+        sched.add_request(r)
+    out = sched.schedule()
+    assert [it.request.request_id for it in out.scheduled] == ["r1", "r2", "r3"]
+    assert sched._victim().request_id == "r3"

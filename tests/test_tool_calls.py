@@ -75,7 +75,6 @@ def stream(state: ToolCallState, text: str, cuts: list[int]) -> tuple[str | None
     """Feed `text` in pieces through `state.delta`, then reassemble as OpenAI's clients do."""
     content, calls = "", {}
     bounds = sorted(set(cuts)) + [len(text)]
-    start = 0
     for i, end in enumerate(bounds):
         piece_content, fragments = state.delta(text[:end], finished=i == len(bounds) - 1)
         content += piece_content
@@ -85,7 +84,6 @@ def stream(state: ToolCallState, text: str, cuts: list[int]) -> tuple[str | None
             call["id"] = f.get("id") or call["id"]
             call["function"]["name"] += f["function"].get("name") or ""
             call["function"]["arguments"] += f["function"].get("arguments") or ""
-        start = end
     return content or None, [calls[i] for i in sorted(calls)]
 
 

@@ -24,6 +24,7 @@ _ENGINE_FLAGS = (
     "kv_cache_memory_bytes",
     "max_num_seqs",
     "step_thread_niceness",
+    "scheduling_policy",
     "max_num_batched_tokens",
     "dtype",
     "device",
@@ -33,6 +34,7 @@ _ENGINE_FLAGS = (
     "trust_remote_code",
     "quantization",
     "task",
+    "override_pooler_config",
     "attention_backend",
     "linear_method",
     "gguf_activation_planes",
@@ -50,6 +52,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one running batch")
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+    group.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"],
+                       help="fcfs (default) or priority: requests' `priority` (lower first) orders admission and "
+                            "may preempt lower-priority requests when the KV cache is full")
     group.add_argument("--step-thread-niceness", type=int, default=None, metavar="N",
                        help="serving: nice increment of the step thread and its OpenMP workers, so HTTP goes "
                             "first on busy cores (default 0: off; costs throughput on few cores)")
@@ -72,7 +77,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
                             "quantized kernels (default: dequantize to float at load); q8_0 / q4_0: quantize "
                             "any checkpoint's projection weights to that GGML type at load")
-    group.add_argument("--task", default=None, help="vLLM's flag: auto or generate (the pooling tasks are refused)")
+    group.add_argument("--task", default=None,
+                       help="vLLM's flag: auto, generate or embed (one engine serves both); other tasks are refused")
+    group.add_argument("--override-pooler-config", default=None, metavar="JSON",
+                       help='default pooling of embeddings, e.g. \'{"pooling_type": "MEAN", "normalize": true}\' '
+                            "(default LAST, normalised)")
     kernels = parser.add_argument_group("kernels (default: the LOOMLM_* variable of the same name, else automatic)")
     kernels.add_argument("--attention-backend", default=None, choices=["torch", "cpu_native"],
                          help="decode attention (LOOMLM_ATTENTION_BACKEND)")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from loomlm.pooling_params import PoolerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,10 @@ class ModelConfig:
             load to that GGML type (gguf-py's reference quantizer, as llama.cpp's
             `llama-quantize`) and run on the same kernels; the embedding table, the LM head and
             MoE experts stay float.
-        task: vLLM's engine arg: "auto" or "generate" (loomlm runs generative models; the
-            pooling tasks "embed", "classify", "score", "reward" are refused).
+        task: vLLM's engine arg: "auto", "generate" or "embed" (loomlm serves generation and
+            embeddings from one engine, whichever is named; "classify", "score", "reward" are refused).
+        override_pooler_config: vLLM's engine arg: the default pooling of embeddings,
+            {"pooling_type": "LAST" | "MEAN", "normalize": bool} (default LAST, normalised).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -64,11 +69,18 @@ class ModelConfig:
     max_logprobs: int = 20
     quantization: str | None = None
     task: str = "auto"
+    override_pooler_config: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.task not in ("auto", "generate"):
-            raise ValueError(f"task={self.task!r} is not supported: loomlm runs generative models "
-                             "(task='generate' or 'auto').")
+        if self.task not in ("auto", "generate", "embed"):
+            raise ValueError(f"task={self.task!r} is not supported: loomlm runs generative models and their "
+                             "embeddings (task='generate', 'embed' or 'auto').")
+        if isinstance(self.override_pooler_config, str):  # the CLI's JSON text
+            try:
+                object.__setattr__(self, "override_pooler_config", json.loads(self.override_pooler_config))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"override_pooler_config is not JSON: {exc}") from None
+        PoolerConfig.from_override(self.override_pooler_config)  # checked here, used by the engine
         if self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATION_METHODS))}, "
                              f"got {self.quantization!r}.")
@@ -166,6 +178,10 @@ class SchedulerConfig:
             its second half waiting for free slots until the first half has finished (TTFT).
         long_prefill_token_threshold: most prompt tokens one request may prefill in a step
             (0: up to the whole budget), so a long prompt does not starve decodes.
+        scheduling_policy: vLLM's: "fcfs" (arrival order) or "priority" (requests' `priority`,
+            lower first, then arrival; when the KV cache is full a waiting request may preempt
+            running ones of lower priority, and the lowest-priority running request is the one
+            preempted).
         step_thread_niceness: added to the nice value of an AsyncLLMEngine's step thread (and so of
             the OpenMP workers it starts), 0-19 (default 0): when the event loop, the HTTP clients or
             a health probe need a core the compute threads hold, the kernel runs them first. A trade:
@@ -179,6 +195,7 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     long_prefill_token_threshold: int = 0
     step_thread_niceness: int = 0
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -192,6 +209,8 @@ class SchedulerConfig:
             )
         if self.long_prefill_token_threshold < 0:
             raise ValueError("long_prefill_token_threshold must be non-negative.")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}.")
         if not 0 <= self.step_thread_niceness <= 19:
             raise ValueError(f"step_thread_niceness must be in [0, 19], got {self.step_thread_niceness}.")
 

@@ -16,7 +16,8 @@ from loomlm.chat_utils import render_chat
 from loomlm.engine.input_processor import EncodedPrompt
 from loomlm.engine.llm_engine import LLMEngine
 from loomlm.lora.request import LoRARequest
-from loomlm.outputs import RequestOutput
+from loomlm.outputs import EmbeddingRequestOutput, RequestOutput
+from loomlm.pooling_params import PoolingParams, embedding_sampling_params
 from loomlm.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
@@ -52,6 +53,7 @@ class LLM:
         *,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for all prompts, batched; outputs come back in prompt order.
 
@@ -59,6 +61,7 @@ class LLM:
             dicts `{"prompt": str}` / `{"prompt_token_ids": list[int]}` (vLLM's TextPrompt / TokensPrompt).
         sampling_params: one for all prompts, or one per prompt (default: SamplingParams()).
         lora_request: an adapter for all prompts, or one (or None) per prompt; needs enable_lora=True.
+        priority: one per prompt, lower first (vLLM's; needs scheduling_policy="priority").
         Raises ValueError for an invalid prompt or parameters; then no prompt is run.
         """
         prompt_list = _as_prompt_list(prompts)
@@ -79,8 +82,12 @@ class LLM:
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt loses no work.
         first_id = self._counter
-        requests = [engine.input_processor.process(str(first_id + i), prompt, params, lora)
-                    for i, (prompt, params, lora) in enumerate(zip(prompt_list, params_list, lora_list))]
+        priorities = [0] * len(prompt_list) if priority is None else list(priority)
+        if len(priorities) != len(prompt_list):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompt_list)} prompts.")
+        requests = [engine.input_processor.process(str(first_id + i), prompt, params, lora, priority=rank)
+                    for i, (prompt, params, lora, rank) in enumerate(zip(prompt_list, params_list, lora_list,
+                                                                        priorities))]
         # More adapters than slots is fine: a request waits for a slot to free up.
         adapters = {lora.lora_name: lora for lora in lora_list if lora is not None}
         for lora in adapters.values():
@@ -151,6 +158,36 @@ class LLM:
             render_chat(tokenizer, list(conversation), chat_template, add_generation_prompt, continue_final_message),
             add_special_tokens=False) for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        *,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """Embed each prompt (vLLM's `LLM.embed`): the model's final hidden states over the prompt,
+        pooled ("LAST" token by default, or "MEAN") and L2-normalised (`PoolingParams`; the engine
+        default comes from `override_pooler_config`). Batched with anything else in the engine.
+
+        Returns one EmbeddingRequestOutput per prompt, in order; `outputs.embedding` has
+        hidden_size floats. Raises ValueError for an invalid prompt or params (nothing is run).
+        """
+        prompt_list = _as_prompt_list(prompts)
+        pooling = pooling_params or PoolingParams()
+        engine = self.llm_engine
+        first_id = self._counter
+        requests = [engine.input_processor.process(str(first_id + i), prompt, embedding_sampling_params(),
+                                                   lora_request, pooling_params=pooling)
+                    for i, prompt in enumerate(prompt_list)]
+        pooling.resolved(engine.pooler_config, engine.hf_config.hidden_size)  # dimensions checked before any run
+        if lora_request is not None:
+            engine.check_lora(lora_request)
+        self._counter += len(requests)
+        for request in requests:
+            engine.add_engine_request(request)
+        return self._run_engine([request.request_id for request in requests], use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -83,3 +83,27 @@ class RequestOutput:
     encoder_prompt: str | None = None
     encoder_prompt_token_ids: list[int] | None = None
     kv_transfer_params: dict | None = field(default=None, repr=False)
+
+
+@dataclass
+class EmbeddingOutput:
+    """One prompt's embedding (vLLM's `EmbeddingOutput`): `embedding` [hidden_size] floats."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """The result of an embedding request (vLLM's `EmbeddingRequestOutput`, a `PoolingRequestOutput`).
+
+    `outputs.embedding` is empty when the request was aborted before its prompt was prefilled.
+    """
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool

@@ -34,7 +34,8 @@ from loomlm.config import EngineConfig
 from loomlm.engine.input_processor import EncodedPrompt, EngineRequest, InputProcessor
 from loomlm.engine.llm_engine import LLMEngine
 from loomlm.lora.request import LoRARequest
-from loomlm.outputs import RequestOutput
+from loomlm.outputs import EmbeddingRequestOutput, RequestOutput
+from loomlm.pooling_params import PoolingParams, embedding_sampling_params
 from loomlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -260,20 +261,37 @@ class AsyncLLMEngine:
         """
         await asyncio.to_thread(self.engine.check_lora, lora_request)
 
+    async def embed(self, prompt: str | list[int], pooling_params: PoolingParams | None = None,
+                    request_id: str | None = None, lora_request: LoRARequest | None = None
+                    ) -> EmbeddingRequestOutput:
+        """The prompt's embedding (see `LLM.embed`), its prefill batched with everything else.
+        Raises ValueError for a bad prompt, params or adapter; cancelling aborts it."""
+        final = None
+        async for final in self.generate(prompt, embedding_sampling_params(), request_id, lora_request,
+                                         pooling_params=pooling_params or PoolingParams()):
+            pass
+        if final is None:
+            raise asyncio.CancelledError("the embedding request was aborted")
+        return final
+
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str | None = None, lora_request: LoRARequest | None = None,
-                       prompt_logprobs_from: int = 0) -> AsyncIterator[RequestOutput]:
+                       prompt_logprobs_from: int = 0, pooling_params: PoolingParams | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield cumulative RequestOutputs for one request; the last has `finished=True`.
 
-        With `lora_request`, the adapter is loaded first (`load_lora`). `prompt_logprobs_from`:
-        see `LLMEngine.add_request`. Raises ValueError before yielding anything when the
+        With `lora_request`, the adapter is loaded first (`load_lora`). `prompt_logprobs_from`,
+        `pooling_params` (an embedding request: see `embed`) and `priority` (vLLM's; needs
+        scheduling_policy="priority"): see `LLMEngine.add_request`. Raises ValueError before yielding anything when the
         prompt, the parameters or the adapter are invalid.
         """
         request_id = request_id or uuid.uuid4().hex
         # Validate here, in the caller's task (a worker thread: never the event loop or the step
         # thread), so bad input is reported to this caller only; the engine queues it unchecked.
         request = await asyncio.to_thread(self.input_processor.process, request_id, prompt, sampling_params,
-                                          lora_request, prompt_logprobs_from)
+                                          lora_request, prompt_logprobs_from, None, pooling_params, priority)
+        if pooling_params is not None:  # dimensions: checked here, so that it is this caller's 400
+            pooling_params.resolved(self.engine.pooler_config, self.engine.hf_config.hidden_size)
         if lora_request is not None:
             await self.load_lora(lora_request)
         queue = self._submit(request_id, request=request)

@@ -19,6 +19,7 @@ from loomlm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from loomlm.lora.request import LoRARequest
+    from loomlm.pooling_params import PoolingParams
 
 
 class EncodedPrompt(NamedTuple):
@@ -41,6 +42,8 @@ class EngineRequest:
     prompt_logprobs_from: int = 0
     arrival_time: float = field(default_factory=time.time)  # seconds since the epoch
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
+    pooling_params: PoolingParams | None = None  # an embedding request (its params: one greedy token)
+    priority: int = 0  # scheduling_policy "priority": lower runs first
 
 
 class ContextWindowError(ValueError):
@@ -79,8 +82,10 @@ class InputProcessor:
     """
 
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_logprobs: int,
-                 structured_outputs: Callable[[], object], lora_enabled: bool = False) -> None:
+                 structured_outputs: Callable[[], object], lora_enabled: bool = False,
+                 priority_enabled: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.priority_enabled = priority_enabled
         self.lora_enabled = lora_enabled
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -140,18 +145,25 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
                 lora_request: LoRARequest | None = None, prompt_logprobs_from: int = 0,
-                arrival_time: float | None = None) -> EngineRequest:
+                arrival_time: float | None = None, pooling_params: PoolingParams | None = None,
+                priority: int = 0) -> EngineRequest:
         """Everything a generation request needs checked and tokenized before the engine queues it:
         `encode` (prompt and parameters), the adapter rule, the bad words' token ids.
 
         Raises ValueError (ContextWindowError among them) as `encode` does, or for an adapter
         when LoRA is not enabled.
         """
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
+        if priority != 0 and not self.priority_enabled:
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled "
+                             "(--scheduling-policy priority).")
         encoded = self.encode(prompt, params)
         if lora_request is not None and not self.lora_enabled:
             raise ValueError("LoRA adapters need the engine argument enable_lora=True (loomlm serve --enable-lora).")
         return EngineRequest(request_id, encoded, params, lora_request, prompt_logprobs_from,
-                             arrival_time or time.time(), self.bad_words_token_ids(params.bad_words or []))
+                             arrival_time or time.time(), self.bad_words_token_ids(params.bad_words or []),
+                             pooling_params, priority)
 
     def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each word tokenized bare and with a leading space (vLLM's bad_words), without duplicates."""

@@ -40,6 +40,7 @@ from loomlm.models.loader import (
     resolve_model,
 )
 from loomlm.outputs import RequestOutput
+from loomlm.pooling_params import PoolerConfig, PoolingParams
 from loomlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class LLMEngine:
             if len(self.lora_manager.loaded) < lc.max_loras:  # installed now while slots are free
                 self.lora_manager.activate({lora.lora_name: lora})
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.pooler_config = PoolerConfig.from_override(config.model_config.override_pooler_config)
         self._check_thread = os.environ.get("LOOMLM_CHECK_ENGINE_THREAD") == "1"
         self._owner_thread: threading.Thread | None = None
         self._structured_outputs: StructuredOutputManager | None = None
@@ -109,7 +111,8 @@ class LLMEngine:
         self._beam_hooks: dict[str, Callable[[BeamSearchOutput], None]] = {}
         # The request rules every face shares (thread-safe): faces call it in worker threads.
         self.input_processor = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len,
-                                              mc.max_logprobs, lambda: self.structured_outputs, lc.enable_lora)
+                                              mc.max_logprobs, lambda: self.structured_outputs, lc.enable_lora,
+                                              config.scheduler_config.scheduling_policy == "priority")
 
     @property
     def structured_outputs(self) -> StructuredOutputManager:
@@ -241,7 +244,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | EncodedPrompt, params: SamplingParams,
                     arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                    prompt_logprobs_from: int = 0) -> None:
+                    prompt_logprobs_from: int = 0, pooling_params: PoolingParams | None = None,
+                    priority: int = 0) -> None:
         """Queue a request. Raises ValueError for bad input or a duplicate id (nothing is queued then).
 
         `prompt_logprobs_from`: with `params.prompt_logprobs`, only positions from this one on
@@ -250,12 +254,16 @@ class LLMEngine:
 
         `best_of > n` runs best_of sequences and returns the n with the highest cumulative
         logprob once all have finished (vLLM v0's semantics); no intermediate outputs then.
+
+        `pooling_params`: an embedding request (use `EMBEDDING_PARAMS` as `params`): its prompt is
+        prefilled with the rest of the batch and it finishes with one `EmbeddingRequestOutput`.
         """
         self._assert_owner_thread()
         if request_id in self.output_processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         self.add_engine_request(self.input_processor.process(request_id, prompt, params, lora_request,
-                                                             prompt_logprobs_from, arrival_time))
+                                                             prompt_logprobs_from, arrival_time, pooling_params,
+                                                             priority))
 
     def add_engine_request(self, request: EngineRequest) -> None:
         """Queue a request `InputProcessor.process` made, without checking it again (the async
@@ -267,6 +275,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids = request.prompt
         arrival = request.arrival_time
+        pooling = None
+        if request.pooling_params is not None:
+            if max(params.n, params.best_of or 0) != 1:
+                raise ValueError("an embedding request is one sequence (n=1).")
+            pooling = request.pooling_params.resolved(self.pooler_config, self.hf_config.hidden_size)
         max_tokens = self.input_processor.room_for(len(token_ids), params.max_tokens)
         num_sequences = max(params.n, params.best_of or 0)
         sequences = []
@@ -282,8 +295,11 @@ class LLMEngine:
             seq.needs_logprobs = params.needs_sampled_logprob
             seq.lora_request = lora_request  # counted by the scheduler, installed by the runner
             seq.prompt_logprobs_from = request.prompt_logprobs_from
+            seq.pooling_params = pooling
+            seq.priority = request.priority
             sequences.append(seq)
-        self.output_processor.add_request(request_id, text, token_ids, sequences, params, lora_request, arrival)
+        self.output_processor.add_request(request_id, text, token_ids, sequences, params, lora_request, arrival,
+                                          pooling)
         for seq in sequences:
             self.scheduler.add_request(seq)
 

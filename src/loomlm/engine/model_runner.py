@@ -50,6 +50,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
     # request_id -> logprobs of the prompt tokens whose predicting position ran this step, in order
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    # request_id -> the embedding of a pooling request whose prompt finished prefilling this step
+    pooled: dict[str, list[float]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -167,6 +169,7 @@ class ModelRunner:
         decode_lens: list[int] = []
         spans: list[PrefillSpan] = []
         token_slots: list[int] = []  # each flat-batch token's adapter slot, -1 for the base model
+        pooling_items: list[tuple] = []  # (request, first flat row, first position, tokens, prefill done)
         slot_of = self._activate_loras(scheduler_output)
         for item in items:
             req = item.request
@@ -186,6 +189,8 @@ class ModelRunner:
             else:
                 spans.append(PrefillSpan(first, len(input_ids), end,
                                          torch.tensor(table, dtype=torch.int64, device=self.device)))
+            if req.pooling_params is not None:
+                pooling_items.append((req, first, start, item.num_new_tokens, item.samples_token))
             if item.samples_token:
                 logits_rows.append(len(input_ids) - 1)
                 sampling_requests.append(req)
@@ -212,6 +217,8 @@ class ModelRunner:
         with forward_context(batch):
             hidden = self.model(ids, batch.positions)  # [num_tokens, hidden_size]
         output = ModelRunnerOutput({})
+        if pooling_items:
+            output.pooled = _pool(hidden, pooling_items)
         if prompt_logprob_rows:
             output.prompt_logprobs = self._prompt_logprobs(hidden, prompt_logprob_rows)
         if not sampling_requests:
@@ -309,3 +316,31 @@ def _logprob_lists(t: LogprobsTensors) -> list[PositionLogprobs]:
     """One device-to-host copy per tensor, then per-row Python lists."""
     return [PositionLogprobs(ids, values, rank) for ids, values, rank in
             zip(t.logprob_token_ids.tolist(), t.logprobs.tolist(), t.selected_token_ranks.tolist())]
+
+
+def _pool(hidden: torch.Tensor, items: list[tuple]) -> dict[str, list[float]]:
+    """Embeddings of the pooling requests whose prompts finished prefilling this step.
+
+    hidden: [num_tokens, hidden_size], the model's final hidden states. items: (request, first flat
+    row, first position, tokens this step, prefill done). "MEAN" sums each chunk into the request's
+    `pool_sum` (a chunk from position 0 starts it afresh: a request recomputed after preemption) and
+    divides by the prompt length; "LAST" takes the last prompt token's state. L2-normalised when
+    asked (vLLM's pooler, `F.normalize`), returned as float32 lists.
+    """
+    pooled = {}
+    for req, first, start, count, done in items:
+        params = req.pooling_params
+        if params.pooling_type == "MEAN":
+            chunk = hidden[first:first + count].float().sum(dim=0)  # [hidden_size]
+            req.pool_sum = chunk if start == 0 or req.pool_sum is None else req.pool_sum + chunk
+        if not done:
+            continue
+        if params.pooling_type == "MEAN":
+            vector = req.pool_sum / req.num_prompt_tokens
+            req.pool_sum = None
+        else:
+            vector = hidden[first + count - 1].float()
+        if params.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=-1)
+        pooled[req.request_id] = vector.tolist()
+    return pooled

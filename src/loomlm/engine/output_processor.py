@@ -21,7 +21,15 @@ from loomlm.engine.model_runner import ModelRunnerOutput, PositionLogprobs
 from loomlm.engine.request import Request, RequestStatus
 from loomlm.engine.scheduler import SchedulerOutput
 from loomlm.lora.request import LoRARequest
-from loomlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from loomlm.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+)
+from loomlm.pooling_params import PoolingParams
 from loomlm.sampling_params import SamplingParams
 
 
@@ -41,6 +49,8 @@ class ParentRequest:
     params: SamplingParams
     lora_request: LoRARequest | None
     detokenizers: list[IncrementalDetokenizer | None]
+    pooling_params: PoolingParams | None = None  # an embedding request
+    embedding: list[float] | None = None  # its pooled vector, once its prompt is prefilled
 
     def __post_init__(self) -> None:
         self.num_detokenized = [0] * len(self.sequences)
@@ -56,7 +66,7 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     sequences: list[Request], params: SamplingParams, lora_request: LoRARequest | None,
-                    arrival_time: float) -> None:
+                    arrival_time: float, pooling_params: PoolingParams | None = None) -> None:
         """Track a user request (its sequences already made); a detokenizer per sequence when the
         params ask for text."""
         detokenizers = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, s.sampling_params.stop,
@@ -65,7 +75,7 @@ class OutputProcessor:
                                                s.sampling_params.spaces_between_special_tokens)
                         if params.detokenize else None for s in sequences]
         self.requests[request_id] = ParentRequest(request_id, prompt, prompt_token_ids, sequences, arrival_time,
-                                                  params, lora_request, detokenizers)
+                                                  params, lora_request, detokenizers, pooling_params)
 
     def pop(self, request_id: str) -> ParentRequest | None:
         return self.requests.pop(request_id, None)
@@ -114,7 +124,11 @@ class OutputProcessor:
     # ------------------------------------------------------------------ logprobs
     def record_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
         """Attach this step's sampled-token and prompt logprobs to their sequences (before the
-        tokens are appended)."""
+        tokens are appended), and the embeddings pooled this step to their requests."""
+        for request_id, embedding in runner_output.pooled.items():
+            parent = self.requests.get(request_id)
+            if parent is not None:
+                parent.embedding = embedding
         if not runner_output.logprobs and not runner_output.prompt_logprobs:
             return
         for item in scheduler_output.scheduled:
@@ -157,9 +171,16 @@ class OutputProcessor:
             outputs.append(output)
         return outputs
 
-    def _request_output(self, parent: ParentRequest) -> RequestOutput | None:
-        """The user request's RequestOutput now; None while a best_of > n request is still running."""
+    def _request_output(self, parent: ParentRequest) -> RequestOutput | EmbeddingRequestOutput | None:
+        """The user request's RequestOutput now; None while a best_of > n request is still running.
+        An embedding request gives its EmbeddingRequestOutput once finished (None before)."""
         finished = all(seq.is_finished for seq in parent.sequences)
+        if parent.pooling_params is not None:
+            if not finished:
+                return None
+            # Aborted before its prompt was prefilled: finished, with no embedding.
+            return EmbeddingRequestOutput(parent.request_id, EmbeddingOutput(parent.embedding or []),
+                                          parent.prompt_token_ids, True)
         chosen = list(range(len(parent.sequences)))
         if len(chosen) > parent.params.n:
             if not finished:

@@ -20,6 +20,7 @@ from loomlm.outputs import Logprob
 if TYPE_CHECKING:
     from loomlm.engine.structured_output import StructuredOutputRequest
     from loomlm.lora.request import LoRARequest
+    from loomlm.pooling_params import PoolingParams
 from loomlm.sampling_params import SamplingParams
 
 
@@ -88,6 +89,11 @@ class Request:
         self.lora_request: LoRARequest | None = None
         # Set by the engine for a constrained request (structured outputs).
         self.structured_output: StructuredOutputRequest | None = None
+        # An embedding request: how to pool its prompt's hidden states (resolved: no None fields);
+        # `pool_sum` is the model runner's running sum for MEAN across prefill chunks.
+        self.priority = 0  # scheduling_policy "priority": lower runs first (vLLM's)
+        self.pooling_params: PoolingParams | None = None
+        self.pool_sum: torch.Tensor | None = None
         # A per-request generator makes seeded sampling independent of batch composition.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None and not sampling_params.is_greedy:

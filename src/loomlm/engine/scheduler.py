@@ -7,9 +7,13 @@ prefilling (or recomputing), then waiting requests admitted in FCFS order while 
 sequence slots (`max_num_seqs`) and blocks last. A burst is thus prefilled in arrival order,
 and its first requests stream while later prompts are still being prefilled.
 
-When the KV pool cannot hold a request's next tokens, the most recently arrived running
-request is preempted (a decode already scheduled this step is undone; it may be the request
-itself): its blocks are freed and it goes back to the front of the waiting queue with
+Under `scheduling_policy="priority"` (vLLM's) waiting requests are admitted by (priority, arrival),
+lower values first, and one that finds the pool or the sequence slots full preempts running
+requests of strictly lower priority (greater value) for room.
+
+When the KV pool cannot hold a request's next tokens, the most recently arrived (under the
+priority policy: the lowest-priority, then latest) running request is preempted (a decode
+already scheduled this step is undone; it may be the request itself): its blocks are freed and it goes back to the front of the waiting queue with
 `num_computed_tokens = 0`, to be recomputed later (prompt + tokens generated so far); nothing
 it generated is lost. Follows vLLM v1's scheduler (`vllm/v1/core/sched/scheduler.py`),
 without its phases.
@@ -133,11 +137,9 @@ class Scheduler:
                 continue
             target = request.num_computed_tokens + num_new
             while not bm.can_allocate(request.request_id, target, request.num_computed_tokens):
-                victim = self.running.pop()  # the latest arrival loses its blocks first
+                victim = self._victim()  # the latest arrival (or lowest priority) loses its blocks first
                 # A later decode scheduled before this older prefill chunk gives its tokens back.
-                if (undone := scheduled.pop(victim.request_id, None)) is not None:
-                    budget += undone.num_new_tokens
-                    copies.pop(victim.request_id, None)
+                budget += self._undo(victim, scheduled, copies)
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
                 if victim is request:
@@ -149,15 +151,17 @@ class Scheduler:
                 bm.allocate(request.request_id, target)
                 scheduled[request.request_id] = ScheduledRequest(request, num_new)
                 budget -= num_new
-        out.scheduled = list(scheduled.values())
-        out.blocks_to_copy = list(copies.values())
 
         # Admit waiting requests only if nobody was preempted this step (the pool is tight),
-        # in arrival order, passing over those whose grammar is still compiling or whose
-        # adapter is loading or would be one adapter too many.
+        # in arrival order (priority order under the priority policy), passing over those whose
+        # grammar is still compiling or whose adapter is loading or would be one adapter too many.
+        # Under the priority policy a request that outranks a running one may preempt it for room.
         active_loras = {r.lora_request.lora_name: r.lora_request for r in self.running if r.lora_request is not None}
-        for request in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs or out.preempted_request_ids:
+        for request in self._waiting_order():
+            if budget <= 0:
+                break
+            if (len(self.running) >= self.config.max_num_seqs or out.preempted_request_ids) \
+                    and not self._outranks(request):
                 break
             if request.structured_output is not None and not request.structured_output.is_ready:
                 continue
@@ -166,6 +170,8 @@ class Scheduler:
                 # Readiness first: it starts the adapter's load even while the count is full.
                 if not self._lora_ready(request, out) or len(active_loras) >= self.max_loras:
                     continue
+            if len(self.running) >= self.config.max_num_seqs:
+                budget += self._preempt_for(request, scheduled, copies, out)
             # Prefix caching: a request starting from scratch shares the cached blocks of its
             # longest cached prefix and computes only the rest.
             cached = []
@@ -175,11 +181,21 @@ class Scheduler:
                 lookup = request.all_token_ids
                 if request.sampling_params.prompt_logprobs is not None:
                     lookup = lookup[:request.prompt_logprobs_from]
+                pooling = request.pooling_params
+                if pooling is not None and pooling.pooling_type == "MEAN":
+                    lookup = []  # a mean pools the states of every prompt token: none from the cache
                 cached = bm.find_cached_prefix(lookup, _cache_extra(request))
             num_computed = max(request.num_computed_tokens, len(cached) * bm.block_size)
             num_new = self._chunk(request, budget, num_computed)
-            if not (bm.can_allocate_with_prefix(cached, num_computed + num_new) if request.num_computed_tokens == 0
-                    else bm.can_allocate(request.request_id, num_computed + num_new)):
+
+            def fits() -> bool:
+                return (bm.can_allocate_with_prefix(cached, num_computed + num_new) if request.num_computed_tokens == 0
+                        else bm.can_allocate(request.request_id, num_computed + num_new))
+
+            while not fits() and self._outranks(request):
+                budget += self._preempt_for(request, scheduled, copies, out)
+                num_new = min(num_new, self._chunk(request, budget, num_computed))
+            if not fits() or num_new <= 0:
                 break
             self.waiting.remove(request)
             if request.num_computed_tokens == 0:
@@ -198,13 +214,58 @@ class Scheduler:
             self.running.append(request)
             if lora is not None:
                 active_loras[lora.lora_name] = lora
-            out.scheduled.append(ScheduledRequest(request, num_new, is_new))
+            scheduled[request.request_id] = ScheduledRequest(request, num_new, is_new)
             budget -= num_new
 
+        out.scheduled = list(scheduled.values())
+        out.blocks_to_copy = list(copies.values())
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         out.active_loras = active_loras
         out.block_tables = {it.request.request_id: bm.block_table(it.request.request_id) for it in out.scheduled}
         return out
+
+    # ------------------------------------------------------------------ policy
+    def _priority_key(self, request: Request) -> tuple[int, float]:
+        return request.priority, request.arrival_time
+
+    def _waiting_order(self) -> list[Request]:
+        """Waiting requests in admission order: the queue's (arrival, preempted ones first), or
+        by (priority, arrival) under the priority policy."""
+        if self.config.scheduling_policy == "priority":
+            return sorted(self.waiting, key=self._priority_key)
+        return list(self.waiting)
+
+    def _victim(self) -> Request:
+        """Takes the running request to preempt out of `running`: the latest arrival, or under the
+        priority policy the lowest priority (latest arrival among equals), vLLM v1's choice."""
+        if self.config.scheduling_policy == "priority":
+            victim = max(self.running, key=self._priority_key)
+            self.running.remove(victim)
+            return victim
+        return self.running.pop()
+
+    def _outranks(self, request: Request) -> bool:
+        """Under the priority policy: whether `request` may preempt a running request (one of
+        strictly lower priority, a greater `priority` value, is running)."""
+        return (self.config.scheduling_policy == "priority" and bool(self.running)
+                and max(self.running, key=self._priority_key).priority > request.priority)
+
+    def _undo(self, victim: Request, scheduled: dict[str, ScheduledRequest],
+              copies: dict[str, tuple[int, int]]) -> int:
+        """Drop the victim's work scheduled this step; returns the tokens it gives back to the budget."""
+        copies.pop(victim.request_id, None)
+        undone = scheduled.pop(victim.request_id, None)
+        return undone.num_new_tokens if undone is not None else 0
+
+    def _preempt_for(self, request: Request, scheduled: dict[str, ScheduledRequest],
+                     copies: dict[str, tuple[int, int]], out: SchedulerOutput) -> int:
+        """Preempt the lowest-priority running request to make room for `request` (which outranks
+        it: `_outranks`); returns the budget it gives back."""
+        victim = self._victim()
+        given_back = self._undo(victim, scheduled, copies)
+        self._preempt(victim)
+        out.preempted_request_ids.append(victim.request_id)
+        return given_back
 
     def _lora_ready(self, request: Request, out: SchedulerOutput) -> bool:
         """Whether the request's adapter is loaded (else it waits). A failed adapter load

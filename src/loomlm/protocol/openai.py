@@ -72,6 +72,8 @@ class SamplingRequestFields(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = 1
+    # vLLM extra: with --scheduling-policy priority, lower values are scheduled first.
+    priority: int = 0
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False

@@ -31,6 +31,7 @@ from loomlm.server.errors import (
 )
 from loomlm.server.limits import RequestLimitsMiddleware, ServerLimits
 from loomlm.server.llmengine_router import LLMENGINE_PATH_PREFIX, build_llmengine_router
+from loomlm.server.embeddings_router import EMBED_PATH, build_embeddings_router
 from loomlm.server.lmtp import build_lmtp_router
 from loomlm.server.metrics import (
     RequestAccountingMiddleware,
@@ -38,6 +39,7 @@ from loomlm.server.metrics import (
     register_engine_metrics,
 )
 from loomlm.server.openai_router import build_openai_router
+from loomlm.server.responses_router import build_responses_router
 from loomlm.server.score_router import build_score_router
 from loomlm.server.tgi_router import TGI_PATHS, build_tgi_router
 
@@ -54,10 +56,12 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     """An app serving `engine` through the OpenAI-, LoRAX / TGI- and Scale LLM Engine-compatible APIs.
 
     Routes: OpenAI `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
-    `POST /detokenize`; LoRAX / TGI `POST /`, `/generate`, `/generate_stream`, `GET /info`
+    `POST /detokenize`, `POST /v1/responses` (`loomlm.server.responses_router`); LoRAX / TGI
+    `POST /`, `/generate`, `/generate_stream`, `GET /info`
     (`loomlm.server.tgi_router`); LLM Engine `POST /v1/llm/completions-sync`, `-stream`,
     `GET /v1/llm/model-endpoints[/{name}]` (`loomlm.server.llmengine_router`); loomlm's
-    continuation scoring `POST /score` (`loomlm.server.score_router`); LMQL's model transport
+    continuation scoring `POST /score` (`loomlm.server.score_router`); embeddings, OpenAI's
+    `POST /v1/embeddings` and LoRAX's `POST /embed` (`loomlm.server.embeddings_router`); LMQL's model transport
     protocol, the websocket `ws://HOST:PORT/` (`loomlm.server.lmtp`); `POST /tokenize`
     in either family's form (TGI's when the body has `inputs`, vLLM's otherwise); `GET /health`
     (200 while serving), `GET /metrics` (Prometheus text, from a registry owned by this app).
@@ -83,7 +87,7 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     app.state.metrics = metrics
     app.state.limits = limits
     install_error_handlers(app)
-    register_error_format(app, TGI_PATHS, tgi_error_response, 422)
+    register_error_format(app, (*TGI_PATHS, EMBED_PATH), tgi_error_response, 422)
     register_error_format(app, (), llmengine_error_response, 400, prefixes=(LLMENGINE_PATH_PREFIX,))
     # Middleware added last runs first: accounting, then API keys, then the limits.
     app.add_middleware(RequestLimitsMiddleware, limits=limits, metrics=metrics)
@@ -92,12 +96,14 @@ def build_app(engine: AsyncLLMEngine, chat_template: str | None = None, max_conc
     openai_router, openai = build_openai_router(engine, metrics, chat_template, limits, enable_auto_tool_choice,
                                                 tool_call_parser, reasoning_parser)
     app.include_router(openai_router)
+    app.include_router(build_responses_router(openai))
     tgi_router, tgi = build_tgi_router(engine, metrics, max_concurrent_requests, limits, chat_template)
     app.include_router(tgi_router)
     app.state.tgi = tgi  # its limits (max_concurrent_requests) can be changed while serving
     llmengine_router, _ = build_llmengine_router(engine, metrics, limits)
     app.include_router(llmengine_router)
     app.include_router(build_score_router(engine, metrics, limits))  # errors in the OpenAI format (the default)
+    app.include_router(build_embeddings_router(engine, metrics, limits))
     # LMQL's transport, a websocket on "/" (LoRAX's `POST /` is HTTP: the two do not meet).
     app.include_router(build_lmtp_router(engine, metrics, limits, tuple(api_keys or ())))
 

@@ -48,8 +48,10 @@ class Generation:
         echo_texts: list[str] | None = None,
         keep_generated: bool = True,
         lora_request: LoRARequest | None = None,
+        priority: int = 0,
     ) -> None:
         self.serving = serving
+        self.priority = priority  # vLLM's scheduling priority (--scheduling-policy priority)
         self.lora_request = lora_request
         # Responses name the adapter when one was asked for (vLLM answers with the requested model).
         self.model_name = lora_request.lora_name if lora_request is not None else serving.served_model_name
@@ -88,7 +90,7 @@ class Generation:
         metrics.requests_running.inc()
         try:
             streams = [
-                engine.generate(prompt, params, rid, self.lora_request)
+                engine.generate(prompt, params, rid, self.lora_request, priority=self.priority)
                 for prompt, params, rid in zip(self.prompts, self.params, self.request_ids, strict=True)
             ]
             async with aclosing(merge_async_iterators(streams)) as merged:

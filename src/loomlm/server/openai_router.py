@@ -172,6 +172,16 @@ class OpenAIServing:
 
     async def create_chat_completion(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/chat/completions`, prompt from the model's chat template. Errors: 400, 404."""
+        prompts, params, lora, chat_output = await self.prepare_chat(body)
+        return await self._serve(body, raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", is_chat=True,
+                                 lora=lora, chat_output=chat_output)
+
+    async def prepare_chat(self, body: ChatCompletionRequest
+                           ) -> tuple[list[list[int]], SamplingParams, LoRARequest | None, ChatOutputState | None]:
+        """A chat request checked and turned into engine input: the prompt's token ids (rendered by
+        the chat template, tools included), the sampling params (tool calls forced by structured
+        output where asked), the adapter, and how the text is read back (tools, reasoning; None:
+        as plain content). Shared with the Responses API. Errors: 400, 404."""
         lora = await self._lora_for_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
@@ -192,8 +202,7 @@ class OpenAIServing:
         tools_read = tool_state if tool_state.mode != "none" else None
         chat_output = (ChatOutputState(tools_read, self.reasoning_parser)
                        if tools_read is not None or self.reasoning_parser is not None else None)
-        return await self._serve(body, raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", is_chat=True,
-                                 lora=lora, chat_output=chat_output)
+        return prompts, params, lora, chat_output
 
     def _tool_choice(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, ToolCallState]:
         """The request's tools (as the chat template takes them) and how its output is read, with
@@ -246,19 +255,7 @@ class OpenAIServing:
             raise ModelNotFoundError(model)
 
     async def _lora_for_model(self, model: str | None) -> LoRARequest | None:
-        """The adapter `model` names (LoRAX / vLLM: `model=<adapter id>`), loaded; None for the
-        served model. 404 for a name that is no model and no adapter, 400 for an adapter that
-        fails to load (or a name too long to be one)."""
-        with bad_request_on_value_error("model"):
-            self.limits.check_name("model", model)
-        if model == TGI_CLIENT_MODEL and not self.engine.is_registered_lora(model):
-            model = None  # TGI's clients send this name on every chat; TGI serves its model whatever it is
-        try:
-            return await self.engine.lora_for_model(model)
-        except LookupError as exc:
-            raise ModelNotFoundError(model) from exc
-        except ValueError as exc:
-            raise BadRequestError(str(exc), "model") from exc
+        return await lora_for_openai_model(self.engine, self.limits, model)
 
     def _sampling_params(self, body: SamplingRequestFields, max_tokens: int | None, **extra: Any) -> SamplingParams:
         kwargs: dict[str, Any] = {
@@ -399,7 +396,7 @@ class OpenAIServing:
             except ValueError as exc:  # e.g. min_tokens above what the context window leaves
                 raise BadRequestError(str(exc)) from exc
         generation = Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated,
-                                lora)
+                                lora, body.priority)
         created_s = int(time.time())
         try:
             if body.use_beam_search:
@@ -442,6 +439,23 @@ class OpenAIServing:
             generation.latest[i] = RequestOutput(generation.request_ids[i], None, prompt, None, completions, True)
         usage = generation.usage()
         record_usage(generation.raw_request, self.metrics, usage.prompt_tokens, usage.completion_tokens)
+
+async def lora_for_openai_model(engine: AsyncLLMEngine, limits: ServerLimits, model: str | None
+                                ) -> LoRARequest | None:
+    """The adapter `model` names (LoRAX / vLLM: `model=<adapter id>`), loaded; None for the
+    served model. 404 for a name that is no model and no adapter, 400 for an adapter that
+    fails to load (or a name too long to be one), in OpenAI's format."""
+    with bad_request_on_value_error("model"):
+        limits.check_name("model", model)
+    if model == TGI_CLIENT_MODEL and not engine.is_registered_lora(model):
+        model = None  # TGI's clients send this name on every chat; TGI serves its model whatever it is
+    try:
+        return await engine.lora_for_model(model)
+    except LookupError as exc:
+        raise ModelNotFoundError(model or "") from exc
+    except ValueError as exc:
+        raise BadRequestError(str(exc), "model") from exc
+
 
 def _message_for_template(message: ChatMessage) -> dict[str, Any]:
     """A message as chat templates expect it: `content` a string (text parts joined), and the

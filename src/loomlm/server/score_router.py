@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from loomlm.outputs import json_logprob
 from loomlm.protocol.score import ScoredValue, ScoreRequest, ScoreResponse, ScoreUsage
 from loomlm.scoring import ScoringResult, score_on_engine
-from loomlm.server.errors import BadRequestError, ModelNotFoundError, bad_request_on_value_error
+from loomlm.server.errors import BadRequestError, bad_request_on_value_error
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
+from loomlm.server.openai_router import lora_for_openai_model
 from loomlm.server.sse import ClientDisconnected, run_until_disconnect
 
 if TYPE_CHECKING:
@@ -52,17 +53,10 @@ def build_score_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limits: S
     @router.post(SCORE_PATH, response_model=ScoreResponse)
     async def score(body: ScoreRequest, raw_request: Request) -> Response:
         """Score each value after the prompt. Errors: 400 invalid input, 404 unknown model."""
-        with bad_request_on_value_error("model"):
-            limits.check_name("model", body.model)
         with bad_request_on_value_error("values"):
             limits.check_count("values", 1 if isinstance(body.values, str) else len(body.values),
                                limits.max_score_values, "values")
-        try:
-            lora = await engine.lora_for_model(body.model)
-        except LookupError as exc:
-            raise ModelNotFoundError(body.model or "") from exc
-        except ValueError as exc:
-            raise BadRequestError(str(exc), "model") from exc
+        lora = await lora_for_openai_model(engine, limits, body.model)
         try:
             result = await run_until_disconnect(raw_request, score_on_engine(engine, body.prompt, body.values, lora))
         except ClientDisconnected:
