@@ -115,3 +115,25 @@ def test_serve_enables_lora_unless_disabled() -> None:
     assert serve_engine_kwargs(parser.parse_args(["serve", "--disable-lora"]))["enable_lora"] is False
     with pytest.raises(ValueError, match="--adapter-ids"):
         serve_engine_kwargs(parser.parse_args(["serve", "--disable-lora", "--adapter-ids", "x"]))
+
+
+def test_serve_flags_of_the_new_faces_reach_the_engine_and_app() -> None:
+    """vLLM's names: --scheduling-policy, --override-pooler-config (or --pooling), --tool-call-parser,
+    --enable-auto-tool-choice, --reasoning-parser."""
+    from loomlm.cli import build_parser, serve_engine_kwargs
+    from loomlm.config import EngineConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--scheduling-policy", "priority", "--pooling", "MEAN",
+                              "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                              "--reasoning-parser", "qwen3"])
+    kwargs = serve_engine_kwargs(args)
+    config = EngineConfig.from_kwargs(**kwargs)
+    assert config.scheduler_config.scheduling_policy == "priority"
+    assert config.model_config.override_pooler_config == {"pooling_type": "MEAN"}
+    assert (args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser) == (True, "hermes", "qwen3")
+    json_args = parser.parse_args(["serve", "--override-pooler-config", '{"pooling_type": "MEAN", "normalize": false}'])
+    assert EngineConfig.from_kwargs(**serve_engine_kwargs(json_args)).model_config.override_pooler_config == {
+        "pooling_type": "MEAN", "normalize": False}
+    with pytest.raises(ValueError, match="not both"):
+        serve_engine_kwargs(parser.parse_args(["serve", "--pooling", "LAST", "--override-pooler-config", "{}"]))

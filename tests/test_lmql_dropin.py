@@ -55,7 +55,9 @@ def test_scoring_result_aggregates_over_prompt_and_value_as_lmql(handle):
     assert result.continuations == values and result.num_value_tokens == ours.num_value_tokens
     for seq, ids, full in zip(result.seqs, ours.value_token_ids, ours.full_token_scores):
         assert len(seq) == len(ours.prompt_token_ids) + len(ids)
-        np.testing.assert_allclose(seq.logprobs, np.concatenate([[0.0], full]))
+        # Two scoring calls: the second finds the prompt in the prefix cache, so its chunks (and the
+        # quantized kernels' row paths) differ from the first's: equal to float rounding, not bitwise.
+        np.testing.assert_allclose(seq.logprobs, np.concatenate([[0.0], full]), rtol=0, atol=1e-4)
     sums = np.array([s.logprobs.sum() for s in result.seqs])
     np.testing.assert_allclose(result.scores("sum"), sums)
     np.testing.assert_allclose(result.scores("mean"), [s.logprobs.mean() for s in result.seqs])

@@ -160,6 +160,7 @@ def test_bad_commands_fail_only_their_stream(server, endpoint):
                 await ask("SCORE " + json.dumps({"stream_id": 5, "model": name, "prompt": [1], "scored": []})),
             ]
             await ws.send_str("GENERATE {not json")  # dropped, the connection stays up
+            await ws.send_bytes(b"\xff\xfe not text")  # likewise
             answers.append(await ask("MODEL_INFO " + json.dumps({"stream_id": 6, "model": name})))
             answers.append(await ask("GENERATE " + json.dumps(
                 {"stream_id": 7, "model": name, "prompt": [1, 504], "max_tokens": 1})))

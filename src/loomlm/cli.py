@@ -79,6 +79,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "any checkpoint's projection weights to that GGML type at load")
     group.add_argument("--task", default=None,
                        help="vLLM's flag: auto, generate or embed (one engine serves both); other tasks are refused")
+    group.add_argument("--pooling", default=None, choices=["LAST", "MEAN"],
+                       help="default pooling of embeddings (short for --override-pooler-config "
+                            "'{\"pooling_type\": ...}'; default LAST)")
     group.add_argument("--override-pooler-config", default=None, metavar="JSON",
                        help='default pooling of embeddings, e.g. \'{"pooling_type": "MEAN", "normalize": true}\' '
                             "(default LAST, normalised)")
@@ -96,8 +99,14 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine flags the user gave (None: not given, the engine default applies)."""
-    return {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
+    """The engine flags the user gave (None: not given, the engine default applies). Raises
+    ValueError for --pooling together with --override-pooler-config."""
+    kwargs = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
+    if getattr(args, "pooling", None) is not None:
+        if "override_pooler_config" in kwargs:
+            raise ValueError("give --pooling or --override-pooler-config, not both.")
+        kwargs["override_pooler_config"] = {"pooling_type": args.pooling}
+    return kwargs
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:

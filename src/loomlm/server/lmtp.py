@@ -206,7 +206,16 @@ class LMTPSession:
         writer = asyncio.create_task(self._write())
         try:
             while True:
-                message = await self.websocket.receive_text()
+                received = await self.websocket.receive()
+                if received["type"] == "websocket.disconnect":
+                    break
+                message = received.get("text")
+                if message is None:  # a binary frame: LMTP is text; decode it, or drop it
+                    try:
+                        message = (received.get("bytes") or b"").decode("utf-8")
+                    except UnicodeDecodeError:
+                        logger.warning("LMTP %s: a binary message that is not UTF-8 was dropped", self.connection_id)
+                        continue
                 if len(message) > self.limits.max_request_body_bytes:
                     await self.websocket.close(_MESSAGE_TOO_BIG, "LMTP message too large")
                     return
