@@ -54,9 +54,11 @@ class InProcessLMTPClient:
         return {"model_info": model_info(self.engine)}
 
     def generate(self, prompt: list[int], **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """GENERATE: the TOKEN entries of `prompt`'s continuation (`loomlm.server.lmtp.generate_entries`)."""
         return self._stream(generate_entries, {**kwargs, "prompt": prompt})
 
     def score(self, prompt: list[int], scored_prompt: list[int], **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """SCORE: one TOKEN entry per scored token (`loomlm.server.lmtp.score_entries`)."""
         return self._stream(score_entries, {"prompt": prompt, "scored": scored_prompt})
 
     async def _stream(self, entries, data: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -17,9 +17,9 @@ the diffs of successive reads and reassembles to the whole message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from loomlm.server.tool_parsers import ToolCallState, _held_back
+from loomlm.server.tool_parsers import ToolCallState, held_back
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 _START, _END = "<think>", "</think>"
@@ -38,7 +38,7 @@ def split_reasoning(parser: str, text: str, finished: bool) -> tuple[str, str]:
         return "", ""  # may still be the opening tag
     end = body.find(_END)
     if end < 0:
-        return (body if finished else _held_back(body, _END)), ""
+        return (body if finished else held_back(body, _END)), ""
     return body[:end], body[end + len(_END):]
 
 
@@ -51,7 +51,6 @@ class ChatOutputState:
     reasoning_parser: str | None = None
     sent_reasoning: int = 0
     sent_content: int = 0
-    _rest: str = field(default="", repr=False)
 
     def fresh(self) -> ChatOutputState:
         """A new state of the same configuration, for another choice."""

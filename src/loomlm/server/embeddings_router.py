@@ -26,13 +26,12 @@ from loomlm.server.errors import BadRequestError, TGIError, bad_request_on_value
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_router import lora_for_openai_model
-from loomlm.server.sse import ClientDisconnected, run_until_disconnect
+from loomlm.server.sse import STATUS_CLIENT_CLOSED, ClientDisconnected, run_until_disconnect
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
 
 EMBED_PATH = "/embed"  # LoRAX's route (its error body: register it with the TGI paths)
-_STATUS_CLIENT_CLOSED = 499
 
 
 class EmbeddingRequest(BaseModel):
@@ -101,7 +100,7 @@ def build_embeddings_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limi
             pooling = PoolingParams(normalize=body.normalize, dimensions=body.dimensions)
             results = await embed_all(raw_request, prompts, pooling, lora)
         except ClientDisconnected:
-            return JSONResponse({}, status_code=_STATUS_CLIENT_CLOSED)
+            return JSONResponse({}, status_code=STATUS_CLIENT_CLOSED)
         except ValueError as exc:
             raise BadRequestError(str(exc), "dimensions" if "dimensions" in str(exc) else "input") from exc
         prompt_tokens = sum(len(r.prompt_token_ids) for r in results)
@@ -122,7 +121,7 @@ def build_embeddings_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limi
         try:
             (result,) = await embed_all(raw_request, [body.inputs], PoolingParams(), None)
         except ClientDisconnected:
-            return JSONResponse({}, status_code=_STATUS_CLIENT_CLOSED)
+            return JSONResponse({}, status_code=STATUS_CLIENT_CLOSED)
         except ValueError as exc:
             raise TGIError(str(exc), 422, "validation") from exc
         record_usage(raw_request, metrics, len(result.prompt_token_ids), 0)

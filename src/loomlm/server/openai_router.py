@@ -57,6 +57,7 @@ from loomlm.server.openai_generation import Generation, drain
 from loomlm.server.chat_output import REASONING_PARSERS, ChatOutputState
 from loomlm.server.openai_responses import full_response, stream_response
 from loomlm.server.sse import (
+    STATUS_CLIENT_CLOSED,
     ClientDisconnected,
     run_until_disconnect,
 )
@@ -72,9 +73,6 @@ if TYPE_CHECKING:
     from loomlm.engine.input_processor import EncodedPrompt
 
 logger = logging.getLogger(__name__)
-
-# nginx's "client closed request": logged for requests whose client went away.
-_STATUS_CLIENT_CLOSED = 499
 
 # Sampling fields passed to SamplingParams only when the client set them (else its defaults apply).
 _OPTIONAL_SAMPLING_FIELDS = (
@@ -411,7 +409,7 @@ class OpenAIServing:
                                              chat_output)
             await run_until_disconnect(raw_request, drain(generation))
         except ClientDisconnected:
-            return Response(status_code=_STATUS_CLIENT_CLOSED)
+            return Response(status_code=STATUS_CLIENT_CLOSED)
         return JSONResponse(full_response(generation, created_s, is_chat, self._token_text, chat_output).model_dump())
 
     async def _beam_search(self, body: SamplingRequestFields, generation: Generation) -> None:

@@ -32,13 +32,19 @@ from loomlm.protocol.openai import ChatCompletionRequest
 from loomlm.server.chat_output import ChatOutputState
 from loomlm.server.errors import BadRequestError
 from loomlm.server.openai_generation import Generation, drain
-from loomlm.server.sse import ClientDisconnected, TextDeltaTracker, aclose_shielded, first_then_rest, run_until_disconnect
+from loomlm.server.sse import (
+    STATUS_CLIENT_CLOSED,
+    ClientDisconnected,
+    TextDeltaTracker,
+    aclose_shielded,
+    first_then_rest,
+    run_until_disconnect,
+)
 
 if TYPE_CHECKING:
     from loomlm.server.openai_router import OpenAIServing
 
 RESPONSES_PATH = "/v1/responses"
-_STATUS_CLIENT_CLOSED = 499
 
 
 class ResponsesRequest(BaseModel):
@@ -211,7 +217,7 @@ def build_responses_router(serving: OpenAIServing) -> APIRouter:
                                          headers={"Cache-Control": "no-cache"})
             await run_until_disconnect(raw_request, drain(generation))
         except ClientDisconnected:
-            return Response(status_code=_STATUS_CLIENT_CLOSED)
+            return Response(status_code=STATUS_CLIENT_CLOSED)
         completion = generation.latest[0].outputs[0]
         reasoning, content, calls = state.message(completion.text)
         incomplete = "max_output_tokens" if completion.finish_reason == "length" else None

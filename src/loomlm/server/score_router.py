@@ -21,13 +21,12 @@ from loomlm.server.errors import BadRequestError, bad_request_on_value_error
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_router import lora_for_openai_model
-from loomlm.server.sse import ClientDisconnected, run_until_disconnect
+from loomlm.server.sse import STATUS_CLIENT_CLOSED, ClientDisconnected, run_until_disconnect
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
 
 SCORE_PATH = "/score"
-_STATUS_CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
 
 
 def _clamped(scores) -> list[float]:
@@ -60,7 +59,7 @@ def build_score_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limits: S
         try:
             result = await run_until_disconnect(raw_request, score_on_engine(engine, body.prompt, body.values, lora))
         except ClientDisconnected:
-            return Response(status_code=_STATUS_CLIENT_CLOSED)
+            return Response(status_code=STATUS_CLIENT_CLOSED)
         except ValueError as exc:
             raise BadRequestError(str(exc), "values" if "value" in str(exc) else "prompt") from exc
         response = score_response(result)

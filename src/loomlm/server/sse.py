@@ -24,6 +24,8 @@ from loomlm.outputs import Logprob, RequestOutput
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
+# nginx's "client closed request": the status logged for a request whose client went away.
+STATUS_CLIENT_CLOSED = 499
 
 
 def sse_event(data: str) -> str:

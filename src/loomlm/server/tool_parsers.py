@@ -45,7 +45,7 @@ class ParsedMessage:
     tool_calls: tuple[ParsedToolCall, ...] = ()
 
 
-def _held_back(text: str, marker: str) -> str:
+def held_back(text: str, marker: str) -> str:
     """`text` less its longest suffix that could be the start of `marker` (not yet decidable)."""
     for size in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-size:]):
@@ -82,10 +82,12 @@ def _calls(objects: list[Any], arguments_key: str) -> tuple[ParsedToolCall, ...]
 
 
 def parse_hermes(text: str, finished: bool) -> ParsedMessage:
+    """Hermes 2 Pro / Qwen / SmolLM3 calls: `<tool_call>{"name", "arguments"}</tool_call>` blocks; the
+    text before the first is the content (vLLM's `Hermes2ProToolParser`)."""
     start_tag, end_tag = "<tool_call>", "</tool_call>"
     first = text.find(start_tag)
     if first < 0:
-        return ParsedMessage(text if finished else _held_back(text, start_tag))
+        return ParsedMessage(text if finished else held_back(text, start_tag))
     objects, pos = [], first
     while (start := text.find(start_tag, pos)) >= 0:
         end = text.find(end_tag, start)
@@ -102,6 +104,8 @@ def parse_hermes(text: str, finished: bool) -> ParsedMessage:
 
 
 def parse_llama3_json(text: str, finished: bool) -> ParsedMessage:
+    """Llama 3.1/3.2 JSON calls: `{"name", "parameters"}` objects separated by `;`, optionally after
+    `<|python_tag|>`; text that does not open with one is content (vLLM's `Llama3JsonToolParser`)."""
     tag = "<|python_tag|>"
     stripped = text.lstrip()
     if not stripped:
@@ -116,10 +120,12 @@ def parse_llama3_json(text: str, finished: bool) -> ParsedMessage:
 
 
 def parse_mistral(text: str, finished: bool) -> ParsedMessage:
+    """Mistral calls: `[TOOL_CALLS]` then a JSON array of `{"name", "arguments"}`; the text before the
+    marker is content (vLLM's `MistralToolParser`)."""
     marker = "[TOOL_CALLS]"
     at = text.find(marker)
     if at < 0:
-        return ParsedMessage(text if finished else _held_back(text, marker))
+        return ParsedMessage(text if finished else held_back(text, marker))
     calls = _calls(_json_objects(text, at + len(marker), "[,"), "arguments")
     return ParsedMessage(text if finished and not calls else text[:at], calls)
 
@@ -180,6 +186,7 @@ class ToolCallState:
         return ToolCallState(self.mode, self.parser, self.function_name)
 
     def parse(self, text: str, finished: bool) -> ParsedMessage:
+        """The text so far read under this mode (monotone: see the module docstring)."""
         if self.mode == "none":
             return ParsedMessage(text)
         if self.mode == "named":
