@@ -72,7 +72,8 @@ def test_sample_and_beam_decoders_keep_the_constraints(model):
     for decoder in ("sample(temperature=0.8)", "beam(n=2)"):
         result = asyncio.run(lmql.run(PROGRAM.replace("argmax", decoder), model=model))
         for r in result if isinstance(result, list) else [result]:
-            assert r.variables["ANSWER"].endswith(".") and "." not in r.variables["ANSWER"][:-1], decoder
+            # STOPS_AT: the value ends at its first "." (or at the token limit, when sampling never wrote one)
+            assert "." not in r.variables["ANSWER"][:-1], decoder
             assert r.variables["FRUIT"] in (" kiwi", " durian"), decoder
             assert isinstance(r.variables["N"], int), decoder
 
