@@ -286,6 +286,19 @@ async def _events(outputs: AsyncGenerator, generation: Generation, responder: _R
         return [*events, event("response.output_item.added", output_index=index, item=_call_item(call, "in_progress",
                                                                                                     open_item["id"]))]
 
+    def append_text(kind: str, piece: str) -> list[str]:
+        """`piece` appended to the open item of `kind` ("reasoning" or "message"), opened first if
+        another item (or none) is open: its events."""
+        if not piece:
+            return []
+        events = [] if open_item is not None and open_item["kind"] == kind else open_new(kind)
+        open_item["text"] += piece
+        if kind == "reasoning":
+            return [*events, event("response.reasoning_text.delta", item_id=open_item["id"],
+                                   output_index=open_item["index"], content_index=0, delta=piece)]
+        return [*events, event("response.output_text.delta", item_id=open_item["id"],
+                               output_index=open_item["index"], content_index=0, delta=piece, logprobs=[])]
+
     yield event("response.created", response=responder.response("in_progress", [], None))
     yield event("response.in_progress", response=responder.response("in_progress", [], None))
     tracker, text, finish_reason = TextDeltaTracker(1), "", None
@@ -296,20 +309,9 @@ async def _events(outputs: AsyncGenerator, generation: Generation, responder: _R
                     text += delta.text
                     finish_reason = delta.finish_reason or finish_reason
                     reasoning, content, fragments = state.delta(text, delta.finish_reason is not None)
-                    if reasoning:
-                        for chunk in ([] if open_item is not None and open_item["kind"] == "reasoning"
-                                      else open_new("reasoning")):
+                    for kind, piece in (("reasoning", reasoning), ("message", content)):
+                        for chunk in append_text(kind, piece):
                             yield chunk
-                        open_item["text"] += reasoning
-                        yield event("response.reasoning_text.delta", item_id=open_item["id"],
-                                    output_index=open_item["index"], content_index=0, delta=reasoning)
-                    if content:
-                        for chunk in ([] if open_item is not None and open_item["kind"] == "message"
-                                      else open_new("message")):
-                            yield chunk
-                        open_item["text"] += content
-                        yield event("response.output_text.delta", item_id=open_item["id"],
-                                    output_index=open_item["index"], content_index=0, delta=content, logprobs=[])
                     for fragment in fragments:
                         if "id" in fragment:  # a new call: its name
                             call = {"id": fragment["id"], "function": {"name": fragment["function"]["name"],
