@@ -39,9 +39,9 @@ class FakeRunner:
             assert len(table) * self.block_size >= request.num_computed_tokens + item.num_new_tokens
             if item.samples_token:
                 token = FIRST_TOKEN + len(request.output_token_ids)
-                sampled[request.request_id] = token
+                sampled[request.request_id] = [token]
                 if request.needs_logprobs:
-                    logprobs[request.request_id] = PositionLogprobs([token, 7], [-0.5, -1.5], 1)
+                    logprobs[request.request_id] = [PositionLogprobs([token, 7], [-0.5, -1.5], 1)]
         self.steps.append(step)
         return ModelRunnerOutput(sampled, logprobs)
 

@@ -35,6 +35,7 @@ _ENGINE_FLAGS = (
     "quantization",
     "task",
     "override_pooler_config",
+    "speculative_config",
     "attention_backend",
     "linear_method",
     "gguf_activation_planes",
@@ -85,6 +86,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--override-pooler-config", default=None, metavar="JSON",
                        help='default pooling of embeddings, e.g. \'{"pooling_type": "MEAN", "normalize": true}\' '
                             "(default LAST, normalised)")
+    group.add_argument("--speculative-config", default=None, metavar="JSON",
+                       help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                            '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", '
+                            '"model": ..., "num_speculative_tokens": 4}\' (outputs unchanged; default off)')
     kernels = parser.add_argument_group("kernels (default: the LOOMLM_* variable of the same name, else automatic)")
     kernels.add_argument("--attention-backend", default=None, choices=["torch", "cpu_native"],
                          help="decode attention (LOOMLM_ATTENTION_BACKEND)")

@@ -300,6 +300,92 @@ class KernelConfig:
             raise ValueError(f"gguf_float_rows must be an integer >= 0, got {self.gguf_float_rows!r}.")
 
 
+# Values of SpeculativeConfig.method (vLLM's names).
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config` / `--speculative-config`, same keys).
+
+    Proposals are checked by the target model in one forward pass per step and accepted exactly
+    (greedy: while they equal the target's argmax; sampled: by rejection sampling, Leviathan et
+    al. 2023, so outputs are distributed as without speculation); see `loomlm.spec_decode`.
+
+    Attributes:
+        method: "ngram" (prompt lookup: the tokens that followed the longest earlier match of the
+            context's last n-gram) or "draft_model" (a smaller model with the same vocabulary,
+            `model`, proposes greedily with its own KV cache). None: "draft_model" when `model`
+            is given ("ngram" / "[ngram]" as `model` mean the n-gram method, as in vLLM).
+        num_speculative_tokens: k, the most tokens proposed per request and step (required).
+        prompt_lookup_max, prompt_lookup_min: n-gram lengths tried, longest first; one given
+            sets the other, none gives 5 and 5 (vLLM's defaults).
+        model, revision, quantization: the draft model and how to load it (as ModelConfig's).
+        disable_by_batch_size: no proposals while more requests than this are unfinished
+            (vLLM's `disable_by_batch_size`; None: never disabled by load).
+
+    Below k, proposals adapt per request (`loomlm.spec_decode.manager`): how many are made follows
+    the request's acceptance and the measured cost of a verified token, so speculation that does
+    not pay stops.
+
+    Raises ValueError for an unknown method, a missing or non-positive k, bad n-gram bounds, or a
+    draft model missing.
+    """
+
+    method: str | None = None
+    num_speculative_tokens: int | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    model: str | None = None
+    revision: str | None = None
+    quantization: str | None = None
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        method = self.method
+        if method is None or method == "[ngram]":
+            method = "ngram" if self.model in (None, "ngram", "[ngram]") else "draft_model"
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}.")
+        object.__setattr__(self, "method", method)
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"num_speculative_tokens must be a positive integer, got {k!r}.")
+        if method == "ngram":
+            lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+            if lo is None and hi is None:
+                lo = hi = 5
+            lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise ValueError(f"prompt_lookup_min ({lo}) and prompt_lookup_max ({hi}) must be integers with "
+                                 "1 <= prompt_lookup_min <= prompt_lookup_max.")
+            object.__setattr__(self, "prompt_lookup_min", lo)
+            object.__setattr__(self, "prompt_lookup_max", hi)
+            object.__setattr__(self, "model", None)
+        elif not self.model:
+            raise ValueError("speculative method 'draft_model' needs the draft model ('model').")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be positive, got {self.disable_by_batch_size}.")
+
+    @classmethod
+    def from_value(cls, value) -> SpeculativeConfig | None:
+        """From what `LLM(speculative_config=...)` or `--speculative-config` gives: a dict, its JSON
+        text, a SpeculativeConfig, or None. Raises ValueError for unknown keys or bad JSON."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict (or its JSON), got {type(value).__name__}.")
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown speculative_config key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}.")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
@@ -307,6 +393,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
     kernel_config: KernelConfig = field(default_factory=KernelConfig)
+    speculative_config: SpeculativeConfig | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -314,6 +401,7 @@ class EngineConfig:
 
         Raises ValueError for an unknown argument.
         """
+        speculative = SpeculativeConfig.from_value(kwargs.pop("speculative_config", None))
         parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}, LoRAConfig: {},
                                    KernelConfig: {}}
         for key, value in kwargs.items():
@@ -329,4 +417,5 @@ class EngineConfig:
             scheduler_config=SchedulerConfig(**parts[SchedulerConfig]),
             lora_config=LoRAConfig(**parts[LoRAConfig]),
             kernel_config=KernelConfig(**parts[KernelConfig]),
+            speculative_config=speculative,
         )

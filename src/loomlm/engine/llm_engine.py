@@ -42,6 +42,9 @@ from loomlm.models.loader import (
 from loomlm.outputs import RequestOutput
 from loomlm.pooling_params import PoolerConfig, PoolingParams
 from loomlm.sampling_params import SamplingParams
+from loomlm.spec_decode.draft_model_proposer import DraftModelProposer
+from loomlm.spec_decode.manager import SpecDecodeManager
+from loomlm.spec_decode.ngram_proposer import NgramProposer
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,11 @@ class LLMEngine:
                                           config.cache_config.enable_prefix_caching)
         lc = config.lora_config
         self.lora_manager = self.model_runner.lora_manager  # None without enable_lora
-        self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.lora_manager, lc.max_loras)
+        self.spec_decode = self._spec_decode_manager()  # None without a speculative_config
+        lookahead = config.speculative_config.num_speculative_tokens \
+            if self.spec_decode is not None and config.speculative_config.method == "draft_model" else 0
+        self.scheduler = Scheduler(config.scheduler_config, self.block_manager, self.lora_manager, lc.max_loras,
+                                   lookahead, self.max_model_len)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.hf_config)
         # Adapter id -> its request, for adapters loaded so far (least recently used first): what
         # /v1/models lists. Bounded by max_cpu_loras; the preloaded ones are pinned.
@@ -113,6 +120,33 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len,
                                               mc.max_logprobs, lambda: self.structured_outputs, lc.enable_lora,
                                               config.scheduler_config.scheduling_policy == "priority")
+
+    def _spec_decode_manager(self) -> SpecDecodeManager | None:
+        """The speculative decoding manager and its proposer, per `config.speculative_config`.
+
+        A draft model is loaded into a second ModelRunner whose KV pool has the target's block
+        count (it follows the target's block tables). Raises ValueError for a draft model whose
+        vocabulary differs from the target's."""
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return SpecDecodeManager(spec, NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max,
+                                                         self.max_model_len), self.max_model_len)
+        mc = self.config.model_config
+        draft_mc = replace(mc, model=spec.model, revision=spec.revision, quantization=spec.quantization,
+                           tokenizer=None, tokenizer_revision=None, served_model_name=None)
+        source = resolve_model(draft_mc.model, revision=draft_mc.revision)
+        if source.hf_config.vocab_size != self.hf_config.vocab_size:
+            raise ValueError(f"the draft model {spec.model!r} has a vocabulary of {source.hf_config.vocab_size} "
+                             f"tokens, the target {self.hf_config.vocab_size}: it must share the target's tokenizer.")
+        draft_len = min(self.max_model_len, model_context_window(source.hf_config))
+        cache = replace(self.config.cache_config, num_gpu_blocks_override=self.model_runner.num_blocks)
+        runner = ModelRunner(draft_mc, cache, source.hf_config, model_weights(source, draft_mc), draft_len,
+                             self.config.kernel_config)
+        logger.info("speculative decoding: draft model %s, %d tokens per step", source.name,
+                    spec.num_speculative_tokens)
+        return SpecDecodeManager(spec, DraftModelProposer(runner, self.block_manager), draft_len)
 
     @property
     def structured_outputs(self) -> StructuredOutputManager:
@@ -343,9 +377,11 @@ class LLMEngine:
             return self.output_processor.make_outputs(failed)
         if self._structured_outputs is not None:  # made by the first constrained request
             scheduler_output.grammar_bitmask = self._structured_outputs.grammar_bitmask(scheduler_output)
+        started = time.perf_counter()
         runner_output = self.model_runner.execute(scheduler_output)
+        step_seconds = time.perf_counter() - started
         # Beams do not take their sampled token: their group chooses it from the candidates.
-        beam_candidates = {rid: runner_output.logprobs.pop(rid) for rid in list(runner_output.logprobs)
+        beam_candidates = {rid: runner_output.logprobs.pop(rid)[0] for rid in list(runner_output.logprobs)
                            if rid in self._beam_owner}
         for rid in beam_candidates:
             runner_output.sampled_token_ids.pop(rid, None)
@@ -353,6 +389,10 @@ class LLMEngine:
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         for seq in self.output_processor.detokenize(updated):  # a stop string ended it
             self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
+        if self.spec_decode is not None:
+            self.spec_decode.record(scheduler_output, runner_output.sampled_token_ids, step_seconds)
+            self.spec_decode.propose([r for r in updated if not r.is_finished and r.pooling_params is None],
+                                     self.get_num_unfinished_requests(), len(self.scheduler.running))
         if beam_candidates:
             self._advance_beam_searches(beam_candidates)
         return self.output_processor.make_outputs(failed + updated)

@@ -4,7 +4,8 @@ Owns the model weights, the KV block pool and the sampler. Policy (who runs,
 how many tokens) is the scheduler's; the runner only lays the scheduled tokens
 out as a flat batch (decode tokens first, then prefill spans), builds the slot
 mapping and block tables, runs the model, and samples for the requests whose
-step reaches their last token.
+step reaches their last token; a request verifying speculative proposals samples at each of
+them and takes the accepted prefix (`loomlm.spec_decode.rejection`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from loomlm.layers.packed_gemm import return_freed_memory
 from loomlm.layers.sampler import LogprobsTensors, Sampler, gather_logprobs
 from loomlm.lora.manager import LoRAManager
 from loomlm.models.registry import model_class_for
+from loomlm.spec_decode.rejection import accepted_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +46,11 @@ class PositionLogprobs:
 
 @dataclass
 class ModelRunnerOutput:
-    # request_id -> the token sampled for it this step (only requests that reached their last token)
-    sampled_token_ids: dict[str, int]
-    # request_id -> logprobs of that sampled token (requests with needs_logprobs)
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    # request_id -> the tokens it takes this step (only requests that reached their last token):
+    # one sampled token, or with speculative decoding the accepted proposals, then the target's token
+    sampled_token_ids: dict[str, list[int]]
+    # request_id -> logprobs of each of those tokens (requests with needs_logprobs)
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     # request_id -> logprobs of the prompt tokens whose predicting position ran this step, in order
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     # request_id -> the embedding of a pooling request whose prompt finished prefilling this step
@@ -156,13 +159,17 @@ class ModelRunner:
             raise RuntimeError("the engine has been shut down (its weights and KV cache are released)")
         if scheduler_output.blocks_to_copy:
             self.copy_blocks(scheduler_output.blocks_to_copy)
-        items = sorted(scheduler_output.scheduled, key=lambda it: it.num_new_tokens != 1)  # decodes first
+        # Decodes first: a request's one new token, and the tokens proposed after it, each a decode
+        # query over the same block table (the step writes every token's K/V before attending).
+        items = sorted(scheduler_output.scheduled, key=lambda it: it.num_new_tokens - len(it.spec_token_ids) != 1)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
-        sampling_requests = []
+        sampling_requests = []  # one per logits row: a request appears 1 + len(spec_token_ids) times
+        sampling_pending: list[list[int]] = []  # per row: the proposed tokens it assumes accepted
+        sampling_groups: list[tuple] = []  # (request, its proposed tokens) per sampling request
         prompt_logprob_rows: dict[str, tuple[list[int], list[int], int]] = {}
         num_decode = 0
         decode_tables: list[list[int]] = []
@@ -179,21 +186,25 @@ class ModelRunner:
             if slot_of:
                 slot = -1 if req.lora_request is None else slot_of[req.lora_request.lora_name]
                 token_slots.extend([slot] * item.num_new_tokens)
-            input_ids.extend(req.all_token_ids[start:end])
+            spec = item.spec_token_ids
+            input_ids.extend(req.all_token_ids[start:end - len(spec)])
+            input_ids.extend(spec)
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if item.num_new_tokens == 1 and not spans:
-                num_decode += 1
-                decode_tables.append(table)
-                decode_lens.append(end)
+            if item.num_new_tokens - len(spec) == 1 and not spans:
+                num_decode += item.num_new_tokens
+                decode_tables.extend([table] * item.num_new_tokens)
+                decode_lens.extend(range(start + 1, end + 1))
             else:
                 spans.append(PrefillSpan(first, len(input_ids), end,
                                          torch.tensor(table, dtype=torch.int64, device=self.device)))
             if req.pooling_params is not None:
                 pooling_items.append((req, first, start, item.num_new_tokens, item.samples_token))
             if item.samples_token:
-                logits_rows.append(len(input_ids) - 1)
-                sampling_requests.append(req)
+                logits_rows.extend(range(len(input_ids) - 1 - len(spec), len(input_ids)))
+                sampling_requests.extend([req] * (1 + len(spec)))
+                sampling_pending.extend(spec[:i] for i in range(1 + len(spec)))
+                sampling_groups.append((req, spec))
             if req.prompt_logprobs is not None:
                 # Row of position p predicts token p + 1; skip targets already scored (before a preemption).
                 first_target = max(start + 1, len(req.prompt_logprobs))
@@ -224,15 +235,60 @@ class ModelRunner:
         if not sampling_requests:
             return output
         logits = self.model.compute_logits(hidden[logits_rows])  # [num_rows, vocab_size] float32
-        meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, dev)
+        meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, dev, sampling_pending)
         if scheduler_output.grammar_bitmask is not None:
-            meta.grammar_bitmask = self._grammar_rows(scheduler_output.grammar_bitmask, sampling_requests)
+            meta.grammar_bitmask = self._grammar_rows(scheduler_output.grammar_bitmask, sampling_requests,
+                                                      sampling_pending)
         sampled = self.sampler(logits, meta)
-        output.sampled_token_ids = {r.request_id: t for r, t in zip(sampling_requests, sampled.sampled_token_ids.tolist())}
-        if sampled.logprobs is not None:
-            rows = _logprob_lists(sampled.logprobs)
-            output.logprobs = {r.request_id: row for r, row in zip(sampling_requests, rows) if r.needs_logprobs}
+        row_logprobs = _logprob_lists(sampled.logprobs) if sampled.logprobs is not None else None
+        row_tokens = sampled.sampled_token_ids.tolist()
+        # A request's rows in order: row i samples from the target's distribution given the
+        # proposals before i accepted; `accepted_prefix` keeps rows while they confirm them.
+        row = 0
+        for req, spec in sampling_groups:
+            taken = accepted_prefix(row_tokens[row:row + 1 + len(spec)], spec)
+            output.sampled_token_ids[req.request_id] = taken
+            if row_logprobs is not None and req.needs_logprobs:
+                output.logprobs[req.request_id] = row_logprobs[row:row + len(taken)]
+            row += 1 + len(spec)
         return output
+
+    @torch.inference_mode()
+    def last_token_logits(self, runs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """One forward pass over several runs of tokens, each continuing its own cached context:
+        runs[i] = (token ids, position of the first, block table). Writes their K/V at the
+        table's slots and returns the logits at each run's last token, [len(runs), vocab_size]
+        float32, in the order of `runs` (a draft model's proposal steps; no sampling, no LoRA).
+        """
+        order = sorted(range(len(runs)), key=lambda i: len(runs[i][0]) != 1)  # decodes first
+        bs, dev = self.block_size, self.device
+        input_ids, positions, slots, last_rows = [], [], [], []
+        decode_tables, decode_lens, spans = [], [], []
+        for i in order:
+            tokens, start, table = runs[i]
+            end = start + len(tokens)
+            first = len(input_ids)
+            input_ids.extend(tokens)
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if len(tokens) == 1 and not spans:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                spans.append(PrefillSpan(first, len(input_ids), end, torch.tensor(table, dtype=torch.int64, device=dev)))
+            last_rows.append(len(input_ids) - 1)
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=len(decode_tables),
+            decode=self._decode_metadata(decode_tables, decode_lens),
+            prefill_spans=spans,
+            ops=self.fused_ops,
+        )
+        with forward_context(batch):
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev), batch.positions)
+        logits = self.model.compute_logits(hidden[last_rows])  # [len(runs), vocab_size], in `order`
+        return logits[torch.tensor(order, device=dev).argsort()]
 
     def _activate_loras(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
         """Install the running requests' adapters (`LoRAManager.activate`); adapter name -> slot,
@@ -243,10 +299,11 @@ class ModelRunner:
                if it.is_new and it.request.lora_request is not None]
         return self.lora_manager.activate(scheduler_output.active_loras, new)
 
-    def _grammar_rows(self, grammar: GrammarBitmask, sampling_requests: list) -> torch.Tensor:
+    def _grammar_rows(self, grammar: GrammarBitmask, sampling_requests: list,
+                      sampling_pending: list[list[int]]) -> torch.Tensor:
         """The constrained rows' bitmasks placed at their sampling rows; other rows allow everything (-1)."""
-        row_of = {r.request_id: i for i, r in enumerate(sampling_requests)}
-        rows = torch.tensor([row_of[rid] for rid in grammar.request_ids], dtype=torch.int64)
+        row_of = {(r.request_id, len(p)): i for i, (r, p) in enumerate(zip(sampling_requests, sampling_pending))}
+        rows = torch.tensor([row_of[key] for key in grammar.rows], dtype=torch.int64)
         full = torch.full((len(sampling_requests), grammar.bitmask.shape[1]), -1, dtype=torch.int32)
         full[rows] = grammar.bitmask
         return full.to(self.device)

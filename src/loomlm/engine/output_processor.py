@@ -137,9 +137,9 @@ class OutputProcessor:
             if positions:
                 k = req.sampling_params.prompt_logprobs or 0
                 req.prompt_logprobs.extend(self.logprob_dict(pos, k) for pos in positions)
-            entry = runner_output.logprobs.get(req.request_id)
-            if entry is not None:
+            for entry in runner_output.logprobs.get(req.request_id, ()):  # one per token it takes
                 req.cumulative_logprob += entry.logprobs[0]
+                req.sampled_logprobs.append(entry.logprobs[0])
                 if req.logprobs is not None:
                     req.logprobs.append(self.logprob_dict(entry, req.sampling_params.logprobs or 0))
 

@@ -79,6 +79,7 @@ class Request:
         # `needs_logprobs` (also for best_of ranking).
         self.needs_logprobs = sampling_params.needs_sampled_logprob
         self.cumulative_logprob = 0.0
+        self.sampled_logprobs: list[float] = []  # with needs_logprobs: each output token's own logprob
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if sampling_params.prompt_logprobs is not None else None)
@@ -94,6 +95,11 @@ class Request:
         self.priority = 0  # scheduling_policy "priority": lower runs first (vLLM's)
         self.pooling_params: PoolingParams | None = None
         self.pool_sum: torch.Tensor | None = None
+        # Speculative decoding: the tokens proposed to follow `all_token_ids`, verified by the next
+        # step (never part of `all_token_ids` until accepted); `spec_decode.SpecDecodeState` keeps
+        # the proposer's per-request state (acceptance history, the draft model's KV counter).
+        self.spec_token_ids: list[int] = []
+        self.spec_state = None
         # A per-request generator makes seeded sampling independent of batch composition.
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None and not sampling_params.is_greedy:
@@ -118,9 +124,20 @@ class Request:
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Keep the first `num_output_tokens` generated tokens (a stop string ended the sequence
-        before jump-forward tokens appended after it were computed)."""
+        before later tokens of its step: jump-forward or accepted speculative ones)."""
         del self.output_token_ids[num_output_tokens:]
         del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]
+        self.trim_logprobs()
+
+    def trim_logprobs(self) -> None:
+        """Drop logprobs recorded for tokens the sequence did not keep (speculative tokens after a
+        stop), from `logprobs` and `cumulative_logprob`."""
+        n = self.num_output_tokens
+        if len(self.sampled_logprobs) > n:
+            self.cumulative_logprob -= sum(self.sampled_logprobs[n:])
+            del self.sampled_logprobs[n:]
+        if self.logprobs is not None and len(self.logprobs) > n:
+            del self.logprobs[n:]
 
     def fork(self, request_id: str) -> Request:
         """A copy of this sequence under `request_id`: same tokens, counters and logprobs
@@ -131,6 +148,8 @@ class Request:
         child.all_token_ids = list(self.all_token_ids)
         child.output_token_ids = list(self.output_token_ids)
         child.logprobs = list(self.logprobs) if self.logprobs is not None else None
+        child.sampled_logprobs = list(self.sampled_logprobs)
+        child.spec_token_ids, child.spec_state = [], None  # beams never speculate
         if self.generator is not None:
             child.generator = torch.Generator()
             child.generator.set_state(self.generator.get_state())

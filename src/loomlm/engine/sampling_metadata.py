@@ -49,7 +49,15 @@ class SamplingMetadata:
     grammar_bitmask: torch.Tensor | None = None  # [num_rows, ceil(vocab / 32)] int32; -1 rows: unconstrained
 
     @classmethod
-    def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingMetadata:
+    def from_requests(cls, requests: list[Request], vocab_size: int, device: torch.device,
+                      pending: list[list[int]] | None = None) -> SamplingMetadata:
+        """One row per entry of `requests` (a request may fill several rows).
+
+        pending[i]: tokens row i takes as already generated after its request's tokens (the
+        speculative proposals before that row's position; None: none anywhere), so penalties,
+        min_tokens, bad words and the watermark see the history that row's token would follow.
+        """
+        pending = pending or [[] for _ in requests]
         params = [r.sampling_params for r in requests]
         greedy = [p.is_greedy for p in params]
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
@@ -72,7 +80,8 @@ class SamplingMetadata:
             typical_p=floats(typical_ps) if any(p < 1.0 for p in typical_ps) else None,
         )
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            meta.output_token_ids = _padded([r.output_token_ids for r in requests], vocab_size, device)
+            meta.output_token_ids = _padded([r.output_token_ids + p for r, p in zip(requests, pending)],
+                                            vocab_size, device)
             meta.presence_penalties = floats([p.presence_penalty for p in params])
             meta.frequency_penalties = floats([p.frequency_penalty for p in params])
             meta.repetition_penalties = floats([p.repetition_penalty for p in params])
@@ -81,7 +90,7 @@ class SamplingMetadata:
         if any(p.logit_bias for p in params):
             pairs = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
             meta.logit_bias = _sparse(pairs, device)
-        banned = [(i, t, 0.0) for i, r in enumerate(requests) for t in _banned_tokens(r)]
+        banned = [(i, t, 0.0) for i, (r, p) in enumerate(zip(requests, pending)) for t in _banned_tokens(r, p)]
         if banned:
             meta.banned_tokens = _sparse(banned, device)
         if any(p.allowed_token_ids is not None for p in params):
@@ -95,7 +104,8 @@ class SamplingMetadata:
         prev_ids = None
         for hash_key in dict.fromkeys(w.hash_key for _, w in marked):  # usually one key: one batch
             if prev_ids is None:
-                prev_ids = torch.tensor([r.all_token_ids[-1] for r in requests], dtype=torch.int64, device=device)
+                prev_ids = torch.tensor([(p or r.all_token_ids)[-1] for r, p in zip(requests, pending)],
+                                        dtype=torch.int64, device=device)
             gamma, delta = [0.5] * len(params), [0.0] * len(params)  # delta 0: the row is left unchanged
             for i, w in marked:
                 if w.hash_key == hash_key:
@@ -112,17 +122,18 @@ class SamplingMetadata:
         return meta
 
 
-def _banned_tokens(request: Request) -> list[int]:
-    """Tokens this request may not sample now: stop tokens before min_tokens, and the last
-    token of each bad word whose other tokens were just generated (transformers' NoBadWordsLogitsProcessor,
-    matched against prompt + output)."""
+def _banned_tokens(request: Request, pending: list[int]) -> list[int]:
+    """Tokens this request may not sample next after `pending`: stop tokens before min_tokens, and
+    the last token of each bad word whose other tokens were just generated (transformers'
+    NoBadWordsLogitsProcessor, matched against prompt + output)."""
     params = request.sampling_params
     banned: list[int] = []
-    if request.num_output_tokens < params.min_tokens:
+    if request.num_output_tokens + len(pending) < params.min_tokens:
         banned.extend(params.all_stop_token_ids)
+    history = request.all_token_ids + pending if pending else request.all_token_ids
     for word in params.bad_words_token_ids:
         prefix = word[:-1]
-        if not prefix or request.all_token_ids[-len(prefix):] == prefix:
+        if not prefix or history[-len(prefix):] == prefix:
             banned.append(word[-1])
     return banned
 

@@ -11,6 +11,10 @@ Under `scheduling_policy="priority"` (vLLM's) waiting requests are admitted by (
 lower values first, and one that finds the pool or the sequence slots full preempts running
 requests of strictly lower priority (greater value) for room.
 
+With speculative decoding a decoding request also computes its proposed tokens
+(`Request.spec_token_ids`, as many as the budget leaves room for) in the same step, and
+`update_from_output` counts as computed only those the model runner accepted.
+
 When the KV pool cannot hold a request's next tokens, the most recently arrived (under the
 priority policy: the lowest-priority, then latest) running request is preempted (a decode
 already scheduled this step is undone; it may be the request itself): its blocks are freed and it goes back to the front of the waiting queue with
@@ -44,17 +48,23 @@ class ScheduledRequest:
     num_new_tokens: int
     # Scheduled for the first time (vLLM's scheduled_new_reqs): not after a preemption.
     is_new: bool = False
+    # Speculative decoding: the proposed tokens computed after the request's last token (the last
+    # len(spec_token_ids) of num_new_tokens; vLLM's scheduled_spec_decode_tokens).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples_token(self) -> bool:
-        """True when this step reaches the request's last token, so it samples the next one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        """True when this step reaches the request's last token, so it samples the next one
+        (and verifies `spec_token_ids`)."""
+        return self.request.num_computed_tokens + self.num_new_tokens >= self.request.num_tokens
 
 
 @dataclass
 class GrammarBitmask:
-    request_ids: list[str]  # the constrained requests, in the bitmask's row order
-    bitmask: torch.Tensor  # [len(request_ids), ceil(vocab_size / 32)] int32, bit t allows token t
+    # (request id, i) per bitmask row, in its order: the request's next token after its first i
+    # proposed tokens (i = 0 without speculative decoding)
+    rows: list[tuple[str, int]]
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab_size / 32)] int32, bit t allows token t
 
 
 @dataclass
@@ -88,11 +98,17 @@ class Scheduler:
     """Decides each step which requests run and how many tokens each computes (module docstring: policy)."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 lora_manager: LoRAManager | None = None, max_loras: int = 0) -> None:
+                 lora_manager: LoRAManager | None = None, max_loras: int = 0,
+                 num_lookahead_tokens: int = 0, max_model_len: int | None = None) -> None:
         """`lora_manager`: asked only whether a request's adapter is loaded (`is_ready`); the
         scheduler counts adapters (at most `max_loras` distinct ones among the running requests,
-        as vLLM v1's) and the model runner installs them."""
+        as vLLM v1's) and the model runner installs them.
+
+        `num_lookahead_tokens`: KV slots allocated past each scheduled request's tokens (up to
+        `max_model_len`), where a draft model writes the K/V of its proposals (vLLM's name)."""
         self.config = config
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self.max_model_len = max_model_len
         self.block_manager = block_manager
         self.lora_manager = lora_manager
         self.max_loras = max_loras
@@ -107,10 +123,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _chunk(self, request: Request, budget: int, num_computed: int | None = None) -> int:
-        """Tokens the request computes this step from `num_computed` (default: its counter)."""
+        """Tokens the request computes this step from `num_computed` (default: its counter),
+        its proposed tokens included (those the budget leaves room for)."""
         if num_computed is None:
             num_computed = request.num_computed_tokens
-        num_new = min(request.num_tokens - num_computed, budget)
+        num_new = min(request.num_tokens + len(request.spec_token_ids) - num_computed, budget)
         if self.config.long_prefill_token_threshold:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
@@ -135,7 +152,7 @@ class Scheduler:
                 # Nothing to compute: a beam that already gave its candidates waits for the
                 # other beams of its group to choose its next token.
                 continue
-            target = request.num_computed_tokens + num_new
+            target = self._with_lookahead(request.num_computed_tokens + num_new)
             while not bm.can_allocate(request.request_id, target, request.num_computed_tokens):
                 victim = self._victim()  # the latest arrival (or lowest priority) loses its blocks first
                 # A later decode scheduled before this older prefill chunk gives its tokens back.
@@ -149,7 +166,9 @@ class Scheduler:
                 if copy is not None:
                     copies[request.request_id] = copy
                 bm.allocate(request.request_id, target)
-                scheduled[request.request_id] = ScheduledRequest(request, num_new)
+                num_spec = max(0, request.num_computed_tokens + num_new - request.num_tokens)
+                scheduled[request.request_id] = ScheduledRequest(request, num_new,
+                                                                 spec_token_ids=request.spec_token_ids[:num_spec])
                 budget -= num_new
 
         # Admit waiting requests only if nobody was preempted this step (the pool is tight),
@@ -189,8 +208,9 @@ class Scheduler:
             num_new = self._chunk(request, budget, num_computed)
 
             def fits() -> bool:
-                return (bm.can_allocate_with_prefix(cached, num_computed + num_new) if request.num_computed_tokens == 0
-                        else bm.can_allocate(request.request_id, num_computed + num_new))
+                target = self._with_lookahead(num_computed + num_new)
+                return (bm.can_allocate_with_prefix(cached, target) if request.num_computed_tokens == 0
+                        else bm.can_allocate(request.request_id, target))
 
             while not fits() and self._outranks(request):
                 budget += self._preempt_for(request, scheduled, copies, out)
@@ -206,7 +226,7 @@ class Scheduler:
                     request.prompt_logprobs.extend([None] * (num_computed + 1 - len(request.prompt_logprobs)))
                 if request.num_preemptions == 0:
                     request.num_cached_tokens = num_computed
-            bm.allocate(request.request_id, num_computed + num_new)
+            bm.allocate(request.request_id, self._with_lookahead(num_computed + num_new))
             request.status = RequestStatus.RUNNING
             is_new = request.first_scheduled_time is None
             if is_new:
@@ -223,6 +243,13 @@ class Scheduler:
         out.active_loras = active_loras
         out.block_tables = {it.request.request_id: bm.block_table(it.request.request_id) for it in out.scheduled}
         return out
+
+    def _with_lookahead(self, num_tokens: int) -> int:
+        """Tokens to allocate KV slots for when `num_tokens` are computed: the draft model's
+        lookahead slots too, within the context window."""
+        if not self.num_lookahead_tokens:
+            return num_tokens
+        return max(num_tokens, min(num_tokens + self.num_lookahead_tokens, self.max_model_len or num_tokens))
 
     # ------------------------------------------------------------------ policy
     def _priority_key(self, request: Request) -> tuple[int, float]:
@@ -292,12 +319,22 @@ class Scheduler:
         self.block_manager.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []  # proposed again once it decodes; a draft model's K/V went with the blocks
+        if request.spec_state is not None:
+            request.spec_state.num_draft_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           sampled_token_ids: dict[str, int | list[int]]) -> list[Request]:
         """Advance counters, append sampled tokens, finish requests that stop.
+
+        `sampled_token_ids`: request id -> its new token, or with speculative decoding the
+        tokens it took this step (the accepted proposals, then the target's own token). Only
+        the accepted proposals' K/V count as computed: the slots of rejected ones are written
+        over later (nothing is copied). Stops are checked token by token; tokens after a stop
+        are dropped.
 
         Returns the requests that got a new token this step (finished ones included).
         """
@@ -305,17 +342,31 @@ class Scheduler:
         now = time.time()
         for item in scheduler_output.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
-            # Register blocks this step filled (before a stop frees them: a finished prompt is reusable).
-            self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids,
-                                                 request.num_computed_tokens, _cache_extra(request))
-            token_id = sampled_token_ids.get(request.request_id)
-            if token_id is None:
-                continue  # a prefill chunk that has not reached the end of the prompt yet
-            request.append_output_token(token_id)
+            tokens = sampled_token_ids.get(request.request_id)
+            if tokens is None:  # a prefill chunk that has not reached the end of the prompt yet
+                request.num_computed_tokens += item.num_new_tokens
+                self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids,
+                                                     request.num_computed_tokens, _cache_extra(request))
+                continue
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            num_rejected = len(item.spec_token_ids) - (len(tokens) - 1)
+            request.num_computed_tokens += item.num_new_tokens - num_rejected
+            stopped = False
+            for token_id in tokens:
+                request.append_output_token(token_id)
+                stopped = check_stop(request, token_id)
+                if stopped:
+                    break
+            stopped = stopped or _jump_forward(request)
+            request.trim_logprobs()  # those of proposals accepted after a stop
             if request.first_token_time is None:
                 request.first_token_time = now
-            if check_stop(request, token_id) or _jump_forward(request):
+            # Register blocks this step filled (before a stop frees them: a finished prompt is
+            # reusable); K/V computed for tokens a stop dropped is not registered.
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
+            self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids,
+                                                 request.num_computed_tokens, _cache_extra(request))
+            if stopped:
                 self.finish(request, request.status)
             updated.append(request)
         return updated

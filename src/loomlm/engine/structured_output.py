@@ -24,7 +24,6 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import torch
 
 from loomlm.sampling_params import StructuredOutputsParams
 
@@ -78,6 +77,11 @@ class StructuredOutputRequest:
         """Advance the matcher by a generated token (the mask guarantees it is allowed)."""
         if not self.matcher.consume_token(token_id):
             logger.warning("token %d rejected by the grammar: %s", token_id, self.matcher.get_error())
+
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many leading `token_ids` the grammar accepts in a row from here (speculative
+        proposals past them are cut); the matcher is left as it was."""
+        return self.matcher.validate_tokens(token_ids)
 
     @property
     def is_terminated(self) -> bool:
@@ -165,20 +169,28 @@ class StructuredOutputManager:
 
     def grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarBitmask | None:
         """The step's hook: the bitmask rows of the constrained requests that sample a token this
-        step (in scheduling order), or None when there are none."""
+        step (in scheduling order), or None when there are none. A request verifying proposed
+        tokens gets a row per position: its next token after each prefix of the proposals."""
+        import llguidance.torch  # already imported by __init__: a dict lookup
+
         from loomlm.engine.scheduler import GrammarBitmask
 
-        constrained = [it.request for it in scheduler_output.scheduled
+        constrained = [it for it in scheduler_output.scheduled
                        if it.samples_token and it.request.structured_output is not None]
         if not constrained:
             return None
-        return GrammarBitmask([r.request_id for r in constrained], self.bitmask([r.structured_output for r in constrained]))
-
-    def bitmask(self, states: list[StructuredOutputRequest]) -> torch.Tensor:
-        """Allowed next tokens of each state: int32 [len(states), ceil(vocab_size / 32)], bit t = token t."""
-        import llguidance.torch  # already imported by __init__: a dict lookup
-
-        mask = llguidance.torch.allocate_token_bitmask(len(states), self.vocab_size)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, [(s.matcher, i) for i, s in enumerate(states)],
-                                                     mask)
-        return mask
+        rows = [(it.request.request_id, i) for it in constrained for i in range(1 + len(it.spec_token_ids))]
+        mask = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab_size)
+        plain, drafted, row = [], [], 0
+        for it in constrained:
+            matcher = it.request.structured_output.matcher
+            if it.spec_token_ids:
+                drafted.append((matcher, row, list(it.spec_token_ids)))
+            else:
+                plain.append((matcher, row))
+            row += 1 + len(it.spec_token_ids)
+        if plain:
+            llguidance.torch.fill_next_token_bitmask_par(self._executor, plain, mask)
+        if drafted:
+            llguidance.torch.fill_next_token_bitmask_par_with_draft_tokens(self._executor, drafted, mask)
+        return GrammarBitmask(rows, mask)

@@ -15,6 +15,9 @@ Metric names (Prometheus text at `GET /metrics`):
 - `loomlm_requests_refused_total{reason}`: requests refused by the limits before any work
   (`memory`: the process was near its memory ceiling; `body_too_large`; `invalid_body`).
 - `loomlm_process_resident_memory_bytes`: this process's resident memory, read at scrape time.
+- `loomlm_spec_decode_num_drafts_total`, `loomlm_spec_decode_num_draft_tokens_total`,
+  `loomlm_spec_decode_num_accepted_tokens_total`, `loomlm_spec_decode_num_accepted_tokens_per_pos_total{position}`:
+  speculative decoding (vLLM's `spec_decode_*` counters), when a speculative_config is set.
 - `loomlm_lora_loads_total`, `loomlm_lora_hits_total`, `loomlm_lora_evictions_total`,
   `loomlm_lora_active_adapters`: the adapter cache (`LoRAManager` counters), when LoRA is on.
 """
@@ -116,6 +119,21 @@ class _EngineCollector:
                                 value=bm.num_hit_tokens / bm.num_query_tokens if bm.num_query_tokens else 0.0)
         yield CounterMetricFamily("loomlm_num_preemptions", "Requests preempted (recomputed later).",
                                   value=self.engine.scheduler.num_preemptions)
+        spec = self.engine.spec_decode
+        if spec is not None:
+            st = spec.stats
+            yield CounterMetricFamily("loomlm_spec_decode_num_drafts", "Speculative verifications "
+                                      "(requests x steps with proposed tokens).", value=st.num_drafts)
+            yield CounterMetricFamily("loomlm_spec_decode_num_draft_tokens", "Proposed tokens verified.",
+                                      value=st.num_draft_tokens)
+            yield CounterMetricFamily("loomlm_spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                                      value=st.num_accepted_tokens)
+            per_pos = CounterMetricFamily("loomlm_spec_decode_num_accepted_tokens_per_pos",
+                                          "Proposed tokens accepted at each position of the proposals.",
+                                          labels=["position"])
+            for position, count in enumerate(st.num_accepted_tokens_per_pos):
+                per_pos.add_metric([str(position)], count)
+            yield per_pos
         m = self.engine.lora_manager
         if m is None:
             return
@@ -128,8 +146,8 @@ class _EngineCollector:
 
 
 def register_engine_metrics(metrics: ServerMetrics, engine) -> None:
-    """Expose an `LLMEngine`'s counters in `metrics`: prefix cache, preemptions, and the adapter
-    cache (`LoRAManager` loads / hits / evictions) when LoRA is on."""
+    """Expose an `LLMEngine`'s counters in `metrics`: prefix cache, preemptions, speculative
+    decoding when on, and the adapter cache (`LoRAManager` loads / hits / evictions) when LoRA is on."""
     metrics.registry.register(_EngineCollector(engine))
 
 
