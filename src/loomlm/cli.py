@@ -36,6 +36,10 @@ _ENGINE_FLAGS = (
     "task",
     "override_pooler_config",
     "speculative_config",
+    "tensor_parallel_size",
+    "distributed_init_method",
+    "nnodes",
+    "node_rank",
     "attention_backend",
     "linear_method",
     "gguf_activation_planes",
@@ -90,6 +94,15 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
                             '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", '
                             '"model": ..., "num_speculative_tokens": 4}\' (outputs unchanged; default off)')
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+                       help="cut the model across N ranks (torch.distributed: gloo on CPU, nccl on CUDA), "
+                            "each with its share of the heads, the MLP and the KV cache (default 1)")
+    group.add_argument("--distributed-init-method", default=None, metavar="tcp://HOST:PORT",
+                       help="where the ranks meet (default: a free loopback port; torchrun's env:// when "
+                            "RANK / WORLD_SIZE are set)")
+    group.add_argument("--nnodes", type=int, default=None, help="machines the ranks span (default 1)")
+    group.add_argument("--node-rank", type=int, default=None,
+                       help="this machine's index among --nnodes (node 0 serves; the others run their ranks)")
     kernels = parser.add_argument_group("kernels (default: the LOOMLM_* variable of the same name, else automatic)")
     kernels.add_argument("--attention-backend", default=None, choices=["torch", "cpu_native"],
                          help="decode attention (LOOMLM_ATTENTION_BACKEND)")
@@ -236,7 +249,39 @@ def serve_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if given:
             raise ValueError(f"--disable-lora contradicts {', '.join(given)}.")
     engine_kwargs["enable_lora"] = not args.disable_lora
+    if (args.tensor_parallel_size or 1) > 1 and not (args.enable_lora or args.lora_adapter_ids or args.adapter_roots):
+        engine_kwargs["enable_lora"] = False  # LoRA's default-on does not cut across ranks yet
     return engine_kwargs
+
+
+def _run_as_worker(model: str, engine_kwargs: dict[str, Any]) -> bool:
+    """A tensor-parallel process that does not serve: a torchrun rank > 0, or a node with
+    --node-rank > 0. Runs its ranks until rank 0 stops them; returns whether it did."""
+    import os
+    from dataclasses import replace
+
+    from loomlm.config import EngineConfig
+    from loomlm.distributed.worker import run_worker, serve_node
+
+    torchrun_rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    if torchrun_rank == 0 and not engine_kwargs.get("node_rank"):
+        return False
+    config = EngineConfig.from_kwargs(model=model, **engine_kwargs)
+    config = replace(config, model_config=_pinned_model_config(config.model_config))
+    if torchrun_rank:
+        run_worker(config, torchrun_rank)
+    else:
+        serve_node(config)
+    return True
+
+
+def _pinned_model_config(model_config):
+    """The model config with dtype "auto" resolved as the engine (rank 0) resolves it."""
+    from loomlm.models.loader import checkpoint_dtype, resolve_model
+
+    source = resolve_model(model_config.model, revision=model_config.revision, tokenizer=model_config.tokenizer,
+                           tokenizer_revision=model_config.tokenizer_revision)
+    return model_config.with_checkpoint_dtype(checkpoint_dtype(source))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -250,6 +295,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser.")
     engine_kwargs = serve_engine_kwargs(args)
+    if _run_as_worker(args.model, engine_kwargs):
+        return 0
     limits = _limits(args)
     run_server(
         args.model,

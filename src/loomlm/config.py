@@ -300,6 +300,37 @@ class KernelConfig:
             raise ValueError(f"gguf_float_rows must be an integer >= 0, got {self.gguf_float_rows!r}.")
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism over torch.distributed (vLLM's engine-arg names; `loomlm.distributed`).
+
+    Attributes:
+        tensor_parallel_size: ranks one model is cut across (1: the whole model in this process).
+        distributed_init_method: where the ranks meet, "tcp://HOST:PORT" (None: a free loopback port
+            on one machine, or torchrun's `env://` when RANK / WORLD_SIZE are set).
+        nnodes, node_rank: machines taking part and this one's index (node 0 runs the engine);
+            each runs tensor_parallel_size / nnodes ranks.
+
+    Raises ValueError for sizes below 1, a node count that does not divide the ranks, or a node
+    rank outside [0, nnodes).
+    """
+
+    tensor_parallel_size: int = 1
+    distributed_init_method: str | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.nnodes < 1:
+            raise ValueError("tensor_parallel_size and nnodes must be positive.")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"nnodes ({self.nnodes}) must divide tensor_parallel_size ({self.tensor_parallel_size}).")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}.")
+        if self.nnodes > 1 and not self.distributed_init_method:
+            raise ValueError("nnodes > 1 needs distributed_init_method='tcp://HOST:PORT' (node 0's address).")
+
+
 # Values of SpeculativeConfig.method (vLLM's names).
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 
@@ -394,6 +425,7 @@ class EngineConfig:
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
     kernel_config: KernelConfig = field(default_factory=KernelConfig)
     speculative_config: SpeculativeConfig | None = None
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -403,7 +435,7 @@ class EngineConfig:
         """
         speculative = SpeculativeConfig.from_value(kwargs.pop("speculative_config", None))
         parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}, LoRAConfig: {},
-                                   KernelConfig: {}}
+                                   KernelConfig: {}, ParallelConfig: {}}
         for key, value in kwargs.items():
             for klass, bucket in parts.items():
                 if key in klass.__dataclass_fields__:
@@ -418,4 +450,5 @@ class EngineConfig:
             lora_config=LoRAConfig(**parts[LoRAConfig]),
             kernel_config=KernelConfig(**parts[KernelConfig]),
             speculative_config=speculative,
+            parallel_config=ParallelConfig(**parts[ParallelConfig]),
         )

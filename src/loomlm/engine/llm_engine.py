@@ -72,13 +72,20 @@ class LLMEngine:
         self.hf_config = self.source.hf_config
         self.tokenizer = load_tokenizer(self.source)
         self.served_model_name = mc.served_model_name or self.source.name
-        model_max = model_context_window(self.hf_config)
-        if mc.max_model_len is not None and mc.max_model_len > model_max:
-            raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's context window ({model_max}).")
-        max_len = mc.max_model_len or model_max
+        max_len = resolve_max_model_len(mc, self.hf_config)
+        # Tensor parallelism: the other ranks start now and load their shards alongside this one.
+        self.tp, self._tp_workers = None, []
+        if config.parallel_config.tensor_parallel_size > 1:
+            from loomlm.distributed.tensor_parallel import check_tensor_parallel
+            from loomlm.distributed.worker import start_tensor_parallel
+
+            check_tensor_parallel(self.hf_config, config.parallel_config.tensor_parallel_size)  # before spawning
+            if config.lora_config.enable_lora:
+                raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported yet.")
+            self.tp, self._tp_workers = start_tensor_parallel(config)
         self.model_runner = ModelRunner(mc, config.cache_config, self.hf_config,
                                         model_weights(self.source, mc), max_len, config.kernel_config,
-                                        config.lora_config)
+                                        config.lora_config, self.tp)
         capacity = self.model_runner.num_blocks * config.cache_config.block_size
         if capacity < max_len:
             logger.warning("KV cache holds %d tokens < context window %d: capping max_model_len", capacity, max_len)
@@ -461,6 +468,16 @@ def _eos_token_ids(tokenizer, hf_config) -> set[int]:
     elif isinstance(cfg, (list, tuple)):
         ids.update(cfg)
     return ids
+
+
+def resolve_max_model_len(model_config: ModelConfig, hf_config) -> int:
+    """The context window the engine runs: `max_model_len`, or the model's own.
+    Raises ValueError for a max_model_len beyond the model's window."""
+    model_max = model_context_window(hf_config)
+    if model_config.max_model_len is not None and model_config.max_model_len > model_max:
+        raise ValueError(f"max_model_len ({model_config.max_model_len}) is larger than the model's context window "
+                         f"({model_max}).")
+    return model_config.max_model_len or model_max
 
 
 def model_context_window(hf_config) -> int:

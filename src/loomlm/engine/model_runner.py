@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from loomlm.config import CacheConfig, KernelConfig, LoRAConfig, ModelConfig
+from loomlm.distributed.parallel_state import TensorParallel
+from loomlm.distributed.tensor_parallel import check_tensor_parallel, parallelize, shard_config, shard_weights
+from loomlm.distributed.worker import stop_workers
 from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
 from loomlm.layers.decode_attention import DECODE_BACKENDS, DecodeMetadata, select_decode_backend
@@ -57,27 +60,58 @@ class ModelRunnerOutput:
     pooled: dict[str, list[float]] = field(default_factory=dict)
 
 
+@dataclass
+class StepInput:
+    """What a step's forward pass needs, in plain lists (rank 0 broadcasts it to the other
+    tensor-parallel ranks): the flat batch, decode tokens first, then prefill spans."""
+
+    input_ids: list[int]  # [num_tokens]
+    positions: list[int]  # [num_tokens]
+    slot_mapping: list[int]  # [num_tokens]: where each token's K/V goes
+    num_decode_tokens: int
+    decode_tables: list[list[int]]  # per decode token: its sequence's block table
+    decode_lens: list[int]  # per decode token: its context length (itself included)
+    spans: list[tuple[int, int, int, list[int]]]  # per prefill span: (first row, end row, context length, block table)
+    token_slots: list[int] | None  # per token: its adapter slot (-1 base); None without adapters
+    blocks_to_copy: list[tuple[int, int]]  # (src, dst) KV block copies before the pass
+    logits_rows: list[int]  # rows whose logits are sampled
+    prompt_rows: list[int]  # rows whose logits give prompt logprobs
+
+
 class ModelRunner:
     """Owns the model, the KV pool and the sampler; `execute()` runs one scheduled step."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config, weights,
                  max_model_len: int, kernel_config: KernelConfig | None = None,
-                 lora_config: LoRAConfig | None = None) -> None:
+                 lora_config: LoRAConfig | None = None, tp: TensorParallel | None = None) -> None:
         """weights: iterable of (HF name, tensor); `kernel_config`: the kernel switches (None: the
         defaults); `lora_config` with enable_lora: the runner owns the adapter slots (`lora_manager`).
 
-        Raises ValueError when the checkpoint does not fit the config, or a forced attention backend
-        cannot run here."""
+        `tp`: this process's tensor-parallel rank (None: the whole model here): the runner holds its
+        shard of the weights and its heads' KV pool (`loomlm.distributed.tensor_parallel`).
+
+        Raises ValueError when the checkpoint does not fit the config, a forced attention backend
+        cannot run here, or the model cannot be cut `tp.world_size` ways."""
         kernel_config = kernel_config or KernelConfig()
         self.device = model_config.torch_device
         self.dtype = model_config.torch_dtype
         self.hf_config = hf_config
         self.vocab_size = hf_config.vocab_size
         self.block_size = cache_config.block_size
+        self.tp = tp
+        model_config_hf = hf_config
+        if tp is not None:
+            check_tensor_parallel(hf_config, tp.world_size)
+            if lora_config is not None and lora_config.enable_lora:
+                raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported yet.")
+            model_config_hf = shard_config(hf_config, tp.world_size)
+            weights = shard_weights(weights, hf_config, tp)
         start = time.perf_counter()
         with torch.device("cpu"):
-            model = model_class_for(hf_config)(hf_config, max_position=max_model_len)
+            model = model_class_for(hf_config)(model_config_hf, max_position=max_model_len)
         model.load_weights(weights)
+        if tp is not None:
+            parallelize(model, hf_config.vocab_size, tp)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         # Rotary tables stay float32 for accuracy; they are cast per use.
         for module in self.model.modules():
@@ -128,7 +162,10 @@ class ModelRunner:
 
     def release(self) -> None:
         """Free the weights and the KV pool (at engine shutdown): memory goes back at once, even
-        while something still holds the engine object. Any later `execute` raises RuntimeError."""
+        while something still holds the engine object. Any later `execute` raises RuntimeError.
+        Rank 0 of a tensor-parallel group also stops the workers."""
+        if self.tp is not None and self.tp.is_driver and self.model is not None:
+            stop_workers(self.tp)
         for attn in self.model.attention_layers() if self.model is not None else []:
             attn.k_cache = attn.v_cache = None
         drop_stack = getattr(self.model, "drop_decoder_stack", None)  # native decode holds the pools too
@@ -157,8 +194,6 @@ class ModelRunner:
         """
         if self.model is None:
             raise RuntimeError("the engine has been shut down (its weights and KV cache are released)")
-        if scheduler_output.blocks_to_copy:
-            self.copy_blocks(scheduler_output.blocks_to_copy)
         # Decodes first: a request's one new token, and the tokens proposed after it, each a decode
         # query over the same block table (the step writes every token's K/V before attending).
         items = sorted(scheduler_output.scheduled, key=lambda it: it.num_new_tokens - len(it.spec_token_ids) != 1)
@@ -174,7 +209,7 @@ class ModelRunner:
         num_decode = 0
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        spans: list[PrefillSpan] = []
+        spans: list[tuple[int, int, int, list[int]]] = []  # (first row, end row, context length, block table)
         token_slots: list[int] = []  # each flat-batch token's adapter slot, -1 for the base model
         pooling_items: list[tuple] = []  # (request, first flat row, first position, tokens, prefill done)
         slot_of = self._activate_loras(scheduler_output)
@@ -196,8 +231,7 @@ class ModelRunner:
                 decode_tables.extend([table] * item.num_new_tokens)
                 decode_lens.extend(range(start + 1, end + 1))
             else:
-                spans.append(PrefillSpan(first, len(input_ids), end,
-                                         torch.tensor(table, dtype=torch.int64, device=self.device)))
+                spans.append((first, len(input_ids), end, table))
             if req.pooling_params is not None:
                 pooling_items.append((req, first, start, item.num_new_tokens, item.samples_token))
             if item.samples_token:
@@ -214,27 +248,22 @@ class ModelRunner:
                         [first + t - 1 - start for t in targets], [req.all_token_ids[t] for t in targets],
                         req.sampling_params.prompt_logprobs or 0)
 
-        dev = self.device
-        batch = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decode_tokens=num_decode,
-            decode=self._decode_metadata(decode_tables, decode_lens),
-            prefill_spans=spans,
-            lora=LoRABatch(torch.tensor(token_slots, dtype=torch.int64, device=dev)) if slot_of else None,
-            ops=self.fused_ops,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        with forward_context(batch):
-            hidden = self.model(ids, batch.positions)  # [num_tokens, hidden_size]
+        prompt_rows = [r for batch_rows, _, _ in prompt_logprob_rows.values() for r in batch_rows]
+        step = StepInput(input_ids, positions, slots, num_decode, decode_tables, decode_lens,
+                         spans,
+                         token_slots if slot_of else None, list(scheduler_output.blocks_to_copy), logits_rows,
+                         prompt_rows)
+        if self.tp is not None:
+            self.tp.broadcast(step)  # the workers run the same forward on their shards
+        hidden, prompt_logits, logits = self._run(step)
         output = ModelRunnerOutput({})
         if pooling_items:
             output.pooled = _pool(hidden, pooling_items)
         if prompt_logprob_rows:
-            output.prompt_logprobs = self._prompt_logprobs(hidden, prompt_logprob_rows)
+            output.prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_logprob_rows)
         if not sampling_requests:
             return output
-        logits = self.model.compute_logits(hidden[logits_rows])  # [num_rows, vocab_size] float32
+        dev = self.device
         meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, dev, sampling_pending)
         if scheduler_output.grammar_bitmask is not None:
             meta.grammar_bitmask = self._grammar_rows(scheduler_output.grammar_bitmask, sampling_requests,
@@ -287,7 +316,7 @@ class ModelRunner:
         )
         with forward_context(batch):
             hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev), batch.positions)
-        logits = self.model.compute_logits(hidden[last_rows])  # [len(runs), vocab_size], in `order`
+        logits = self._logits(hidden[last_rows])  # [len(runs), vocab_size], in `order`
         return logits[torch.tensor(order, device=dev).argsort()]
 
     def _activate_loras(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
@@ -308,24 +337,66 @@ class ModelRunner:
         full[rows] = grammar.bitmask
         return full.to(self.device)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor,
+    def _prompt_logprobs(self, logit_chunks: list[torch.Tensor],
                          rows: dict[str, tuple[list[int], list[int], int]]) -> dict[str, list[PositionLogprobs]]:
-        """rows: request_id -> (flat batch rows, the prompt token each row predicts, top-k wanted)."""
-        flat_rows = [r for batch_rows, _, _ in rows.values() for r in batch_rows]
+        """logit_chunks: the logits of the prompt rows in order, in chunks (`_run`); rows: request_id ->
+        (flat batch rows, the prompt token each row predicts, top-k wanted)."""
         targets = [t for _, request_targets, _ in rows.values() for t in request_targets]
         k = max(num for _, _, num in rows.values())
-        # Chunks of 512 rows bound the [rows, vocab] logits (100 MiB at a 49k vocabulary).
         all_positions: list[PositionLogprobs] = []
-        for begin in range(0, len(flat_rows), 512):
-            logits = self.model.compute_logits(hidden[flat_rows[begin:begin + 512]])
-            target_ids = torch.tensor(targets[begin:begin + 512], dtype=torch.int64, device=self.device)
+        begin = 0
+        for logits in logit_chunks:
+            target_ids = torch.tensor(targets[begin:begin + logits.shape[0]], dtype=torch.int64, device=self.device)
             all_positions.extend(_logprob_lists(gather_logprobs(logits.log_softmax(dim=-1), k, target_ids)))
+            begin += logits.shape[0]
         out: dict[str, list[PositionLogprobs]] = {}
         start = 0
         for request_id, (batch_rows, _, _) in rows.items():
             out[request_id] = all_positions[start:start + len(batch_rows)]
             start += len(batch_rows)
         return out
+
+    def _run(self, step: StepInput) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """The forward pass of one step, the same on every tensor-parallel rank (the collectives
+        in the layers and `_logits` pair up): KV block copies, the model, then the logits of the
+        prompt-logprob rows (chunks of 512 rows bound the [rows, vocab] logits: 100 MiB at a 49k
+        vocabulary) and of the sampling rows. Returns (hidden [num_tokens, hidden_size], prompt
+        logit chunks, sampling logits [rows, vocab_size] or None)."""
+        if step.blocks_to_copy:
+            self.copy_blocks(step.blocks_to_copy)
+        dev = self.device
+        batch = ForwardBatch(
+            positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64, device=dev),
+            num_decode_tokens=step.num_decode_tokens,
+            decode=self._decode_metadata(step.decode_tables, step.decode_lens),
+            prefill_spans=[PrefillSpan(first, end, context, torch.tensor(table, dtype=torch.int64, device=dev))
+                           for first, end, context, table in step.spans],
+            lora=LoRABatch(torch.tensor(step.token_slots, dtype=torch.int64, device=dev))
+            if step.token_slots is not None else None,
+            ops=self.fused_ops,
+        )
+        ids = torch.tensor(step.input_ids, dtype=torch.int64, device=dev)
+        with forward_context(batch):
+            hidden = self.model(ids, batch.positions)  # [num_tokens, hidden_size]
+        prompt_logits = [self._logits(hidden[step.prompt_rows[begin:begin + 512]])
+                         for begin in range(0, len(step.prompt_rows), 512)]
+        logits = self._logits(hidden[step.logits_rows]) if step.logits_rows else None
+        return hidden, prompt_logits, logits
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden_size] -> float32 logits [n, vocab_size]; with tensor parallelism each
+        rank computes its vocabulary slice and every rank gets them all (a collective)."""
+        logits = self.model.compute_logits(hidden)
+        if self.tp is not None:
+            logits = self.tp.all_gather_last_dim(logits)[:, :self.vocab_size]
+        return logits
+
+    @torch.inference_mode()
+    def worker_loop(self) -> None:
+        """A tensor-parallel worker rank: run each step rank 0 broadcasts, until it broadcasts None."""
+        while (step := self.tp.broadcast()) is not None:
+            self._run(step)
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -342,8 +413,11 @@ class ModelRunner:
         The first chunk is a fresh prefill, later chunks attend to the cached blocks
         (chunk_size=1 exercises the decode path). Uses blocks 0.. of the pool as scratch,
         so call it only when no request is running (tests compare it with transformers).
-        Returns [len(token_ids), vocab_size] float32. Raises ValueError if the pool is too small.
+        Returns [len(token_ids), vocab_size] float32. Raises ValueError if the pool is too small
+        or the model is cut across tensor-parallel ranks.
         """
+        if self.tp is not None:
+            raise ValueError("logits_for runs a whole model (tensor_parallel_size 1).")
         n = len(token_ids)
         num_blocks = (n + self.block_size - 1) // self.block_size
         if num_blocks > self.num_blocks:
