@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import httpx
 import pytest
 import torch
 from openai import OpenAI
@@ -108,7 +109,10 @@ def test_server_on_two_ranks(make_tiny_model_dir):
         texts = [client.completions.create(model=model, prompt=p, max_tokens=16, temperature=0.0,
                                            extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
         tgi = Client(server.base_url).generate(prompts[0], max_new_tokens=16, decoder_input_details=False)
+        metrics = httpx.get(server.base_url + "/metrics").text
     assert texts == expected
+    assert "loomlm_tensor_parallel_size 2.0" in metrics
+    assert 'loomlm_tp_collective_seconds_total{rank="0"}' in metrics
     assert expected[0].startswith(tgi.generated_text) or tgi.generated_text == expected[0]
 
 

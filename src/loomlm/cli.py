@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{_MODEL_HELP} (default: {DEFAULT_MODEL})")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve on Ray Serve: --num-replicas full engines behind a prefix-aware router "
+                            "(starts a local Ray, or joins RAY_ADDRESS; needs `pip install loomlm[ray]`)")
+    serve.add_argument("--num-replicas", type=int, default=2, help="replicas with --ray (default 2)")
     serve.add_argument("--served-model-name", default=None, help="model name the API reports and accepts")
     lora = serve.add_argument_group("adapters (LoRAX)")
     lora.add_argument("--enable-lora", action="store_true", default=None,
@@ -298,6 +302,18 @@ def _serve(args: argparse.Namespace) -> int:
     if _run_as_worker(args.model, engine_kwargs):
         return 0
     limits = _limits(args)
+    if args.ray:
+        from loomlm.server.ray_serve import run_ray_server
+
+        if args.num_replicas < 1:
+            raise ValueError("--num-replicas must be at least 1.")
+        if args.served_model_name is not None:
+            engine_kwargs["served_model_name"] = args.served_model_name
+        run_ray_server(args.model, args.num_replicas, args.host, args.port, engine_kwargs, dict(
+            chat_template=load_chat_template(args.chat_template), max_concurrent_requests=args.max_concurrent_requests,
+            api_keys=api_keys, limits=limits, enable_auto_tool_choice=args.enable_auto_tool_choice,
+            tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser))
+        return 0
     run_server(
         args.model,
         host=args.host,

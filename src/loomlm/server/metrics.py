@@ -18,6 +18,8 @@ Metric names (Prometheus text at `GET /metrics`):
 - `loomlm_spec_decode_num_drafts_total`, `loomlm_spec_decode_num_draft_tokens_total`,
   `loomlm_spec_decode_num_accepted_tokens_total`, `loomlm_spec_decode_num_accepted_tokens_per_pos_total{position}`:
   speculative decoding (vLLM's `spec_decode_*` counters), when a speculative_config is set.
+- `loomlm_tensor_parallel_size`, `loomlm_tp_collective_seconds_total{rank}`: tensor parallelism,
+  when on (rank 0's time in collectives).
 - `loomlm_lora_loads_total`, `loomlm_lora_hits_total`, `loomlm_lora_evictions_total`,
   `loomlm_lora_active_adapters`: the adapter cache (`LoRAManager` counters), when LoRA is on.
 """
@@ -119,6 +121,14 @@ class _EngineCollector:
                                 value=bm.num_hit_tokens / bm.num_query_tokens if bm.num_query_tokens else 0.0)
         yield CounterMetricFamily("loomlm_num_preemptions", "Requests preempted (recomputed later).",
                                   value=self.engine.scheduler.num_preemptions)
+        tp = self.engine.tp
+        if tp is not None:
+            yield GaugeMetricFamily("loomlm_tensor_parallel_size", "Ranks the model is cut across.",
+                                    value=tp.world_size)
+            seconds = CounterMetricFamily("loomlm_tp_collective_seconds", "Seconds spent in tensor-parallel "
+                                          "collectives (all-reduce, all-gather) by this rank.", labels=["rank"])
+            seconds.add_metric([str(tp.rank)], tp.stats.seconds)
+            yield seconds
         spec = self.engine.spec_decode
         if spec is not None:
             st = spec.stats

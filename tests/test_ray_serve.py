@@ -1,0 +1,143 @@
+"""Replicas on Ray Serve (a local `ray.init()`): 2 replicas of the default model behind loomlm's
+prefix-aware router. The OpenAI, TGI and LLM Engine faces answer through it as the offline
+engine does; requests sharing a long prefix stay on one replica (its prefix cache then serves
+them); killing a replica's process fails only the requests it held, in the family's error format
+or as an ended stream, and Ray Serve brings it back; /metrics labels every series with its replica.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from loomlm import LLM, SamplingParams
+from loomlm.server.ray_serve import affinity_key, build_application, choose_replica
+
+MODEL = "smollm2-135m-instruct"
+PREFIX = ("You are a careful assistant. Answer in one short sentence, and never add anything that "
+          "was not asked. The following questions are about the geography of Europe, its rivers, "
+          "its mountains and its capital cities; answer each of them on its own. ")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(MODEL, 2, {"max_num_seqs": 16}), route_prefix="/", name="loomlm")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def replica_pid(index: int) -> int:
+    from ray import serve
+
+    return serve.get_deployment_handle(f"loomlm-replica-{index}", app_name="loomlm").pid.remote().result()
+
+
+def session_for(index: int) -> str:
+    """A session id the router sends to replica `index` (with both replicas idle)."""
+    for n in range(1000):
+        session = f"s{n}"
+        if choose_replica(affinity_key({"x-session-id": session}, b""), [0, 0]) == index:
+            return session
+    raise AssertionError("no session id maps to that replica")
+
+
+def test_every_face_answers_through_the_router(cluster):
+    from text_generation import Client
+
+    prompts = ["The capital of France is", "def add(a, b):"]
+    expected = [o.outputs[0].text for o in LLM(MODEL).generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)]
+    client = OpenAI(base_url=cluster + "/v1", api_key="x")
+    texts = [client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0.0).choices[0].text
+             for p in prompts]
+    assert texts == expected
+    stream = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=12, temperature=0.0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected[0]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert chat.choices[0].message.content
+    tgi = Client(cluster, timeout=120).generate(prompts[0], max_new_tokens=12)
+    assert tgi.generated_text == expected[0]
+    le = httpx.post(cluster + "/v1/llm/completions-sync", params={"model_endpoint_name": MODEL},
+                    json={"prompt": prompts[0], "max_new_tokens": 12, "temperature": 0.0}, timeout=120)
+    assert le.status_code == 200 and le.json()["output"]["text"] == expected[0]
+    bad = client.with_options(max_retries=0).completions
+    with pytest.raises(Exception) as info:  # a 400 in OpenAI's format, from the replica, through the router
+        bad.create(model=MODEL, prompt="x", max_tokens=-1)
+    assert getattr(info.value, "status_code", None) == 400
+
+
+def test_a_shared_prefix_stays_on_one_replica(cluster):
+    replicas = set()
+    for i in range(10):
+        response = httpx.post(cluster + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": PREFIX + f"Question {i}: what is the capital of country number {i}?",
+            "max_tokens": 4, "temperature": 0.0})
+        assert response.status_code == 200
+        replicas.add(response.headers["x-loomlm-replica"])
+    assert len(replicas) == 1
+    replica = replicas.pop()
+    metrics = httpx.get(cluster + "/metrics", timeout=60).text
+    values = {}
+    for line in metrics.splitlines():
+        for name in ("loomlm_prefix_cache_hits_total", "loomlm_prefix_cache_queries_total"):
+            if line.startswith(name + "{") and f'replica="{replica}"' in line:
+                values[name] = float(line.rsplit(" ", 1)[1])
+    # The first request fills the cache; the other nine find the ~70-token prefix in it.
+    hits, queries = values["loomlm_prefix_cache_hits_total"], values["loomlm_prefix_cache_queries_total"]
+    assert hits / queries > 0.5 and 'loomlm_router_requests_total{replica="0"}' in metrics
+
+
+def test_killing_a_replica_fails_only_its_requests_and_ray_restarts_it(cluster):
+    victim, survivor = session_for(0), session_for(1)
+    body = {"model": MODEL, "prompt": "Count from one to one hundred:", "max_tokens": 400, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    outcome = {}
+
+    def stream_on_victim():
+        try:
+            with httpx.stream("POST", cluster + "/v1/completions", json=body, headers={"X-Session-Id": victim},
+                              timeout=120) as response:
+                outcome["status"] = response.status_code
+                outcome["chunks"] = sum(1 for _ in response.iter_lines())
+        except httpx.HTTPError as exc:
+            outcome["error"] = type(exc).__name__
+
+    thread = threading.Thread(target=stream_on_victim)
+    thread.start()
+    time.sleep(3)  # the stream is under way
+    os.kill(replica_pid(0), signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive()  # no hang: the stream ended or failed
+    assert outcome.get("chunks", 0) < 400 or outcome.get("status", 0) >= 500 or "error" in outcome
+    ok = httpx.post(cluster + "/v1/completions", headers={"X-Session-Id": survivor}, timeout=120,
+                    json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})
+    assert ok.status_code == 200 and ok.headers["x-loomlm-replica"] == "1"
+    # Requests for the dead replica fail in their family's format until Ray Serve has restarted it.
+    deadline, statuses = time.monotonic() + 300, []
+    while time.monotonic() < deadline:
+        response = httpx.post(cluster + "/generate", headers={"X-Session-Id": victim}, timeout=120,
+                              json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}})
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 502 and "error_type" in response.json()  # TGI's error body
+        time.sleep(2)
+    assert statuses[-1] == 200
