@@ -5,9 +5,11 @@ loopback): one stream's per-token latency (greedy, --gen-len new tokens after a 
 throughput at --streams streams, for one rank and for N, with the time rank 0 spent in collectives
 (the all-reduces after each row-parallel projection and the embedding, the logits all-gather) per
 step. The default model has 9 heads and 3 KV heads, so N = 3 (N must divide both).
-Ray Serve replicas (issue 19, item 2) are not built yet: this benchmark does not measure them.
+Replicas (`--replicas`): --load-streams concurrent streamed /v1/completions (--gen-len tokens each)
+against one loomlm server, then against 2 replicas on Ray Serve behind loomlm's router (a local
+`ray.init()`): output tokens per second and time to first token p50 / p99.
 Run: `.venv/bin/python benchmarks/scale_out.py` (options: --model ALIAS --tp 3 --gen-len 64
---streams 8). Smoke run: `--gen-len 8 --streams 2`.
+--streams 8 --replicas --load-streams 64). Smoke run: `--gen-len 8 --streams 2`.
 """
 
 from __future__ import annotations
@@ -89,14 +91,75 @@ def allreduce_latency(world: int, width: int, iters: int = 2000) -> float:
     return latency
 
 
+async def _load(base_url: str, model: str, streams: int, gen_len: int) -> dict:
+    """`streams` concurrent streamed completions; output tok/s and TTFT p50 / p99 (seconds)."""
+    import asyncio
+
+    import httpx
+
+    async def one(client, i: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        first, chunks = None, 0
+        body = {"model": model, "prompt": f"Request {i}: write about the sea.", "max_tokens": gen_len,
+                "temperature": 0.0, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", base_url + "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter() - start
+        return first or float("nan"), chunks
+
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=streams)) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, i) for i in range(streams)))
+        elapsed = time.perf_counter() - start
+    ttfts = sorted(r[0] for r in results)
+    return {"tok_s": streams * gen_len / elapsed, "ttft_p50": ttfts[len(ttfts) // 2],
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+
+def measure_replicas(model: str, streams: int, gen_len: int) -> None:
+    import asyncio
+    import socket
+
+    import ray
+    from ray import serve
+
+    from loomlm.server.ray_serve import ReplicaServer, build_application
+
+    one = ReplicaServer(model, {}, {}, 0)  # one engine and server in this process, no router
+    single = asyncio.run(_load(one.url, model, streams, gen_len))
+    one.engine.shutdown()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(model, 2), route_prefix="/", name="loomlm")
+        replicated = asyncio.run(_load(f"http://127.0.0.1:{port}", model, streams, gen_len))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"{streams} concurrent streams, {gen_len} tokens each:")
+    print(f"{'':<26}{'tok/s':>8}{'TTFT p50 s':>12}{'TTFT p99 s':>12}")
+    for name, r in (("one engine", single), ("2 Ray Serve replicas", replicated)):
+        print(f"{name:<26}{r['tok_s']:>8.1f}{r['ttft_p50']:>12.2f}{r['ttft_p99']:>12.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--tp", type=int, default=3)
     parser.add_argument("--gen-len", type=int, default=64)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--replicas", action="store_true", help="also one engine vs 2 Ray Serve replicas")
+    parser.add_argument("--load-streams", type=int, default=64)
     args = parser.parse_args()
     print_machine()
+    if args.replicas:
+        measure_replicas(args.model, args.load_streams, args.gen_len)
     print(f"model {args.model}; greedy; {args.gen_len} new tokens; ranks as processes, gloo over loopback")
     print(f"{'ranks':>6}{'ms/token (1 stream)':>21}{'collectives ms/step':>21}{'collectives/step':>18}"
           f"{f'tok/s ({args.streams} streams)':>22}{'KV blocks/rank':>16}")

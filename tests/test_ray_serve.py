@@ -23,7 +23,7 @@ from loomlm.server.ray_serve import affinity_key, build_application, choose_repl
 MODEL = "smollm2-135m-instruct"
 PREFIX = ("You are a careful assistant. Answer in one short sentence, and never add anything that "
           "was not asked. The following questions are about the geography of Europe, its rivers, "
-          "its mountains and its capital cities; answer each of them on its own. ")
+          "its mountains and its capital cities; answer each of them on its own. ") * 4  # ~200 tokens
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,19 @@ def test_every_face_answers_through_the_router(cluster):
     assert getattr(info.value, "status_code", None) == 400
 
 
+def cache_counters(cluster: str) -> dict[tuple[str, str], float]:
+    """(metric, replica) -> value of the replicas' prefix-cache counters, through the router's /metrics."""
+    values = {}
+    for line in httpx.get(cluster + "/metrics", timeout=60).text.splitlines():
+        for name in ("loomlm_prefix_cache_hits_total", "loomlm_prefix_cache_queries_total"):
+            if line.startswith(name + "{"):
+                replica = line.split('replica="', 1)[1].split('"', 1)[0]
+                values[name, replica] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
 def test_a_shared_prefix_stays_on_one_replica(cluster):
+    before = cache_counters(cluster)
     replicas = set()
     for i in range(10):
         response = httpx.post(cluster + "/v1/completions", timeout=120, json={
@@ -94,15 +106,11 @@ def test_a_shared_prefix_stays_on_one_replica(cluster):
         replicas.add(response.headers["x-loomlm-replica"])
     assert len(replicas) == 1
     replica = replicas.pop()
-    metrics = httpx.get(cluster + "/metrics", timeout=60).text
-    values = {}
-    for line in metrics.splitlines():
-        for name in ("loomlm_prefix_cache_hits_total", "loomlm_prefix_cache_queries_total"):
-            if line.startswith(name + "{") and f'replica="{replica}"' in line:
-                values[name] = float(line.rsplit(" ", 1)[1])
-    # The first request fills the cache; the other nine find the ~70-token prefix in it.
-    hits, queries = values["loomlm_prefix_cache_hits_total"], values["loomlm_prefix_cache_queries_total"]
-    assert hits / queries > 0.5 and 'loomlm_router_requests_total{replica="0"}' in metrics
+    after = cache_counters(cluster)
+    # The first request fills the cache; the other nine find the ~200-token prefix in it.
+    hits = after["loomlm_prefix_cache_hits_total", replica] - before["loomlm_prefix_cache_hits_total", replica]
+    queries = after["loomlm_prefix_cache_queries_total", replica] - before["loomlm_prefix_cache_queries_total", replica]
+    assert hits / queries > 0.8
 
 
 def test_killing_a_replica_fails_only_its_requests_and_ray_restarts_it(cluster):
