@@ -121,27 +121,17 @@ async def _load(base_url: str, model: str, streams: int, gen_len: int) -> dict:
 
 def measure_replicas(model: str, streams: int, gen_len: int) -> None:
     import asyncio
-    import socket
 
-    import ray
-    from ray import serve
-
-    from loomlm.server.ray_serve import ReplicaServer, build_application
+    from loomlm.server.ray_serve import ReplicaServer, run_local, stop_local
 
     one = ReplicaServer(model, {}, {}, 0)  # one engine and server in this process, no router
     single = asyncio.run(_load(one.url, model, streams, gen_len))
     one.engine.shutdown()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    base_url = run_local(model, 2)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_application(model, 2), route_prefix="/", name="loomlm")
-        replicated = asyncio.run(_load(f"http://127.0.0.1:{port}", model, streams, gen_len))
+        replicated = asyncio.run(_load(base_url, model, streams, gen_len))
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local()
     print(f"{streams} concurrent streams, {gen_len} tokens each:")
     print(f"{'':<26}{'tok/s':>8}{'TTFT p50 s':>12}{'TTFT p99 s':>12}")
     for name, r in (("one engine", single), ("2 Ray Serve replicas", replicated)):

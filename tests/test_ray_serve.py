@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -18,7 +17,7 @@ import pytest
 from openai import OpenAI
 
 from loomlm import LLM, SamplingParams
-from loomlm.server.ray_serve import affinity_key, build_application, choose_replica
+from loomlm.server.ray_serve import affinity_key, choose_replica, run_local, stop_local
 
 MODEL = "smollm2-135m-instruct"
 PREFIX = ("You are a careful assistant. Answer in one short sentence, and never add anything that "
@@ -28,20 +27,11 @@ PREFIX = ("You are a careful assistant. Answer in one short sentence, and never 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    pytest.importorskip("ray")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_application(MODEL, 2, {"max_num_seqs": 16}), route_prefix="/", name="loomlm")
-        yield f"http://127.0.0.1:{port}"
+        yield run_local(MODEL, 2, {"max_num_seqs": 16})
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local()
 
 
 def replica_pid(index: int) -> int:
@@ -78,6 +68,9 @@ def test_every_face_answers_through_the_router(cluster):
     le = httpx.post(cluster + "/v1/llm/completions-sync", params={"model_endpoint_name": MODEL},
                     json={"prompt": prompts[0], "max_new_tokens": 12, "temperature": 0.0}, timeout=120)
     assert le.status_code == 200 and le.json()["output"]["text"] == expected[0]
+    huge = httpx.post(cluster + "/generate", content=b'{"inputs": "' + b"x" * (5 << 20) + b'"}', timeout=120,
+                      headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and "error_type" in huge.json()  # bounded at the router, TGI's format
     bad = client.with_options(max_retries=0).completions
     with pytest.raises(Exception) as info:  # a 400 in OpenAI's format, from the replica, through the router
         bad.create(model=MODEL, prompt="x", max_tokens=-1)

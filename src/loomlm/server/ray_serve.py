@@ -120,8 +120,13 @@ def family_error(path: str, message: str, status: int):
     return error_response(message, status)
 
 
-def build_router_app(replicas: list):
-    """The router's FastAPI app over `replicas` (DeploymentHandles of ReplicaServer deployments)."""
+def build_router_app(replicas: list, max_body_bytes: int | None = None):
+    """The router's FastAPI app over `replicas` (DeploymentHandles of ReplicaServer deployments).
+    A body over `max_body_bytes` (default: `ServerLimits().max_request_body_bytes`, as each
+    replica's) is refused with 413 in its family's format while it is read."""
+    from loomlm.server.limits import ServerLimits
+
+    limit = max_body_bytes or ServerLimits().max_request_body_bytes
     import httpx
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
@@ -163,7 +168,12 @@ def build_router_app(replicas: list):
     @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT"])
     async def proxy(path: str, request: Request):
         path = "/" + path
-        body = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return family_error(path, f"request body larger than {limit} bytes", 413)
+        body = bytes(body)
         i = choose_replica(affinity_key(request.headers, body), in_flight)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         in_flight[i] += 1
@@ -221,17 +231,43 @@ def build_application(model: str, num_replicas: int, engine_kwargs: dict[str, An
                 for i in range(num_replicas)]
     router = serve.deployment(serve.ingress()(LoomlmRouter), name="LoomlmRouter", max_ongoing_requests=100000,
                               ray_actor_options={"num_cpus": 0})
-    return router.bind(replicas)
+    limits = (app_kwargs or {}).get("limits")
+    return router.bind(replicas, limits.max_request_body_bytes if limits is not None else None)
 
 
 class LoomlmRouter:
     """The ingress deployment: holds the replicas' handles; its ASGI app is `build_router_app`."""
 
-    def __init__(self, replicas: list) -> None:
+    def __init__(self, replicas: list, max_body_bytes: int | None = None) -> None:
         self.replicas = replicas
+        self.max_body_bytes = max_body_bytes
 
     def __serve_build_asgi_app__(self):
-        return build_router_app(self.replicas)
+        return build_router_app(self.replicas, self.max_body_bytes)
+
+
+def run_local(model: str, num_replicas: int, engine_kwargs: dict[str, Any] | None = None,
+              num_cpus: int = 4) -> str:
+    """Start a local Ray (`num_cpus` logical CPUs) and the application on a free loopback port;
+    returns its base URL. For tests and benchmarks; `stop_local` ends it."""
+    import ray
+    from ray import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_application(model, num_replicas, engine_kwargs), route_prefix="/", name="loomlm")
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_local() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
 
 
 def app_builder(args: dict[str, str]):
