@@ -87,11 +87,42 @@ def test_three_ranks_on_the_default_model_and_speculation_on_top():
     assert torch.get_num_threads() >= 1
 
 
+def test_lora_adapters_across_two_ranks(make_tiny_model_dir, tmp_path):
+    """Adapters cut as their projections are (B by output columns, A by input rows), with the base
+    model in the same batch, equal one rank's within 1e-4."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loomlm.lora.request import LoRARequest
+
+    model = str(make_tiny_model_dir("llama"))
+    paths = []
+    for seed, targets in ((1, ["q_proj", "k_proj", "v_proj", "o_proj"]), (2, ["gate_proj", "up_proj", "down_proj", "o_proj"])):
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                                    LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0.0, 0.3)
+        peft_model.save_pretrained(str(tmp_path / f"a{seed}"))
+        paths.append(str(tmp_path / f"a{seed}"))
+    loras = [LoRARequest("a1", 1, paths[0]), LoRARequest("a2", 2, paths[1]), None,
+             LoRARequest("a1", 1, paths[0])]
+    prompts = [[5 + (i * 11 + j) % 300 for j in range(12 + 5 * i)] for i in range(4)]
+    prompts[2] = prompts[0]  # the base model on adapter a1's prompt
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=2, ignore_eos=True)
+    with engine(model, enable_lora=True, max_loras=2) as one:
+        expected = one.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    with engine(model, enable_lora=True, max_loras=2, tensor_parallel_size=2) as two:
+        got = two.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    assert_same(expected, got)
+    assert expected[0].outputs[0].token_ids != expected[2].outputs[0].token_ids  # the adapter changes the output
+
+
 def test_models_that_do_not_divide_fail_before_any_rank_starts():
     with pytest.raises(ValueError, match="attention heads"):
         LLM("smollm2-135m-instruct", tensor_parallel_size=2)  # 9 heads
-    with pytest.raises(ValueError, match="LoRA"):
-        LLM("smollm2-135m-instruct", tensor_parallel_size=3, enable_lora=True)
     with pytest.raises(ValueError, match="nnodes"):
         LLM("smollm2-135m-instruct", tensor_parallel_size=3, nnodes=2, distributed_init_method="tcp://127.0.0.1:1")
 
@@ -123,7 +154,7 @@ def test_cli_flags_reach_the_parallel_config():
     args = build_parser().parse_args(["serve", "-tp", "4", "--nnodes", "2", "--node-rank", "1",
                                       "--distributed-init-method", "tcp://10.0.0.1:29500"])
     kwargs = serve_engine_kwargs(args)
-    assert kwargs["enable_lora"] is False  # serve's default-on LoRA stays off across ranks
+    assert kwargs["enable_lora"] is True  # serve's default-on LoRA works across ranks too
     pc = EngineConfig.from_kwargs(model="smollm2-135m-instruct", **kwargs).parallel_config
     assert (pc.tensor_parallel_size, pc.nnodes, pc.node_rank, pc.distributed_init_method) == \
         (4, 2, 1, "tcp://10.0.0.1:29500")

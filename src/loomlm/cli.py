@@ -253,8 +253,6 @@ def serve_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if given:
             raise ValueError(f"--disable-lora contradicts {', '.join(given)}.")
     engine_kwargs["enable_lora"] = not args.disable_lora
-    if (args.tensor_parallel_size or 1) > 1 and not (args.enable_lora or args.lora_adapter_ids or args.adapter_roots):
-        engine_kwargs["enable_lora"] = False  # LoRA's default-on does not cut across ranks yet
     return engine_kwargs
 
 

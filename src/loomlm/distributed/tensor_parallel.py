@@ -111,6 +111,28 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], hf_config, tp: Te
             yield name, tensor.narrow(dim, r * share, share).contiguous()
 
 
+# LoRA targets of column-parallel layers (B cut by output features) and of row-parallel ones (A cut by input).
+_LORA_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_LORA_ROW = ("o_proj", "down_proj")
+
+
+def shard_lora(module: str, a_t: torch.Tensor, b_t: torch.Tensor, tp: TensorParallel
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One projection's LoRA factors cut to `tp.rank`'s share, as its base weight is: for a
+    column-parallel projection b_t [r, out] keeps this rank's output columns; for a row-parallel
+    one a_t [in, r] keeps its input rows, and the all-reduce after the layer sums the partial
+    updates with the partial outputs. module: "self_attn.q_proj", ..."""
+    proj = module.rsplit(".", 1)[-1]
+    n, r = tp.world_size, tp.rank
+    if proj in _LORA_COLUMN:
+        share = b_t.shape[1] // n
+        return a_t, b_t[:, r * share:(r + 1) * share]
+    if proj in _LORA_ROW:
+        share = a_t.shape[0] // n
+        return a_t[r * share:(r + 1) * share], b_t
+    raise ValueError(f"no tensor-parallel layout for a LoRA on {module!r}")
+
+
 class VocabParallelEmbedding(nn.Module):
     """An embedding table cut by vocabulary: this rank's rows [start, end); forward(ids [T]) ->
     [T, hidden], summed over the ranks (each contributes the ids in its slice)."""

@@ -112,7 +112,7 @@ def run_worker(config, rank: int, init_method: str = "env://") -> None:
     source = resolve_model(mc.model, revision=mc.revision, tokenizer=mc.tokenizer,
                            tokenizer_revision=mc.tokenizer_revision)
     runner = ModelRunner(mc, config.cache_config, source.hf_config, model_weights(source, mc),
-                         resolve_max_model_len(mc, source.hf_config), config.kernel_config, None, tp)
+                         resolve_max_model_len(mc, source.hf_config), config.kernel_config, config.lora_config, tp)
     try:
         runner.worker_loop()
     finally:

@@ -80,8 +80,6 @@ class LLMEngine:
             from loomlm.distributed.worker import start_tensor_parallel
 
             check_tensor_parallel(self.hf_config, config.parallel_config.tensor_parallel_size)  # before spawning
-            if config.lora_config.enable_lora:
-                raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported yet.")
             self.tp, self._tp_workers = start_tensor_parallel(config)
         self.model_runner = ModelRunner(mc, config.cache_config, self.hf_config,
                                         model_weights(self.source, mc), max_len, config.kernel_config,
@@ -111,7 +109,9 @@ class LLMEngine:
             lora = self._new_lora_request(adapter_id, resolve_adapter(adapter_id))  # the operator's: any path
             self._pinned_loras.add(adapter_id)
             self.check_lora(lora)
-            if len(self.lora_manager.loaded) < lc.max_loras:  # installed now while slots are free
+            # Installed now while slots are free (across ranks, by the first step that uses it:
+            # every rank's slots follow rank 0's installs step by step).
+            if len(self.lora_manager.loaded) < lc.max_loras and self.tp is None:
                 self.lora_manager.activate({lora.lora_name: lora})
         self.output_processor = OutputProcessor(self.tokenizer)
         self.pooler_config = PoolerConfig.from_override(config.model_config.override_pooler_config)

@@ -76,6 +76,9 @@ class StepInput:
     blocks_to_copy: list[tuple[int, int]]  # (src, dst) KV block copies before the pass
     logits_rows: list[int]  # rows whose logits are sampled
     prompt_rows: list[int]  # rows whose logits give prompt logprobs
+    # The adapters rank 0 installed this step (LoRAManager.activate's arguments; None: none), so
+    # that every tensor-parallel rank's slots follow the same sequence of installs and evictions.
+    loras: tuple[dict, list[str]] | None = None
 
 
 class ModelRunner:
@@ -102,8 +105,6 @@ class ModelRunner:
         model_config_hf = hf_config
         if tp is not None:
             check_tensor_parallel(hf_config, tp.world_size)
-            if lora_config is not None and lora_config.enable_lora:
-                raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported yet.")
             model_config_hf = shard_config(hf_config, tp.world_size)
             weights = shard_weights(weights, hf_config, tp)
         start = time.perf_counter()
@@ -157,7 +158,7 @@ class ModelRunner:
         # Adapter slots in the model's linears (the scheduler only counts adapters; installing
         # them is the runner's, each step, as vLLM v1's worker-side LoRA manager).
         self.lora_manager = (LoRAManager(self.model, lora_config.max_loras, self.dtype, self.device,
-                                         lora_config.max_cpu_loras)
+                                         lora_config.max_cpu_loras, tp)
                              if lora_config is not None and lora_config.enable_lora else None)
 
     def release(self) -> None:
@@ -212,7 +213,7 @@ class ModelRunner:
         spans: list[tuple[int, int, int, list[int]]] = []  # (first row, end row, context length, block table)
         token_slots: list[int] = []  # each flat-batch token's adapter slot, -1 for the base model
         pooling_items: list[tuple] = []  # (request, first flat row, first position, tokens, prefill done)
-        slot_of = self._activate_loras(scheduler_output)
+        slot_of, activation = self._activate_loras(scheduler_output)
         for item in items:
             req = item.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
@@ -252,7 +253,7 @@ class ModelRunner:
         step = StepInput(input_ids, positions, slots, num_decode, decode_tables, decode_lens,
                          spans,
                          token_slots if slot_of else None, list(scheduler_output.blocks_to_copy), logits_rows,
-                         prompt_rows)
+                         prompt_rows, activation)
         if self.tp is not None:
             self.tp.broadcast(step)  # the workers run the same forward on their shards
         hidden, prompt_logits, logits = self._run(step)
@@ -319,14 +320,16 @@ class ModelRunner:
         logits = self._logits(hidden[last_rows])  # [len(runs), vocab_size], in `order`
         return logits[torch.tensor(order, device=dev).argsort()]
 
-    def _activate_loras(self, scheduler_output: SchedulerOutput) -> dict[str, int]:
-        """Install the running requests' adapters (`LoRAManager.activate`); adapter name -> slot,
-        {} when no scheduled request uses one."""
+    def _activate_loras(self, scheduler_output: SchedulerOutput) -> tuple[dict[str, int], tuple | None]:
+        """Install the running requests' adapters (`LoRAManager.activate`). Returns (adapter name ->
+        slot, the activate call's arguments for the other tensor-parallel ranks); ({}, None) when
+        no scheduled request uses one."""
         if self.lora_manager is None or not any(it.request.lora_request is not None for it in scheduler_output.scheduled):
-            return {}
+            return {}, None
         new = [it.request.lora_request.lora_name for it in scheduler_output.scheduled
                if it.is_new and it.request.lora_request is not None]
-        return self.lora_manager.activate(scheduler_output.active_loras, new)
+        activation = (dict(scheduler_output.active_loras), new)
+        return self.lora_manager.activate(*activation), activation
 
     def _grammar_rows(self, grammar: GrammarBitmask, sampling_requests: list,
                       sampling_pending: list[list[int]]) -> torch.Tensor:
@@ -364,6 +367,8 @@ class ModelRunner:
         logit chunks, sampling logits [rows, vocab_size] or None)."""
         if step.blocks_to_copy:
             self.copy_blocks(step.blocks_to_copy)
+        if step.loras is not None and self.tp is not None and not self.tp.is_driver:
+            self.lora_manager.activate(*step.loras)  # rank 0 did in `execute`
         dev = self.device
         batch = ForwardBatch(
             positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),

@@ -45,8 +45,9 @@ class LoRAManager:
     """
 
     def __init__(self, model, max_loras: int, dtype: torch.dtype, device: torch.device,
-                 max_cpu_loras: int | None = None) -> None:
+                 max_cpu_loras: int | None = None, tp=None) -> None:
         self.model = model
+        self.tp = tp  # a tensor-parallel rank: slots hold its share of each adapter (shard_lora)
         self.max_loras = max_loras
         self.max_cpu_loras = max(max_cpu_loras or 0, max_loras)
         self.dtype, self.device = dtype, device
@@ -107,7 +108,7 @@ class LoRAManager:
         for (layer, module), w in adapter.weights.items():
             linear, shard = self._target(layer, module)
             try:
-                linear.check_lora(shard, w.a_t, w.b_t)
+                linear.check_lora(shard, *self._factors(module, w.a_t, w.b_t))
             except ValueError as exc:
                 raise ValueError(f"adapter {adapter.name!r}: layer {layer} {module}: {exc}") from exc
 
@@ -162,11 +163,21 @@ class LoRAManager:
             slot = self._free_slot(keep=loras)
             for (layer, module), w in adapter.weights.items():
                 linear, shard = self._target(layer, module)
-                linear.set_lora(slot, shard, w.a_t.to(self.device), w.b_t_scaled().to(self.device))
+                a_t, b_t = self._factors(module, w.a_t, w.b_t_scaled())
+                linear.set_lora(slot, shard, a_t.to(self.device), b_t.to(self.device))
             self._slots[name] = slot
             self.num_loads += 1
             logger.info("installed adapter %s (%d parameters) in slot %d", name, adapter.num_params, slot)
         return {name: self._slots[name] for name in loras}
+
+    def _factors(self, module: str, a_t: torch.Tensor, b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors a slot holds: the whole adapter's, or this tensor-parallel rank's share
+        (the host cache keeps whole adapters, so merges see them whole)."""
+        if self.tp is None:
+            return a_t, b_t
+        from loomlm.distributed.tensor_parallel import shard_lora
+
+        return shard_lora(module, a_t, b_t, self.tp)
 
     def _target(self, layer: int, module: str):
         """The Linear and shard holding HF projection `module` ("self_attn.q_proj") of a layer."""
