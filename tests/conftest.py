@@ -23,9 +23,11 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3MoeConfig,
 )
 
 from loomlm.models.gguf_loader import cache_root, file_cache_key, publish_dir_atomically
@@ -145,7 +147,8 @@ def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def tiny_config(model_type: str, vocab_size: int) -> PretrainedConfig:
-    """hidden 64, 2 layers, 4 heads, 2 KV heads; qwen2 ties embeddings (as small Qwen2 models do)."""
+    """hidden 64, 2 layers, 4 heads, 2 KV heads; qwen2 ties embeddings (as small Qwen2 models do);
+    qwen3_moe and mixtral: 8 experts of MLP width 32, 2 per token."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -165,6 +168,12 @@ def tiny_config(model_type: str, vocab_size: int) -> PretrainedConfig:
         return MistralConfig(**common, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False)
     if model_type == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
+    if model_type == "qwen3_moe":  # 8 experts of width 32, 2 per token
+        return Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                              norm_topk_prob=True, tie_word_embeddings=False)
+    if model_type == "mixtral":
+        return MixtralConfig(**{**common, "intermediate_size": 32}, num_local_experts=8, num_experts_per_tok=2,
+                             tie_word_embeddings=False)
     raise ValueError(f"no tiny config for model_type {model_type!r}")
 
 
@@ -172,7 +181,7 @@ def tiny_config(model_type: str, vocab_size: int) -> PretrainedConfig:
 def make_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """A factory: ``make_tiny_model_dir("qwen2") -> Path`` of an HF directory with a tiny random model.
 
-    model_type in {"llama", "mistral", "qwen2"}; weights float32 safetensors (every
+    model_type in {"llama", "mistral", "qwen2", "qwen3_moe", "mixtral"}; weights float32 safetensors (every
     parameter, biases included, drawn from N(0, 0.02) with a fixed seed), a byte-level
     BPE tokenizer with a ChatML template, vocab_size == len(tokenizer). Built once per
     model_type and session.

@@ -120,6 +120,20 @@ def test_lora_adapters_across_two_ranks(make_tiny_model_dir, tmp_path):
     assert expected[0].outputs[0].token_ids != expected[2].outputs[0].token_ids  # the adapter changes the output
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_mixture_of_experts_across_two_ranks(make_tiny_model_dir, kind):
+    """Each expert's MLP cut as a dense one's (the router whole), its partial outputs summed once
+    after the block: equal one rank's within 1e-4."""
+    model = str(make_tiny_model_dir(kind))
+    prompts = [[5 + (i * 13 + j) % 300 for j in range(10 + 7 * i)] for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=2, ignore_eos=True)
+    with engine(model) as one:
+        expected = one.generate(prompts, params, use_tqdm=False)
+    with engine(model, tensor_parallel_size=2) as two:
+        got = two.generate(prompts, params, use_tqdm=False)
+    assert_same(expected, got)
+
+
 def test_models_that_do_not_divide_fail_before_any_rank_starts():
     with pytest.raises(ValueError, match="attention heads"):
         LLM("smollm2-135m-instruct", tensor_parallel_size=2)  # 9 heads

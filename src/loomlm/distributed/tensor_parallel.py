@@ -5,7 +5,8 @@ Each rank builds the model from `shard_config` (its share of the attention heads
 MLP width; hidden size, head size and norms unchanged) and loads `shard_weights` (the checkpoint's
 tensors cut to that share), so the layers run unchanged on narrower weights. `parallelize` then
 adds what crosses ranks: an all-reduce after each row-parallel projection (o_proj, down_proj,
-whose partial sums the ranks add up; their bias only on rank 0), and the vocabulary-parallel
+whose partial sums the ranks add up; their bias only on rank 0; a mixture-of-experts block's
+experts are cut as a dense MLP and the block's output is summed once), and the vocabulary-parallel
 embedding (each rank looks up the ids in its slice of the vocabulary, zeros elsewhere, then an
 all-reduce). The LM head gives each rank the logits of its vocabulary slice; the model runner
 gathers them.
@@ -14,12 +15,14 @@ gathers them.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from loomlm.distributed.parallel_state import TensorParallel
+from loomlm.layers.moe import SparseMoeBlock
 
 # HF tensor name suffix -> how it is cut: "rows_q" / "rows_kv" / "rows_mlp" (output features of a
 # column-parallel layer), "cols_q" / "cols_mlp" (input features of a row-parallel one), "vocab".
@@ -33,6 +36,10 @@ _CUTS = {
     "mlp.down_proj.weight": "cols_mlp", "mlp.down_proj.bias": "rank0",
     "embed_tokens.weight": "vocab", "lm_head.weight": "vocab",
 }
+# Mixture-of-experts: each expert's gate / up (Mixtral's w1 / w3) by output rows, down (w2) by input
+# columns, as a dense MLP's; the router stays whole (every rank routes every token alike).
+_EXPERT = re.compile(r"experts\.\d+\.(w1|w3|gate_proj|up_proj|w2|down_proj)\.weight$")
+_EXPERT_ROWS = ("w1", "w3", "gate_proj", "up_proj")
 
 
 def check_tensor_parallel(hf_config, world_size: int) -> None:
@@ -48,8 +55,9 @@ def check_tensor_parallel(hf_config, world_size: int) -> None:
                         ("MLP width (intermediate_size)", spec.intermediate_size)):
         if count % world_size:
             raise ValueError(f"tensor_parallel_size {world_size} does not divide the model's {what} ({count}).")
-    if any(layer.is_moe for layer in spec.layers):
-        raise ValueError("tensor parallelism does not cut mixture-of-experts layers yet.")
+    if any(layer.is_moe for layer in spec.layers) and spec.moe_intermediate_size % world_size:
+        raise ValueError(f"tensor_parallel_size {world_size} does not divide the experts' MLP width "
+                         f"(moe_intermediate_size {spec.moe_intermediate_size}).")
     if spec.qk_norm == "proj":
         raise ValueError("tensor parallelism cannot cut a q/k norm over the whole projection (OLMo 2).")
     if spec.fused_checkpoint:
@@ -74,6 +82,8 @@ def shard_config(hf_config, world_size: int):
     config.num_attention_heads = spec.num_heads // world_size
     config.num_key_value_heads = spec.num_kv_heads // world_size
     config.intermediate_size = spec.intermediate_size // world_size
+    if getattr(config, "moe_intermediate_size", None):
+        config.moe_intermediate_size = spec.moe_intermediate_size // world_size
     config.head_dim = spec.head_dim
     config.vocab_size = vocab_slice(hf_config.vocab_size, 0, world_size)[2]
     return config
@@ -90,13 +100,27 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], hf_config, tp: Te
     n, r = tp.world_size, tp.rank
     sizes = {"q": spec.num_heads * spec.head_dim, "kv": spec.num_kv_heads * spec.head_dim,
              "mlp": spec.intermediate_size}
+    moe_share = spec.moe_intermediate_size // n
     for name, tensor in weights:
+        if isinstance(tensor, QuantizedWeight):
+            raise ValueError("tensor parallelism needs float weights (quantization='gguf' keeps GGML blocks).")
+        expert = _EXPERT.search(name)
+        if expert is not None:
+            dim = 0 if expert.group(1) in _EXPERT_ROWS else 1
+            yield name, tensor.narrow(dim, r * moe_share, moe_share).contiguous()
+            continue
+        if name.endswith("experts.gate_up_proj"):  # transformers' fused [E, 2I, H]: gate rows, then up rows
+            inter = tensor.shape[1] // 2
+            yield name, torch.cat([tensor[:, r * moe_share:(r + 1) * moe_share],
+                                   tensor[:, inter + r * moe_share:inter + (r + 1) * moe_share]], dim=1)
+            continue
+        if name.endswith("experts.down_proj"):  # [E, H, I]
+            yield name, tensor.narrow(2, r * moe_share, moe_share).contiguous()
+            continue
         cut = next((c for suffix, c in _CUTS.items() if name.endswith(suffix)), None)
         if cut is None:
             yield name, tensor
             continue
-        if isinstance(tensor, QuantizedWeight):
-            raise ValueError("tensor parallelism needs float weights (quantization='gguf' keeps GGML blocks).")
         if cut == "rank0":
             yield name, tensor if r == 0 else torch.zeros_like(tensor)
         elif cut == "vocab":
@@ -162,5 +186,6 @@ def parallelize(model: nn.Module, full_vocab_size: int, tp: TensorParallel) -> N
 
     for layer in model.layers:
         layer.self_attn.o_proj.register_forward_hook(reduce)
-        layer.mlp.down_proj.register_forward_hook(reduce)
+        # A mixture of experts sums its experts' partial outputs once, after the block.
+        (layer.mlp if isinstance(layer.mlp, SparseMoeBlock) else layer.mlp.down_proj).register_forward_hook(reduce)
     model.use_decoder_stack = False
