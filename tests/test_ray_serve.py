@@ -7,6 +7,7 @@ or as an ended stream, and Ray Serve brings it back; /metrics labels every serie
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import threading
@@ -65,9 +66,15 @@ def test_every_face_answers_through_the_router(cluster):
     assert chat.choices[0].message.content
     tgi = Client(cluster, timeout=120).generate(prompts[0], max_new_tokens=12)
     assert tgi.generated_text == expected[0]
-    le = httpx.post(cluster + "/v1/llm/completions-sync", params={"model_endpoint_name": MODEL},
-                    json={"prompt": prompts[0], "max_new_tokens": 12, "temperature": 0.0}, timeout=120)
-    assert le.status_code == 200 and le.json()["output"]["text"] == expected[0]
+    with pytest.MonkeyPatch.context() as mp:  # the real `llmengine` client (scale-llm-engine)
+        mp.setenv("LLM_ENGINE_DISABLE_VERSION_CHECK", "1")  # no call to PyPI on import
+        llmengine = importlib.import_module("llmengine")
+        llmengine.api_engine.set_base_path(cluster + "/")
+        try:
+            le = llmengine.Completion.create(model=MODEL, prompt=prompts[0], max_new_tokens=12, temperature=0)
+        finally:
+            llmengine.api_engine.set_base_path(None)
+    assert le.output.text == expected[0]
     huge = httpx.post(cluster + "/generate", content=b'{"inputs": "' + b"x" * (5 << 20) + b'"}', timeout=120,
                       headers={"Content-Type": "application/json"})
     assert huge.status_code == 413 and "error_type" in huge.json()  # bounded at the router, TGI's format
