@@ -158,6 +158,7 @@ def test_server_on_two_ranks(make_tiny_model_dir):
     assert texts == expected
     assert "loomlm_tensor_parallel_size 2.0" in metrics
     assert 'loomlm_tp_collective_seconds_total{rank="0"}' in metrics
+    assert 'loomlm_tp_collective_seconds_total{rank="1"}' in metrics  # the worker's, from the exchange
     assert expected[0].startswith(tgi.generated_text) or tgi.generated_text == expected[0]
 
 

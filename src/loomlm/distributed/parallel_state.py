@@ -17,6 +17,11 @@ class CollectiveStats:
     seconds: float = 0.0
 
 
+# Every this many steps the ranks exchange their collective counters (`share_stats`), so rank 0's
+# /metrics shows every rank's at the cost of one small all-gather per interval.
+STATS_INTERVAL_STEPS = 64
+
+
 @dataclass
 class TensorParallel:
     """Rank `rank` of `world_size` in torch.distributed's default process group (gloo on CPU,
@@ -25,6 +30,9 @@ class TensorParallel:
     rank: int
     world_size: int
     stats: CollectiveStats = field(default_factory=CollectiveStats)
+    # Each rank's collective seconds as of the last exchange (rank 0 reads them for /metrics).
+    rank_seconds: list[float] = field(default_factory=list)
+    num_steps: int = 0
 
     def _timed(self, started: float) -> None:
         self.stats.num_calls += 1
@@ -48,6 +56,16 @@ class TensorParallel:
         dist.all_gather(parts, tensor)
         self._timed(started)
         return torch.cat(parts, dim=-1)
+
+    def step_done(self) -> None:
+        """Count a step; every STATS_INTERVAL_STEPS steps (the same step on every rank) gather
+        each rank's collective seconds into `rank_seconds`."""
+        self.num_steps += 1
+        if self.num_steps % STATS_INTERVAL_STEPS == 0:
+            mine = torch.tensor([self.stats.seconds], dtype=torch.float64)
+            parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(parts, mine)
+            self.rank_seconds = [float(p) for p in parts]
 
     def broadcast(self, obj=None):
         """Rank 0's `obj` on every rank (pickled by torch.distributed's broadcast_object_list)."""

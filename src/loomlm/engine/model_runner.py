@@ -387,6 +387,8 @@ class ModelRunner:
         prompt_logits = [self._logits(hidden[step.prompt_rows[begin:begin + 512]])
                          for begin in range(0, len(step.prompt_rows), 512)]
         logits = self._logits(hidden[step.logits_rows]) if step.logits_rows else None
+        if self.tp is not None:
+            self.tp.step_done()
         return hidden, prompt_logits, logits
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ Metric names (Prometheus text at `GET /metrics`):
   `loomlm_spec_decode_num_accepted_tokens_total`, `loomlm_spec_decode_num_accepted_tokens_per_pos_total{position}`:
   speculative decoding (vLLM's `spec_decode_*` counters), when a speculative_config is set.
 - `loomlm_tensor_parallel_size`, `loomlm_tp_collective_seconds_total{rank}`: tensor parallelism,
-  when on (rank 0's time in collectives).
+  when on (each rank's time in collectives; the workers' as of their last exchange, every 64 steps).
 - `loomlm_lora_loads_total`, `loomlm_lora_hits_total`, `loomlm_lora_evictions_total`,
   `loomlm_lora_active_adapters`: the adapter cache (`LoRAManager` counters), when LoRA is on.
 """
@@ -125,9 +125,13 @@ class _EngineCollector:
         if tp is not None:
             yield GaugeMetricFamily("loomlm_tensor_parallel_size", "Ranks the model is cut across.",
                                     value=tp.world_size)
-            seconds = CounterMetricFamily("loomlm_tp_collective_seconds", "Seconds spent in tensor-parallel "
-                                          "collectives (all-reduce, all-gather) by this rank.", labels=["rank"])
-            seconds.add_metric([str(tp.rank)], tp.stats.seconds)
+            seconds = CounterMetricFamily("loomlm_tp_collective_seconds", "Seconds each tensor-parallel rank "
+                                          "spent in collectives (all-reduce, all-gather); the other ranks' as of "
+                                          "their last exchange (every 64 steps).", labels=["rank"])
+            per_rank = list(tp.rank_seconds) or [0.0] * tp.world_size
+            per_rank[tp.rank] = tp.stats.seconds
+            for rank, value in enumerate(per_rank):
+                seconds.add_metric([str(rank)], value)
             yield seconds
         spec = self.engine.spec_decode
         if spec is not None:
