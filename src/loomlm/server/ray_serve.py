@@ -66,9 +66,12 @@ class ReplicaServer:
         logger.info("loomlm replica %d serving %s at %s (pid %d)", index, model, self.url, os.getpid())
 
     def address(self) -> str:
+        """This replica's server, "http://127.0.0.1:PORT" (the router proxies to it; a restarted
+        replica has a new port)."""
         return self.url
 
     def pid(self) -> int:
+        """The replica's process id (tests kill it to see Ray Serve restart the replica)."""
         return os.getpid()
 
     def check_health(self) -> None:
@@ -263,6 +266,7 @@ def run_local(model: str, num_replicas: int, engine_kwargs: dict[str, Any] | Non
 
 
 def stop_local() -> None:
+    """End what `run_local` started: Serve's applications, then the local Ray."""
     import ray
     from ray import serve
 
