@@ -116,17 +116,6 @@ class _PendingAdd:
     beam: tuple[EncodedPrompt, BeamSearchParams] | None = None
 
 
-@dataclass
-class _StepResult:
-    """What one `_engine_step` hands back to the step thread's loop."""
-
-    rejected: list[tuple[_PendingAdd, BaseException]]  # adds the engine refused, with the error for their queue
-    outputs: list[RequestOutput]
-    beam_results: dict[str, BeamSearchOutput]  # finished beam searches by request id
-    failure: Exception | None  # the step raised: every request fails
-    has_unfinished: bool
-
-
 class AsyncLLMEngine:
     """Serves many concurrent `generate()` streams from one LLMEngine (see the module docstring)."""
 
@@ -136,7 +125,7 @@ class AsyncLLMEngine:
         # To the step thread: a _PendingAdd, a request id to abort, or _STOP.
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, _PendingAdd] = {}  # requests in the engine (step-thread side)
-        self._finished_beams: dict[str, BeamSearchOutput] = {}  # beam results of this step (step thread)
+        self._finished_beams: list[tuple[_PendingAdd, BeamSearchOutput]] = []  # this step's (step thread)
         self._stopped = False
         self._lock = threading.Lock()
         self._step_thread: threading.Thread | None = None
@@ -391,32 +380,49 @@ class AsyncLLMEngine:
             return False
 
     def _step_and_deliver(self, items: list) -> bool:
-        """On the step thread: apply the inbox's adds and aborts, step, and deliver the outputs.
-        Returns whether the engine has unfinished requests."""
-        adds = [item for item in items if isinstance(item, _PendingAdd)]
+        """On the step thread, the only one that touches the engine: apply the adds and aborts the
+        inbox held, run one step if anything is unfinished, and deliver the outputs. Returns
+        whether the engine has unfinished requests."""
+        engine = self.engine
+        deliveries: list[tuple[_PendingAdd, object]] = []
+        for add in items:
+            if not isinstance(add, _PendingAdd):
+                continue
+            try:
+                if add.beam is not None:  # its result comes through the hook, during a step
+                    engine.add_beam_search_request(add.request_id, *add.beam,
+                                                   on_finish=functools.partial(self._beam_finished, add))
+                else:
+                    engine.add_engine_request(add.request)
+                self._routes[add.request_id] = add
+            except ValueError as exc:
+                deliveries.append((add, exc))
+            except Exception as exc:  # a bug must fail its request, not stop the loop serving the others
+                logger.exception("adding request %s failed", add.request_id)
+                deliveries.append((add, RuntimeError(f"the engine could not add the request: {exc}")))
         aborts = [item for item in items if isinstance(item, str)]
-        for add in adds:
-            self._routes[add.request_id] = add
-        result = self._engine_step(adds, aborts)
-        for request_id in aborts:
-            self._routes.pop(request_id, None)
-        deliveries: list[tuple[_PendingAdd, object]] = list(result.rejected)
-        for add, _ in result.rejected:
-            self._routes.pop(add.request_id, None)
-        if result.failure is not None:  # a failed step fails its requests, not the server
-            self._fail_all(RuntimeError(f"engine step failed: {result.failure}"))
-        for output in result.outputs:
-            add = self._routes.get(output.request_id)
-            if add is not None:
-                deliveries.append((add, output))
-                if output.finished:
-                    del self._routes[output.request_id]
-        for request_id, beam_result in result.beam_results.items():
-            add = self._routes.pop(request_id, None)
-            if add is not None:
-                deliveries.append((add, beam_result))
+        if aborts:
+            engine.abort_request(aborts)
+            for request_id in aborts:
+                self._routes.pop(request_id, None)
+        if engine.has_unfinished_requests():
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                logger.exception("engine step failed")
+                engine.abort_all()
+                self._fail_all(RuntimeError(f"engine step failed: {exc}"))
+                outputs = []
+            for output in outputs:
+                add = self._routes.get(output.request_id)
+                if add is not None:
+                    deliveries.append((add, output))
+                    if output.finished:
+                        del self._routes[output.request_id]
+        deliveries += self._finished_beams
+        self._finished_beams = []
         self._deliver(deliveries)
-        return result.has_unfinished
+        return engine.has_unfinished_requests()
 
     def _fail_all(self, exc: BaseException) -> None:
         """On the step thread: end every routed request with `exc`."""
@@ -440,40 +446,10 @@ class AsyncLLMEngine:
             if self._queues.get(add.request_id) is add.queue:
                 add.queue.put_nowait(item)
 
-    def _engine_step(self, adds: list[_PendingAdd], aborts: list[str]) -> _StepResult:
-        """On the step thread, the only one that touches the engine: apply the adds and aborts
-        queued since the last step, then run one step if anything is unfinished."""
-        engine = self.engine
-        rejected: list[tuple[_PendingAdd, BaseException]] = []
-        for add in adds:
-            try:
-                if add.beam is not None:
-                    engine.add_beam_search_request(add.request_id, *add.beam,
-                                                   on_finish=functools.partial(self._beam_finished, add.request_id))
-                else:
-                    engine.add_engine_request(add.request)
-            except ValueError as exc:
-                rejected.append((add, exc))
-            except Exception as exc:  # a bug must fail its request, not stop the loop serving the others
-                logger.exception("adding request %s failed", add.request_id)
-                rejected.append((add, RuntimeError(f"the engine could not add the request: {exc}")))
-        if aborts:
-            engine.abort_request(aborts)
-        outputs: list[RequestOutput] = []
-        failure: Exception | None = None
-        if engine.has_unfinished_requests():
-            try:
-                outputs = engine.step()
-            except Exception as exc:
-                logger.exception("engine step failed")
-                failure = exc
-                engine.abort_all()
-        beam_results, self._finished_beams = self._finished_beams, {}
-        return _StepResult(rejected, outputs, beam_results, failure, engine.has_unfinished_requests())
-
-    def _beam_finished(self, request_id: str, result: BeamSearchOutput) -> None:
+    def _beam_finished(self, add: _PendingAdd, result: BeamSearchOutput) -> None:
         """On the step thread: the engine's hook for a finished beam search (delivered after the step)."""
-        self._finished_beams[request_id] = result
+        if self._routes.pop(add.request_id, None) is not None:
+            self._finished_beams.append((add, result))
 
     async def aclose(self) -> None:
         """`shutdown()`, then wait (in a worker thread) for the step thread to finish its step and end."""
