@@ -25,7 +25,7 @@ from loomlm.pooling_params import PoolingParams
 from loomlm.server.errors import BadRequestError, TGIError, bad_request_on_value_error
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
-from loomlm.server.openai_router import lora_for_openai_model
+from loomlm.server.openai_router import lora_for_openai_model, prompt_batch
 from loomlm.server.sse import STATUS_CLIENT_CLOSED, ClientDisconnected, run_until_disconnect
 
 if TYPE_CHECKING:
@@ -54,15 +54,6 @@ class LoRAXEmbedRequest(BaseModel):
     inputs: str
 
 
-def _inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """The prompts of `input`: one per string or token-id list."""
-    if isinstance(value, str):
-        return [value]
-    if value and all(isinstance(item, int) for item in value):
-        return [list(value)]
-    return list(value)
-
-
 def _base64(vector: list[float]) -> str:
     """OpenAI's base64 encoding: the float32 values, little-endian, base64 text."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
@@ -84,7 +75,7 @@ def build_embeddings_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limi
     @router.post("/v1/embeddings", response_model=None)
     async def create_embedding(body: EmbeddingRequest, raw_request: Request):
         """OpenAI's embeddings. Errors: 400 invalid input, 404 unknown model."""
-        prompts = _inputs(body.input)
+        prompts = prompt_batch(body.input)
         if not prompts or any(not prompt for prompt in prompts):
             raise BadRequestError("input must be a non-empty string or token list, or a list of them.", "input")
         with bad_request_on_value_error("input"):

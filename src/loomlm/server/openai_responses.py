@@ -14,7 +14,6 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from loomlm.outputs import RequestOutput
 from loomlm.protocol.openai import (
     TGI_CLIENT_MODEL,
     ChatCompletionChoice,
@@ -51,18 +50,11 @@ from loomlm.server.sse import (
 logger = logging.getLogger(__name__)
 
 
-def _chat_message(text: str, state: ChatOutputState | None) -> ChatResponseMessage:
-    if state is None:
-        return ChatResponseMessage(content=text)
-    reasoning, content, calls = state.message(text)
-    return ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls)
-
-
 def full_response(generation: Generation, created_s: int, is_chat: bool, token_text: Callable[[int], str],
                   chat_output: ChatOutputState | None = None) -> BaseModel:
     """The whole (non-streamed) completion or chat completion of `generation`, OpenAI's shape;
-    with `chat_output` (a chat with tools or a reasoning parser) each choice's text is read into
-    reasoning, content and tool calls."""
+    with `chat_output` (a chat's tools and reasoning parser) each choice's text is read into
+    reasoning, content and tool calls; without, it is the content."""
     request_id = generation.request_id
     params = generation.params[0]
     n = params.n
@@ -76,13 +68,14 @@ def full_response(generation: Generation, created_s: int, is_chat: bool, token_t
     if is_chat:
         chat_choices = []
         for i, c, _ in results:
-            state = chat_output.fresh() if chat_output is not None else None  # one per choice
+            state = chat_output.fresh() if chat_output is not None else ChatOutputState()  # one per choice
+            reasoning, content, calls = state.message(c.text)
             chat_choices.append(ChatCompletionChoice(
                 index=i,
-                message=_chat_message(c.text, state),
+                message=ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls),
                 logprobs=chat_logprobs(c.token_ids, c.logprobs, params.logprobs or 0, token_text)
                 if c.logprobs is not None else None,
-                finish_reason=state.finish_reason(c.finish_reason) if state is not None else c.finish_reason,
+                finish_reason=state.finish_reason(c.finish_reason),
                 stop_reason=c.stop_reason,
             ))
         return ChatCompletionResponse(
@@ -112,10 +105,13 @@ async def stream_response(
     chat_output: ChatOutputState | None = None,
 ) -> StreamingResponse:
     """`generation` as OpenAI's SSE stream of chunks (completion or chat), after its first output
-    (so that input the engine rejects is still a plain HTTP 400). With `chat_output` (tools or a
-    reasoning parser), each choice's text is read as it grows: reasoning_content and content
-    deltas, then per tool call one chunk with its id and name and one with its arguments
-    (argument fragments as generated for a named function), reassembling to the non-streamed message."""
+    (so that input the engine rejects is still a plain HTTP 400): the opening chunks (chat), one
+    chunk per text delta of a choice (its last one with the finish_reason), the usage chunk if
+    asked for, then `[DONE]`; closing the stream aborts the generation. With `chat_output` (a
+    chat's tools and reasoning parser), each choice's text is read as it grows: reasoning_content
+    and content deltas (none while a part is held back), then per tool call one chunk with its id
+    and name and one with its arguments (argument fragments as generated for a named function),
+    reassembling to the non-streamed message."""
     chunk_cls = ChatCompletionStreamResponse if is_chat else CompletionStreamResponse
 
     def make_chunk(choices: list[Any], usage: UsageInfo | None = None) -> BaseModel:
@@ -124,45 +120,34 @@ async def stream_response(
         )
 
     num_top = generation.params[0].logprobs or 0
+    # TGI's client gets its own delta shape, and the text as content (no tool or reasoning parsing).
     tgi_client = is_chat and getattr(body, "model", None) == TGI_CLIENT_MODEL
-
+    if chat_output is None or tgi_client:
+        chat_output = ChatOutputState()
     states: dict[int, ChatOutputState] = {}
     texts: dict[int, str] = {}
 
-    def make_parsed_choice(delta: TextDelta) -> BaseModel | None:
+    def make_choice(delta: TextDelta) -> BaseModel | None:
+        if not is_chat:
+            logprobs = None if delta.logprobs is None else completion_logprobs(
+                delta.token_ids, delta.logprobs, num_top, token_text, delta.text_offset)
+            return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                                    finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
         state = states.setdefault(delta.index, chat_output.fresh())
         texts[delta.index] = texts.get(delta.index, "") + delta.text
         finished = delta.finish_reason is not None
         reasoning, content, fragments = state.delta(texts[delta.index], finished)
         if not reasoning and not content and not fragments and not finished:
             return None  # held back: nothing to show yet
-        message = DeltaMessage(reasoning_content=reasoning or None, content=content or None,
-                               tool_calls=[DeltaToolCall.model_validate(f) for f in fragments] or None)
+        # The finishing chunk of a choice carries an empty delta `{}` when no text is left, as OpenAI's.
+        message = TGIDeltaMessage(content=content) if tgi_client else DeltaMessage(
+            reasoning_content=reasoning or None, content=content or None,
+            tool_calls=[DeltaToolCall.model_validate(f) for f in fragments] or None)
         logprobs = None if delta.logprobs is None else chat_logprobs(
             delta.token_ids, delta.logprobs, num_top, token_text)
         return ChatCompletionStreamChoice(index=delta.index, delta=message, logprobs=logprobs,
                                           finish_reason=state.finish_reason(delta.finish_reason),
                                           stop_reason=delta.stop_reason)
-
-    def make_choice(delta: TextDelta) -> BaseModel | None:
-        if is_chat and chat_output is not None and not tgi_client:
-            return make_parsed_choice(delta)
-        if not is_chat:
-            logprobs = None if delta.logprobs is None else completion_logprobs(
-                delta.token_ids, delta.logprobs, num_top, token_text, delta.text_offset)
-            return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
-                                    finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
-        # The finishing chunk of a choice carries an empty delta `{}` when no text is left, as OpenAI's.
-        if tgi_client:
-            message = TGIDeltaMessage(content=delta.text)
-        elif delta.text or delta.finish_reason is None:
-            message = DeltaMessage(content=delta.text)
-        else:
-            message = DeltaMessage()
-        logprobs = None if delta.logprobs is None else chat_logprobs(
-            delta.token_ids, delta.logprobs, num_top, token_text)
-        return ChatCompletionStreamChoice(index=delta.index, delta=message, logprobs=logprobs,
-                                          finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
     opening: list[BaseModel] = []
     if is_chat:
@@ -174,45 +159,31 @@ async def stream_response(
             for i in range(num_choices)
         ]
     outputs = await first_then_rest(raw_request, generation.outputs())
-    # TGI's client parses every `data:` line as JSON: no `[DONE]` for it (TGI 2.0 sent none).
-    events = _sse_events(outputs, generation, opening, make_chunk, make_choice, body.include_usage_in_stream,
-                         done=not tgi_client)
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _sse_events(
-    outputs: AsyncGenerator[tuple[int, RequestOutput], None],
-    generation: Generation,
-    opening: list[BaseModel],
-    make_chunk: Callable[..., BaseModel],
-    make_choice: Callable[[TextDelta], BaseModel | None],
-    include_usage: bool,
-    done: bool = True,
-) -> AsyncGenerator[str, None]:
-    """SSE text of a stream (first_then_rest's `outputs`): the opening chunks, one chunk per text
-    delta of a choice (its last one with the finish_reason; none where `make_choice` holds it back), the usage chunk if asked for, then
-    `[DONE]` (unless `done` is False). Closing it aborts the generation.
-    """
+    include_usage = body.include_usage_in_stream
     # Per OpenAI, with include_usage every chunk carries "usage": null except the last.
     exclude = None if include_usage else {"usage"}
-    tracker = TextDeltaTracker(generation.params[0].n)
-    try:
+
+    async def events() -> AsyncGenerator[str, None]:
+        tracker = TextDeltaTracker(generation.params[0].n)
         try:
-            for chunk in opening:
-                yield sse_event(chunk.model_dump_json(exclude=exclude))
-            async for item in outputs:
-                for delta in tracker.deltas(*item):
-                    choice = make_choice(delta)
-                    if choice is not None:
-                        yield sse_event(make_chunk([choice]).model_dump_json(exclude=exclude))
-        finally:
-            await aclose_shielded(outputs)
-        if include_usage:
-            yield sse_event(make_chunk([], generation.usage()).model_dump_json())
-    except BadRequestError as exc:
-        yield sse_event(error_body(exc.message, 400).model_dump_json())
-    except Exception as exc:  # headers are sent: the error can only travel inside the stream
-        logger.exception("stream %s failed", generation.request_id)
-        yield sse_event(error_body(f"{type(exc).__name__}: {exc}", 500).model_dump_json())
-    if done:
-        yield SSE_DONE
+            try:
+                for chunk in opening:
+                    yield sse_event(chunk.model_dump_json(exclude=exclude))
+                async for item in outputs:
+                    for delta in tracker.deltas(*item):
+                        choice = make_choice(delta)
+                        if choice is not None:
+                            yield sse_event(make_chunk([choice]).model_dump_json(exclude=exclude))
+            finally:
+                await aclose_shielded(outputs)
+            if include_usage:
+                yield sse_event(make_chunk([], generation.usage()).model_dump_json())
+        except BadRequestError as exc:
+            yield sse_event(error_body(exc.message, 400).model_dump_json())
+        except Exception as exc:  # headers are sent: the error can only travel inside the stream
+            logger.exception("stream %s failed", generation.request_id)
+            yield sse_event(error_body(f"{type(exc).__name__}: {exc}", 500).model_dump_json())
+        if not tgi_client:  # TGI's client parses every `data:` line as JSON: no `[DONE]` (TGI 2.0 sent none)
+            yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

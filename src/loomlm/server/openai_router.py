@@ -74,22 +74,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Sampling fields passed to SamplingParams only when the client set them (else its defaults apply).
-_OPTIONAL_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "seed",
-    "prompt_logprobs",
-    "truncate_prompt_tokens",
-    "allowed_token_ids",
-    "bad_words",
+# Body fields passed to SamplingParams (same names) only when the client set them: None leaves
+# SamplingParams' default, which is also the OpenAI / vLLM default of each.
+_SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "include_stop_str_in_output",
+    "skip_special_tokens", "spaces_between_special_tokens", "prompt_logprobs", "truncate_prompt_tokens",
+    "allowed_token_ids", "bad_words",
 )
-
 
 class OpenAIServing:
     """Serves the OpenAI routes for one engine (its served model name, tokenizer, context window)."""
@@ -150,8 +142,9 @@ class OpenAIServing:
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/completions`. Errors: 400 invalid input, 404 unknown model."""
         lora = await self._lora_for_model(body.model)
+        batch = prompt_batch(body.prompt)
         with bad_request_on_value_error("prompt"):
-            self.limits.check_count("prompt", _num_prompts(body.prompt), self.limits.max_prompts_per_request, "prompts")
+            self.limits.check_count("prompt", len(batch), self.limits.max_prompts_per_request, "prompts")
         if body.suffix:
             raise BadRequestError("suffix is not supported.", "suffix")
         n = body.n or 1
@@ -164,7 +157,7 @@ class OpenAIServing:
             prompt_logprobs = max(body.logprobs, prompt_logprobs or 0)
         params = self._sampling_params(body, 1 if echo_only else body.max_tokens, logprobs=body.logprobs,
                                        best_of=body.best_of, prompt_logprobs=prompt_logprobs)
-        prompts, texts = await self._completion_prompts(body.prompt, params, need_texts=bool(body.echo))
+        prompts, texts = await self._completion_prompts(batch, params, need_texts=bool(body.echo))
         return await self._serve(body, raw_request, prompts, params, f"cmpl-{uuid.uuid4().hex}", is_chat=False,
                                  echo_texts=texts if body.echo else None, keep_generated=not echo_only, lora=lora)
 
@@ -175,11 +168,11 @@ class OpenAIServing:
                                  lora=lora, chat_output=chat_output)
 
     async def prepare_chat(self, body: ChatCompletionRequest
-                           ) -> tuple[list[list[int]], SamplingParams, LoRARequest | None, ChatOutputState | None]:
+                           ) -> tuple[list[list[int]], SamplingParams, LoRARequest | None, ChatOutputState]:
         """A chat request checked and turned into engine input: the prompt's token ids (rendered by
         the chat template, tools included), the sampling params (tool calls forced by structured
-        output where asked), the adapter, and how the text is read back (tools, reasoning; None:
-        as plain content). Shared with the Responses API. Errors: 400, 404."""
+        output where asked), the adapter, and how the text is read back (tools, reasoning).
+        Shared with the Responses API. Errors: 400, 404."""
         lora = await self._lora_for_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
@@ -196,11 +189,7 @@ class OpenAIServing:
         prompt_text = await self._render_chat(body, tools)
         # The template already wrote the special tokens (vLLM chat: add_special_tokens=False).
         encoded = await self._encode(prompt_text, params, add_special_tokens=False, param="messages")
-        prompts = [encoded.token_ids]
-        tools_read = tool_state if tool_state.mode != "none" else None
-        chat_output = (ChatOutputState(tools_read, self.reasoning_parser)
-                       if tools_read is not None or self.reasoning_parser is not None else None)
-        return prompts, params, lora, chat_output
+        return [encoded.token_ids], params, lora, ChatOutputState(tool_state, self.reasoning_parser)
 
     def _tool_choice(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, ToolCallState]:
         """The request's tools (as the chat template takes them) and how its output is read, with
@@ -256,9 +245,8 @@ class OpenAIServing:
         return await lora_for_openai_model(self.engine, self.limits, model)
 
     def _sampling_params(self, body: SamplingRequestFields, max_tokens: int | None, **extra: Any) -> SamplingParams:
-        kwargs: dict[str, Any] = {
-            name: getattr(body, name) for name in _OPTIONAL_SAMPLING_FIELDS if getattr(body, name) is not None
-        }
+        kwargs: dict[str, Any] = {name: value for name in _SAMPLING_FIELDS
+                                  if (value := getattr(body, name)) is not None}
         kwargs.update({k: v for k, v in extra.items() if v is not None})
         try:
             structured = from_openai(body.response_format, body.guided_json, body.guided_regex, body.guided_choice,
@@ -273,41 +261,22 @@ class OpenAIServing:
             except (TypeError, ValueError):
                 raise BadRequestError("logit_bias values must be numbers.", "logit_bias") from None
         try:
-            params = SamplingParams(
-                n=1 if body.n is None else body.n,
-                max_tokens=max_tokens,
-                stop=body.stop,
-                stop_token_ids=body.stop_token_ids,
-                ignore_eos=bool(body.ignore_eos),
-                min_tokens=body.min_tokens or 0,
-                include_stop_str_in_output=bool(body.include_stop_str_in_output),
-                skip_special_tokens=body.skip_special_tokens is not False,
-                spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
-                **kwargs,
-            )
+            params = SamplingParams(max_tokens=max_tokens, **kwargs)
             self.limits.check_params(params)
             return params
         except ValueError as exc:
             raise BadRequestError(str(exc), _param_of(exc)) from exc
 
-    async def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]],
-                                  params: SamplingParams, need_texts: bool) -> tuple[list[list[int]], list[str]]:
+    async def _completion_prompts(self, batch: list[str | list[int]], params: SamplingParams,
+                                  need_texts: bool) -> tuple[list[list[int]], list[str]]:
         """Token ids of each prompt, and with `need_texts` (echo) their text; text is tokenized with
         special tokens, as vLLM does (token-id prompts get their decoded text). Tokenizing runs in
         worker threads, after each prompt's length was checked against the context window."""
-        if isinstance(prompt, str):
-            batch: list[str] | list[list[int]] = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            batch = [prompt]  # type: ignore[list-item]  # one token-id prompt
-        else:
-            batch = prompt  # type: ignore[assignment]
         if not batch:
             raise BadRequestError("prompt must not be empty.", "prompt")
         prompts, texts = [], []
         for item in batch:
-            if isinstance(item, str) and not item:
-                raise BadRequestError("prompt must not be empty.", "prompt")
-            encoded = await self._encode(item, params)  # truncated to truncate_prompt_tokens, if set
+            encoded = await self._encode(item, params)  # truncated, if asked; 400 for an empty one
             prompts.append(encoded.token_ids)
             if need_texts:
                 texts.append(item if isinstance(item, str)
@@ -363,12 +332,25 @@ class OpenAIServing:
             raise BadRequestError(str(exc), "tokens") from None
         return DetokenizeResponse(prompt=await asyncio.to_thread(self.tokenizer.decode, body.tokens))
 
-    def _fit_max_tokens(self, prompt_len: int, requested: int | None) -> int:
-        """The completion budget of a prompt of `prompt_len` tokens (InputProcessor's rule, vLLM's messages)."""
-        try:
-            return self.engine.input_processor.completion_budget(prompt_len, requested)
-        except ContextWindowError as exc:
-            raise BadRequestError(str(exc), "prompt" if exc.requested is None else "max_tokens") from None
+    def generation(self, raw_request: Request, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                   lora: LoRARequest | None = None, priority: int = 0, echo_texts: list[str] | None = None,
+                   keep_generated: bool = True) -> Generation:
+        """The engine requests of `prompts`, each with `params` whose max_tokens is fitted to the
+        context window its prompt leaves (InputProcessor's rule, vLLM's messages); 400 when it
+        leaves none or too little."""
+        per_prompt_params = []
+        for prompt in prompts:
+            prompt_len = min(len(prompt), params.truncate_prompt_tokens or len(prompt))
+            try:
+                max_tokens = self.engine.input_processor.completion_budget(prompt_len, params.max_tokens)
+            except ContextWindowError as exc:
+                raise BadRequestError(str(exc), "prompt" if exc.requested is None else "max_tokens") from None
+            try:
+                per_prompt_params.append(params.clone(max_tokens=max_tokens))
+            except ValueError as exc:  # e.g. min_tokens above what the context window leaves
+                raise BadRequestError(str(exc)) from exc
+        return Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated, lora,
+                          priority)
 
     # -- engine -> response ---------------------------------------------------------------
 
@@ -385,16 +367,8 @@ class OpenAIServing:
         lora: LoRARequest | None = None,
         chat_output: ChatOutputState | None = None,
     ) -> Response:
-        per_prompt_params = []
-        for prompt in prompts:
-            prompt_len = min(len(prompt), params.truncate_prompt_tokens or len(prompt))
-            max_tokens = self._fit_max_tokens(prompt_len, params.max_tokens)
-            try:
-                per_prompt_params.append(params.clone(max_tokens=max_tokens))
-            except ValueError as exc:  # e.g. min_tokens above what the context window leaves
-                raise BadRequestError(str(exc)) from exc
-        generation = Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated,
-                                lora, body.priority)
+        generation = self.generation(raw_request, prompts, params, request_id, lora, body.priority, echo_texts,
+                                     keep_generated)
         created_s = int(time.time())
         try:
             if body.use_beam_search:
@@ -490,11 +464,12 @@ def _param_of(exc: ValueError, default: str | None = None) -> str | None:
     return default
 
 
-def _num_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
-    """How many prompts a completions `prompt` holds (one text, one token-id list, or a batch)."""
+def prompt_batch(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a completions `prompt` or an embeddings `input`: one text, one token-id list,
+    or a batch of either."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        return 1
-    return len(prompt)
+        return [prompt]  # type: ignore[list-item]  # one text or one token-id prompt
+    return list(prompt)  # type: ignore[arg-type]
 
 
 def build_openai_router(engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None,

@@ -205,11 +205,9 @@ def build_responses_router(serving: OpenAIServing) -> APIRouter:
     @router.post(RESPONSES_PATH, response_model=None)
     async def create_response(body: ResponsesRequest, raw_request: Request) -> Response:
         chat = to_chat_request(body)
-        prompts, params, lora, chat_output = await serving.prepare_chat(chat)
-        params = params.clone(max_tokens=serving._fit_max_tokens(len(prompts[0]), params.max_tokens))
-        generation = Generation(serving, raw_request, prompts, [params], f"resp-{uuid.uuid4().hex}", lora_request=lora)
+        prompts, params, lora, state = await serving.prepare_chat(chat)
+        generation = serving.generation(raw_request, prompts, params, f"resp-{uuid.uuid4().hex}", lora)
         responder = _Responder(body, generation.model_name)
-        state = chat_output.fresh() if chat_output is not None else ChatOutputState()
         try:
             if body.stream:
                 outputs = await first_then_rest(raw_request, generation.outputs())
