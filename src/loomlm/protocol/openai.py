@@ -105,10 +105,6 @@ class SamplingRequestFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
-    @property
-    def include_usage_in_stream(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
-
 
 class CompletionRequest(SamplingRequestFields):
     """`POST /v1/completions`.
@@ -198,12 +194,6 @@ class ChatCompletionRequest(SamplingRequestFields):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
 
-    @property
-    def requested_max_tokens(self) -> int | None:
-        if self.max_completion_tokens is not None:
-            return self.max_completion_tokens
-        return self.max_tokens
-
 
 # ---------------------------------------------------------------------------
 # Responses
@@ -288,14 +278,9 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class CompletionStreamResponse(BaseModel):
+class CompletionStreamResponse(CompletionResponse):
     """One SSE chunk of a streamed completion; `usage` is set on the final usage chunk only."""
 
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now_s)
-    model: str
-    choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
 

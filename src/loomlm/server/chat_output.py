@@ -45,16 +45,19 @@ def split_reasoning(parser: str, text: str, finished: bool) -> tuple[str, str]:
 @dataclass
 class ChatOutputState:
     """How one choice's text becomes the assistant message (reasoning, content, tool calls),
-    whole (`message`) or as stream deltas (`delta`). `tools` None: no tool parsing."""
+    whole (`message`) or as stream deltas (`delta`). `tools` None: no tool parsing (mode "none")."""
 
     tools: ToolCallState | None = None
     reasoning_parser: str | None = None
     sent_reasoning: int = 0
-    sent_content: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tools is None:
+            self.tools = ToolCallState("none")
 
     def fresh(self) -> ChatOutputState:
         """A new state of the same configuration, for another choice."""
-        return ChatOutputState(self.tools.fresh() if self.tools is not None else None, self.reasoning_parser)
+        return ChatOutputState(self.tools.fresh(), self.reasoning_parser)
 
     def _split(self, text: str, finished: bool) -> tuple[str, str]:
         if self.reasoning_parser is None:
@@ -64,10 +67,7 @@ class ChatOutputState:
     def message(self, text: str) -> tuple[str | None, str | None, list[dict]]:
         """The finished text -> (reasoning_content, content, OpenAI tool_calls); None for an empty part."""
         reasoning, rest = self._split(text, finished=True)
-        if self.tools is None:
-            content, calls = rest, []
-        else:
-            content, calls = self.tools.message(rest)
+        content, calls = self.tools.message(rest)
         if reasoning and not content:
             content = None
         return reasoning or None, content, calls
@@ -77,17 +77,11 @@ class ChatOutputState:
         reasoning, rest = self._split(text, finished)
         reasoning_delta = reasoning[self.sent_reasoning:]
         self.sent_reasoning = len(reasoning)
-        if self.tools is not None:
-            content_delta, fragments = self.tools.delta(rest, finished)
-            return reasoning_delta, content_delta, fragments
-        content_delta = rest[self.sent_content:]
-        self.sent_content = len(rest)
-        return reasoning_delta, content_delta, []
+        return (reasoning_delta, *self.tools.delta(rest, finished))
 
     def finish_reason(self, finish_reason: str | None) -> str | None:
         """OpenAI's "tool_calls" for a choice that stopped after calling tools of its own choice
         (auto, required); a named function's call ends with "stop", as OpenAI's."""
-        tools = self.tools
-        if tools is not None and tools.called and tools.mode in ("auto", "required") and finish_reason == "stop":
+        if self.tools.called and self.tools.mode in ("auto", "required") and finish_reason == "stop":
             return "tool_calls"
         return finish_reason

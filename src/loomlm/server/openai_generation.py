@@ -35,7 +35,6 @@ class Generation:
     """The engine requests of one HTTP request: one per prompt, streamed together.
 
     `latest[i]` is the newest RequestOutput of prompt `i` (cumulative text).
-    Closing `outputs()` early (client gone) aborts the unfinished engine requests.
     """
 
     def __init__(
@@ -70,9 +69,8 @@ class Generation:
         # The engine's prompt (after truncate_prompt_tokens) once it has answered.
         prompt_tokens = sum(len(self.latest[i].prompt_token_ids) if i in self.latest else len(p)
                             for i, p in enumerate(self.prompts))
-        completion_tokens = sum(len(c.token_ids) for out in self.latest.values() for c in out.outputs)
-        if not self.keep_generated:
-            completion_tokens = 0
+        completion_tokens = (sum(len(c.token_ids) for out in self.latest.values() for c in out.outputs)
+                             if self.keep_generated else 0)
         return UsageInfo(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -103,7 +101,8 @@ class Generation:
             metrics.requests_running.dec()
             # Closing the streams already aborts them (engine contract); abort again by id
             # in case a stream never started, so nothing keeps running for a gone client.
-            unfinished = [rid for i, rid in enumerate(self.request_ids) if not self._is_finished(i)]
+            unfinished = [rid for i, rid in enumerate(self.request_ids)
+                          if i not in self.latest or not self.latest[i].finished]
             if unfinished:
                 with anyio.CancelScope(shield=True):
                     for rid in unfinished:
@@ -119,10 +118,6 @@ class Generation:
         if self.echo_texts is None:
             return output
         return echoed(output, self.echo_texts[prompt_index], self.keep_generated)
-
-    def _is_finished(self, prompt_index: int) -> bool:
-        output = self.latest.get(prompt_index)
-        return output is not None and output.finished
 
 
 async def drain(generation: Generation) -> None:

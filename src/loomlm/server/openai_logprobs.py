@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import islice
 
 from loomlm.outputs import Logprob, RequestOutput, json_logprob
 from loomlm.protocol.openai import (
@@ -46,9 +47,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob] 
             continue
         out.token_logprobs.append(json_logprob(entry[token_id].logprob))
         top: dict[str, float] = {}
-        for i, (tid, lp) in enumerate(entry.items()):
-            if i > num_top:  # the chosen token, then num_top alternatives
-                break
+        for tid, lp in islice(entry.items(), num_top + 1):  # the chosen token, then num_top alternatives
             top.setdefault(_text(tid, lp, token_text), json_logprob(lp.logprob))
         out.top_logprobs.append(top)
     return out
@@ -57,17 +56,15 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob] 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], num_top: int,
                   token_text: Callable[[int], str]) -> ChatCompletionLogProbs:
     """Chat `logprobs.content`: one entry per generated token, `top_logprobs` its top `num_top` by rank."""
+    def fields(token_id: int, lp: Logprob) -> dict:
+        text = _text(token_id, lp, token_text)
+        return {"token": text, "logprob": json_logprob(lp.logprob), "bytes": list(text.encode())}
+
     content = []
     for token_id, entry in zip(token_ids, logprobs):
-        chosen = entry[token_id]
-        text = _text(token_id, chosen, token_text)
-        ranked = sorted((lp.rank or 0, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= num_top)
-        top = []
-        for _, tid, lp in ranked:
-            top_text = _text(tid, lp, token_text)
-            top.append(ChatCompletionLogProb(token=top_text, logprob=json_logprob(lp.logprob), bytes=list(top_text.encode())))
-        content.append(ChatCompletionLogProbsContent(token=text, logprob=json_logprob(chosen.logprob),
-                                                     bytes=list(text.encode()), top_logprobs=top))
+        ranked = sorted((lp.rank, tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= num_top)
+        top = [ChatCompletionLogProb(**fields(tid, lp)) for _, tid, lp in ranked]
+        content.append(ChatCompletionLogProbsContent(**fields(token_id, entry[token_id]), top_logprobs=top))
     return ChatCompletionLogProbs(content=content)
 
 

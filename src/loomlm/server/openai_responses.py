@@ -55,16 +55,13 @@ def full_response(generation: Generation, created_s: int, is_chat: bool, token_t
     """The whole (non-streamed) completion or chat completion of `generation`, OpenAI's shape;
     with `chat_output` (a chat's tools and reasoning parser) each choice's text is read into
     reasoning, content and tool calls; without, it is the content."""
-    request_id = generation.request_id
     params = generation.params[0]
-    n = params.n
     views = [generation.view(i, generation.latest[i]) for i in range(len(generation.prompts))]
     results = [
-        (prompt_index * n + c.index, c, view)
+        (prompt_index * params.n + c.index, c, view)
         for prompt_index, view in enumerate(views)
         for c in sorted(view.outputs, key=lambda c: c.index)
     ]
-    usage = generation.usage()
     if is_chat:
         chat_choices = []
         for i, c, _ in results:
@@ -79,7 +76,8 @@ def full_response(generation: Generation, created_s: int, is_chat: bool, token_t
                 stop_reason=c.stop_reason,
             ))
         return ChatCompletionResponse(
-            id=request_id, created=created_s, model=generation.model_name, choices=chat_choices, usage=usage,
+            id=generation.request_id, created=created_s, model=generation.model_name, choices=chat_choices,
+            usage=generation.usage(),
             prompt_logprobs=prompt_logprobs_json(views[0].prompt_logprobs),
         )
     choices = [
@@ -92,8 +90,8 @@ def full_response(generation: Generation, created_s: int, is_chat: bool, token_t
         for i, c, view in results
     ]
     return CompletionResponse(
-        id=request_id, created=created_s, model=generation.model_name, choices=choices, usage=usage
-    )
+        id=generation.request_id, created=created_s, model=generation.model_name, choices=choices,
+        usage=generation.usage())
 
 async def stream_response(
     body: SamplingRequestFields,
@@ -113,11 +111,14 @@ async def stream_response(
     and name and one with its arguments (argument fragments as generated for a named function),
     reassembling to the non-streamed message."""
     chunk_cls = ChatCompletionStreamResponse if is_chat else CompletionStreamResponse
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # Per OpenAI, with include_usage every chunk carries "usage": null except the last.
+    exclude = None if include_usage else {"usage"}
 
-    def make_chunk(choices: list[Any], usage: UsageInfo | None = None) -> BaseModel:
-        return chunk_cls(
-            id=generation.request_id, created=created_s, model=generation.model_name, choices=choices, usage=usage
-        )
+    def chunk_event(choices: list[Any], usage: UsageInfo | None = None) -> str:
+        chunk = chunk_cls(id=generation.request_id, created=created_s, model=generation.model_name, choices=choices,
+                          usage=usage)
+        return sse_event(chunk.model_dump_json(exclude=exclude))
 
     num_top = generation.params[0].logprobs or 0
     # TGI's client gets its own delta shape, and the text as content (no tool or reasoning parsing).
@@ -149,35 +150,25 @@ async def stream_response(
                                           finish_reason=state.finish_reason(delta.finish_reason),
                                           stop_reason=delta.stop_reason)
 
-    opening: list[BaseModel] = []
-    if is_chat:
-        # OpenAI opens each chat choice with the role and an empty content.
-        num_choices = len(generation.prompts) * generation.params[0].n
-        opening = [
-            make_chunk([ChatCompletionStreamChoice(
-                index=i, delta=TGIDeltaMessage(content="") if tgi_client else DeltaMessage(role="assistant", content=""))])
-            for i in range(num_choices)
-        ]
     outputs = await first_then_rest(raw_request, generation.outputs())
-    include_usage = body.include_usage_in_stream
-    # Per OpenAI, with include_usage every chunk carries "usage": null except the last.
-    exclude = None if include_usage else {"usage"}
 
     async def events() -> AsyncGenerator[str, None]:
         tracker = TextDeltaTracker(generation.params[0].n)
         try:
             try:
-                for chunk in opening:
-                    yield sse_event(chunk.model_dump_json(exclude=exclude))
+                if is_chat:  # OpenAI opens each chat choice with the role and an empty content.
+                    opening = TGIDeltaMessage(content="") if tgi_client else DeltaMessage(role="assistant", content="")
+                    for i in range(len(generation.prompts) * generation.params[0].n):
+                        yield chunk_event([ChatCompletionStreamChoice(index=i, delta=opening)])
                 async for item in outputs:
                     for delta in tracker.deltas(*item):
                         choice = make_choice(delta)
                         if choice is not None:
-                            yield sse_event(make_chunk([choice]).model_dump_json(exclude=exclude))
+                            yield chunk_event([choice])
             finally:
                 await aclose_shielded(outputs)
             if include_usage:
-                yield sse_event(make_chunk([], generation.usage()).model_dump_json())
+                yield chunk_event([], generation.usage())
         except BadRequestError as exc:
             yield sse_event(error_body(exc.message, 400).model_dump_json())
         except Exception as exc:  # headers are sent: the error can only travel inside the stream

@@ -89,11 +89,11 @@ class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, chat_template: str | None = None,
                  limits: ServerLimits | None = None, enable_auto_tool_choice: bool = False,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
-        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
-            raise ValueError(f"reasoning_parser must be one of {list(REASONING_PARSERS)}, got {reasoning_parser!r}.")
+        for name, parser, choices in (("reasoning_parser", reasoning_parser, REASONING_PARSERS),
+                                      ("tool_call_parser", tool_call_parser, TOOL_CALL_PARSERS)):
+            if parser is not None and parser not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {parser!r}.")
         self.reasoning_parser = reasoning_parser
-        if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
-            raise ValueError(f"tool_call_parser must be one of {list(TOOL_CALL_PARSERS)}, got {tool_call_parser!r}.")
         if enable_auto_tool_choice and tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser.")
         self.enable_auto_tool_choice = enable_auto_tool_choice
@@ -141,14 +141,13 @@ class OpenAIServing:
 
     async def create_completion(self, body: CompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/completions`. Errors: 400 invalid input, 404 unknown model."""
-        lora = await self._lora_for_model(body.model)
+        lora = await lora_for_openai_model(self.engine, self.limits, body.model)
         batch = prompt_batch(body.prompt)
         with bad_request_on_value_error("prompt"):
             self.limits.check_count("prompt", len(batch), self.limits.max_prompts_per_request, "prompts")
         if body.suffix:
             raise BadRequestError("suffix is not supported.", "suffix")
-        n = body.n or 1
-        if body.stream and body.best_of is not None and body.best_of != n:
+        if body.stream and body.best_of is not None and body.best_of != (body.n or 1):
             raise BadRequestError("best_of must equal n when streaming.", "best_of")
         # lm-evaluation-harness scores with echo + max_tokens 0: one token is generated and dropped.
         echo_only = bool(body.echo) and body.max_tokens == 0
@@ -158,14 +157,15 @@ class OpenAIServing:
         params = self._sampling_params(body, 1 if echo_only else body.max_tokens, logprobs=body.logprobs,
                                        best_of=body.best_of, prompt_logprobs=prompt_logprobs)
         prompts, texts = await self._completion_prompts(batch, params, need_texts=bool(body.echo))
-        return await self._serve(body, raw_request, prompts, params, f"cmpl-{uuid.uuid4().hex}", is_chat=False,
-                                 echo_texts=texts if body.echo else None, keep_generated=not echo_only, lora=lora)
+        generation = self.generation(raw_request, prompts, params, f"cmpl-{uuid.uuid4().hex}", lora, body.priority,
+                                     texts if body.echo else None, keep_generated=not echo_only)
+        return await self._serve(body, raw_request, generation, is_chat=False)
 
     async def create_chat_completion(self, body: ChatCompletionRequest, raw_request: Request) -> Response:
         """`POST /v1/chat/completions`, prompt from the model's chat template. Errors: 400, 404."""
         prompts, params, lora, chat_output = await self.prepare_chat(body)
-        return await self._serve(body, raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", is_chat=True,
-                                 lora=lora, chat_output=chat_output)
+        generation = self.generation(raw_request, prompts, params, f"chatcmpl-{uuid.uuid4().hex}", lora, body.priority)
+        return await self._serve(body, raw_request, generation, is_chat=True, chat_output=chat_output)
 
     async def prepare_chat(self, body: ChatCompletionRequest
                            ) -> tuple[list[list[int]], SamplingParams, LoRARequest | None, ChatOutputState]:
@@ -173,19 +173,20 @@ class OpenAIServing:
         the chat template, tools included), the sampling params (tool calls forced by structured
         output where asked), the adapter, and how the text is read back (tools, reasoning).
         Shared with the Responses API. Errors: 400, 404."""
-        lora = await self._lora_for_model(body.model)
+        lora = await lora_for_openai_model(self.engine, self.limits, body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
         tools, tool_state = self._tool_choice(body)
-        extra: dict[str, Any] = {}
+        structured = None
         if tool_state.mode in ("required", "named"):
             schema = (required_schema(tools, body.parallel_tool_calls is not False) if tool_state.mode == "required"
                       else named_schema(next(t for t in tools if t["function"]["name"] == tool_state.function_name)))
-            extra["structured_outputs"] = StructuredOutputsParams(json=schema)
-        params = self._sampling_params(body, body.requested_max_tokens,
-                                       logprobs=(body.top_logprobs or 0) if body.logprobs else None, **extra)
-        if tool_state.mode == "auto":
-            params = params.clone(skip_special_tokens=False)  # markers such as [TOOL_CALLS] are special tokens (vLLM)
+            structured = StructuredOutputsParams(json=schema)
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        # Auto tool choice keeps special tokens in the text: markers such as [TOOL_CALLS] are some (vLLM).
+        params = self._sampling_params(body, max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                       structured_outputs=structured,
+                                       skip_special_tokens=False if tool_state.mode == "auto" else None)
         prompt_text = await self._render_chat(body, tools)
         # The template already wrote the special tokens (vLLM chat: add_special_tokens=False).
         encoded = await self._encode(prompt_text, params, add_special_tokens=False, param="messages")
@@ -241,18 +242,13 @@ class OpenAIServing:
         if model is not None and model != self.served_model_name and not self.engine.is_registered_lora(model):
             raise ModelNotFoundError(model)
 
-    async def _lora_for_model(self, model: str | None) -> LoRARequest | None:
-        return await lora_for_openai_model(self.engine, self.limits, model)
-
     def _sampling_params(self, body: SamplingRequestFields, max_tokens: int | None, **extra: Any) -> SamplingParams:
         kwargs: dict[str, Any] = {name: value for name in _SAMPLING_FIELDS
                                   if (value := getattr(body, name)) is not None}
         kwargs.update({k: v for k, v in extra.items() if v is not None})
-        try:
+        with bad_request_on_value_error("response_format"):
             structured = from_openai(body.response_format, body.guided_json, body.guided_regex, body.guided_choice,
                                      body.guided_grammar)
-        except ValueError as exc:
-            raise BadRequestError(str(exc), "response_format") from exc
         if structured is not None:
             kwargs["structured_outputs"] = structured
         if body.logit_bias:
@@ -297,12 +293,10 @@ class OpenAIServing:
                 raise BadRequestError("Chat templates in requests are not accepted by this server (start it with "
                                       "--trust-request-chat-template to allow them).", "chat_template")
             timeout_s = self.limits.chat_template_timeout_s
-        try:
+        with bad_request_on_value_error("messages" if timeout_s is None else "chat_template"):
             return await asyncio.to_thread(
                 render_chat, self.tokenizer, messages, body.chat_template or self.chat_template,
                 body.add_generation_prompt is not False, bool(body.continue_final_message), timeout_s, tools)
-        except ValueError as exc:
-            raise BadRequestError(str(exc), "chat_template" if timeout_s is not None else "messages") from exc
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         """`POST /tokenize` (vLLM): token ids of a prompt, or of chat messages through the chat template
@@ -326,10 +320,8 @@ class OpenAIServing:
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         """`POST /detokenize` (vLLM): the text of token ids. 400 for an id outside the vocabulary."""
         self._check_model(body.model)
-        try:
+        with bad_request_on_value_error("tokens"):
             self.engine.input_processor.check_token_ids(body.tokens, "tokens")
-        except ValueError as exc:
-            raise BadRequestError(str(exc), "tokens") from None
         return DetokenizeResponse(prompt=await asyncio.to_thread(self.tokenizer.decode, body.tokens))
 
     def generation(self, raw_request: Request, prompts: list[list[int]], params: SamplingParams, request_id: str,
@@ -345,43 +337,30 @@ class OpenAIServing:
                 max_tokens = self.engine.input_processor.completion_budget(prompt_len, params.max_tokens)
             except ContextWindowError as exc:
                 raise BadRequestError(str(exc), "prompt" if exc.requested is None else "max_tokens") from None
-            try:
+            with bad_request_on_value_error():  # e.g. min_tokens above what the context window leaves
                 per_prompt_params.append(params.clone(max_tokens=max_tokens))
-            except ValueError as exc:  # e.g. min_tokens above what the context window leaves
-                raise BadRequestError(str(exc)) from exc
         return Generation(self, raw_request, prompts, per_prompt_params, request_id, echo_texts, keep_generated, lora,
                           priority)
 
     # -- engine -> response ---------------------------------------------------------------
 
-    async def _serve(
-        self,
-        body: SamplingRequestFields,
-        raw_request: Request,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        request_id: str,
-        is_chat: bool,
-        echo_texts: list[str] | None = None,
-        keep_generated: bool = True,
-        lora: LoRARequest | None = None,
-        chat_output: ChatOutputState | None = None,
-    ) -> Response:
-        generation = self.generation(raw_request, prompts, params, request_id, lora, body.priority, echo_texts,
-                                     keep_generated)
+    async def _serve(self, body: SamplingRequestFields, raw_request: Request, generation: Generation, is_chat: bool,
+                     chat_output: ChatOutputState | None = None) -> Response:
+        """`generation` run to its end (or beam-searched) and answered whole, or streamed."""
         created_s = int(time.time())
         try:
             if body.use_beam_search:
-                if lora is not None:
+                if generation.lora_request is not None:
                     raise BadRequestError("beam search with an adapter is not supported.", "use_beam_search")
                 if body.stream:
                     raise BadRequestError("Streaming is not supported with beam search.", "use_beam_search")
                 await run_until_disconnect(raw_request, self._beam_search(body, generation))
-                return JSONResponse(full_response(generation, created_s, is_chat, self._token_text).model_dump())
-            if body.stream:
+                chat_output = None  # beams are answered as plain content
+            elif body.stream:
                 return await stream_response(body, raw_request, generation, created_s, is_chat, self._token_text,
                                              chat_output)
-            await run_until_disconnect(raw_request, drain(generation))
+            else:
+                await run_until_disconnect(raw_request, drain(generation))
         except ClientDisconnected:
             return Response(status_code=STATUS_CLIENT_CLOSED)
         return JSONResponse(full_response(generation, created_s, is_chat, self._token_text, chat_output).model_dump())
@@ -389,7 +368,7 @@ class OpenAIServing:
     async def _beam_search(self, body: SamplingRequestFields, generation: Generation) -> None:
         """vLLM's `use_beam_search`: beam_width = n, one search per prompt, run concurrently;
         choices carry the generated text (without a final EOS) and the cumulative logprob."""
-        try:
+        with bad_request_on_value_error():
             beam_params = [BeamSearchParams(beam_width=p.n, max_tokens=p.max_tokens, ignore_eos=p.ignore_eos,
                                             temperature=body.temperature or 0.0,
                                             length_penalty=1.0 if body.length_penalty is None else body.length_penalty,
@@ -398,8 +377,6 @@ class OpenAIServing:
             results = await asyncio.gather(*(
                 self.engine.beam_search(prompt, bp, rid)
                 for prompt, bp, rid in zip(generation.prompts, beam_params, generation.request_ids)))
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from exc
         for i, (prompt, result) in enumerate(zip(generation.prompts, results)):
             completions = []
             for index, seq in enumerate(result.sequences):
@@ -443,12 +420,10 @@ def _message_for_template(message: ChatMessage) -> dict[str, Any]:
                 pass  # left as the client wrote it
     content = message.content
     if isinstance(content, list):
-        texts = []
         for part in content:
             if part.type != "text" or part.text is None:
                 raise BadRequestError(f"Content parts of type {part.type!r} are not supported.", "messages")
-            texts.append(part.text)
-        data["content"] = "\n".join(texts)
+        data["content"] = "\n".join(part.text for part in content)
     elif content is None:
         data["content"] = ""
     return data

@@ -22,6 +22,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from itertools import count
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -73,13 +74,11 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
                 raise BadRequestError(f"content parts of type {part.get('type') if isinstance(part, dict) else part!r} "
                                       "are not supported (text only).", "input")
-            texts.append(str(part.get("text", "")))
-        return "\n".join(texts)
+        return "\n".join(str(part.get("text", "")) for part in content)
     raise BadRequestError("a message's content must be text or a list of text parts.", "input")
 
 
@@ -109,14 +108,11 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
             continue  # earlier reasoning is not fed back to the model
         else:
             raise BadRequestError(f"input items of type {kind!r} are not supported.", "input")
-    tools = None
-    if body.tools:
-        tools = []
-        for tool in body.tools:
-            if tool.get("type") != "function":
-                raise BadRequestError(f"tools of type {tool.get('type')!r} are not supported (functions only).", "tools")
-            tools.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
-                                                            if tool.get(k) is not None}})
+    for tool in body.tools or []:
+        if tool.get("type") != "function":
+            raise BadRequestError(f"tools of type {tool.get('type')!r} are not supported (functions only).", "tools")
+    tools = [{"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")
+                                               if tool.get(k) is not None}} for tool in body.tools or []] or None
     tool_choice = body.tool_choice
     if isinstance(tool_choice, dict):
         if tool_choice.get("type") != "function" or not tool_choice.get("name"):
@@ -143,26 +139,41 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         raise BadRequestError(f"invalid request: {exc.errors()[0]['msg']}", "input") from exc
 
 
-def _output_items(reasoning: str | None, content: str | None, calls: list[dict], status: str) -> list[dict]:
-    items: list[dict] = []
-    if reasoning:
-        items.append({"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "summary": [], "status": status,
-                      "content": [{"type": "reasoning_text", "text": reasoning}]})
+def _output_items(reasoning: str | None, content: str | None, calls: list[dict]) -> list[dict]:
+    """The completed output items of a whole response."""
+    items = [_reasoning_item(reasoning, "completed")] if reasoning else []
     if content or not calls:
-        items.append(_message_item(content or "", status))
-    items.extend(_call_item(call, status) for call in calls)
+        items.append(_message_item(content or "", "completed"))
+    items.extend(_call_item(call, "completed") for call in calls)
     return items
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+# An item's content parts are left out while it is in progress with no text yet.
 def _message_item(text: str, status: str, item_id: str | None = None) -> dict:
     return {"type": "message", "id": item_id or f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text
-            else []}
+            "content": [_text_part(text)] if status == "completed" or text else []}
+
+
+def _reasoning_item(text: str, status: str, item_id: str | None = None) -> dict:
+    return {"type": "reasoning", "id": item_id or f"rs_{uuid.uuid4().hex}", "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}] if status == "completed" or text else []}
 
 
 def _call_item(call: dict, status: str, item_id: str | None = None) -> dict:
     return {"type": "function_call", "id": item_id or f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
+
+
+def _streamed_item(open_item: dict, status: str) -> dict:
+    """The output item of `_events`' open item {"kind", "id", "index", "text", "call"}."""
+    if open_item["kind"] == "function_call":
+        return _call_item(open_item["call"], status, open_item["id"])
+    build = _message_item if open_item["kind"] == "message" else _reasoning_item
+    return build(open_item["text"], status, open_item["id"])
 
 
 class _Responder:
@@ -189,12 +200,15 @@ class _Responder:
             "previous_response_id": None, "store": False, "truncation": "disabled", "usage": usage,
         }
 
-
-def _usage(generation: Generation) -> dict:
-    usage = generation.usage()
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    def final(self, output: list[dict], generation: Generation, finish_reason: str | None) -> dict:
+        """The finished response: "incomplete" when it ran out of max_output_tokens, else "completed";
+        its usage (already counted into the metrics by the Generation)."""
+        incomplete = "max_output_tokens" if finish_reason == "length" else None
+        usage = generation.usage()
+        return self.response("incomplete" if incomplete else "completed", output, {
+            "input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens}, incomplete)
 
 
 def build_responses_router(serving: OpenAIServing) -> APIRouter:
@@ -204,8 +218,7 @@ def build_responses_router(serving: OpenAIServing) -> APIRouter:
 
     @router.post(RESPONSES_PATH, response_model=None)
     async def create_response(body: ResponsesRequest, raw_request: Request) -> Response:
-        chat = to_chat_request(body)
-        prompts, params, lora, state = await serving.prepare_chat(chat)
+        prompts, params, lora, state = await serving.prepare_chat(to_chat_request(body))
         generation = serving.generation(raw_request, prompts, params, f"resp-{uuid.uuid4().hex}", lora)
         responder = _Responder(body, generation.model_name)
         try:
@@ -217,12 +230,8 @@ def build_responses_router(serving: OpenAIServing) -> APIRouter:
         except ClientDisconnected:
             return Response(status_code=STATUS_CLIENT_CLOSED)
         completion = generation.latest[0].outputs[0]
-        reasoning, content, calls = state.message(completion.text)
-        incomplete = "max_output_tokens" if completion.finish_reason == "length" else None
-        status = "incomplete" if incomplete else "completed"
-        usage = _usage(generation)  # counted into the metrics by the Generation
-        return JSONResponse(responder.response(status, _output_items(reasoning, content, calls, "completed"), usage,
-                                               incomplete))
+        return JSONResponse(responder.final(_output_items(*state.message(completion.text)), generation,
+                                            completion.finish_reason))
 
     return router
 
@@ -230,13 +239,11 @@ def build_responses_router(serving: OpenAIServing) -> APIRouter:
 async def _events(outputs: AsyncGenerator, generation: Generation, responder: _Responder,
                   state: ChatOutputState) -> AsyncGenerator[str, None]:
     """The typed SSE events of a streamed response, in OpenAI's order (module docstring)."""
-    sequence = 0
+    sequence = count()
     output: list[dict] = []  # finished items
 
     def event(kind: str, **fields: Any) -> str:
-        nonlocal sequence
-        data = {"type": kind, "sequence_number": sequence, **fields}
-        sequence += 1
+        data = {"type": kind, "sequence_number": next(sequence), **fields}
         return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
     open_item: dict | None = None  # the item being streamed: {"kind", "id", "index", "text" | "call"}
@@ -246,43 +253,30 @@ async def _events(outputs: AsyncGenerator, generation: Generation, responder: _R
         if open_item is None:
             return []
         item, open_item = open_item, None
-        index = item["index"]
+        done = _streamed_item(item, "completed")
+        where = {"item_id": item["id"], "output_index": item["index"]}
         if item["kind"] == "message":
-            done = _message_item(item["text"], "completed", item["id"])
-            part = done["content"][0]
-            events = [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=item["text"], logprobs=[]),
-                      event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                            part=part)]
+            events = [event("response.output_text.done", **where, content_index=0, text=item["text"], logprobs=[]),
+                      event("response.content_part.done", **where, content_index=0, part=done["content"][0])]
         elif item["kind"] == "reasoning":
-            done = {"type": "reasoning", "id": item["id"], "summary": [], "status": "completed",
-                    "content": [{"type": "reasoning_text", "text": item["text"]}]}
-            events = [event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=item["text"])]
+            events = [event("response.reasoning_text.done", **where, content_index=0, text=item["text"])]
         else:
-            done = _call_item(item["call"], "completed", item["id"])
-            events = [event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+            events = [event("response.function_call_arguments.done", **where,
                             arguments=item["call"]["function"]["arguments"])]
         output.append(done)
-        return [*events, event("response.output_item.done", output_index=index, item=done)]
+        return [*events, event("response.output_item.done", output_index=item["index"], item=done)]
 
     def open_new(kind: str, call: dict | None = None) -> list[str]:
         nonlocal open_item
         events = close()
-        index = len(output)
+        prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind]
+        open_item = {"kind": kind, "id": f"{prefix}_{uuid.uuid4().hex}", "index": len(output), "text": "", "call": call}
+        events.append(event("response.output_item.added", output_index=open_item["index"],
+                            item=_streamed_item(open_item, "in_progress")))
         if kind == "message":
-            open_item = {"kind": kind, "id": f"msg_{uuid.uuid4().hex}", "index": index, "text": ""}
-            item = _message_item("", "in_progress", open_item["id"])
-            return [*events, event("response.output_item.added", output_index=index, item=item),
-                    event("response.content_part.added", item_id=open_item["id"], output_index=index, content_index=0,
-                          part={"type": "output_text", "text": "", "annotations": []})]
-        if kind == "reasoning":
-            open_item = {"kind": kind, "id": f"rs_{uuid.uuid4().hex}", "index": index, "text": ""}
-            item = {"type": "reasoning", "id": open_item["id"], "summary": [], "status": "in_progress", "content": []}
-            return [*events, event("response.output_item.added", output_index=index, item=item)]
-        open_item = {"kind": kind, "id": f"fc_{uuid.uuid4().hex}", "index": index, "call": call}
-        return [*events, event("response.output_item.added", output_index=index, item=_call_item(call, "in_progress",
-                                                                                                    open_item["id"]))]
+            events.append(event("response.content_part.added", item_id=open_item["id"],
+                                output_index=open_item["index"], content_index=0, part=_text_part("")))
+        return events
 
     def append_text(kind: str, piece: str) -> list[str]:
         """`piece` appended to the open item of `kind` ("reasoning" or "message"), opened first if
@@ -291,11 +285,10 @@ async def _events(outputs: AsyncGenerator, generation: Generation, responder: _R
             return []
         events = [] if open_item is not None and open_item["kind"] == kind else open_new(kind)
         open_item["text"] += piece
+        where = {"item_id": open_item["id"], "output_index": open_item["index"], "content_index": 0, "delta": piece}
         if kind == "reasoning":
-            return [*events, event("response.reasoning_text.delta", item_id=open_item["id"],
-                                   output_index=open_item["index"], content_index=0, delta=piece)]
-        return [*events, event("response.output_text.delta", item_id=open_item["id"],
-                               output_index=open_item["index"], content_index=0, delta=piece, logprobs=[])]
+            return [*events, event("response.reasoning_text.delta", **where)]
+        return [*events, event("response.output_text.delta", **where, logprobs=[])]
 
     yield event("response.created", response=responder.response("in_progress", [], None))
     yield event("response.in_progress", response=responder.response("in_progress", [], None))
@@ -316,8 +309,7 @@ async def _events(outputs: AsyncGenerator, generation: Generation, responder: _R
                                                                        "arguments": ""}}
                             for chunk in open_new("function_call", call):
                                 yield chunk
-                        arguments = fragment["function"].get("arguments") or ""
-                        if arguments:
+                        if arguments := fragment["function"].get("arguments"):
                             open_item["call"]["function"]["arguments"] += arguments
                             yield event("response.function_call_arguments.delta", item_id=open_item["id"],
                                         output_index=open_item["index"], delta=arguments)
@@ -328,10 +320,8 @@ async def _events(outputs: AsyncGenerator, generation: Generation, responder: _R
                 yield chunk
         for chunk in close():
             yield chunk
-        incomplete = "max_output_tokens" if finish_reason == "length" else None
-        usage = _usage(generation)
-        final = responder.response("incomplete" if incomplete else "completed", output, usage, incomplete)
-        yield event("response.incomplete" if incomplete else "response.completed", response=final)
+        final = responder.final(output, generation, finish_reason)
+        yield event(f"response.{final['status']}", response=final)
     except Exception as exc:  # headers are sent: the error travels as an event
         yield event("error", code="server_error" if not isinstance(exc, BadRequestError) else "invalid_request",
                     message=str(exc), param=None)

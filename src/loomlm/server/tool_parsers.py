@@ -27,10 +27,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-# vLLM's parser names.
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
-
-
 @dataclass(frozen=True)
 class ParsedToolCall:
     name: str
@@ -130,12 +126,8 @@ def parse_mistral(text: str, finished: bool) -> ParsedMessage:
     return ParsedMessage(text if finished and not calls else text[:at], calls)
 
 
-def parse_required(text: str, finished: bool) -> ParsedMessage:
-    """tool_choice "required": the forced JSON array of `{"name", "parameters"}`."""
-    return ParsedMessage("", _calls(_json_objects(text, 0, "[,"), "parameters"))
-
-
-_PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json, "mistral": parse_mistral}
+# The --tool-call-parser choices, by vLLM's names.
+TOOL_CALL_PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json, "mistral": parse_mistral}
 
 
 def required_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool) -> dict[str, Any]:
@@ -146,7 +138,7 @@ def required_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool) -> d
         "type": "object",
         "properties": {
             "name": {"type": "string", "enum": [tool["function"]["name"]]},
-            "parameters": tool["function"].get("parameters") or {"type": "object", "properties": {}},
+            "parameters": named_schema(tool),
         },
         "required": ["name", "parameters"],
         "additionalProperties": False,  # a call is its name and arguments: no room to ramble
@@ -160,10 +152,6 @@ def required_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool) -> d
 def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
     """The arguments schema of a named tool choice (an object without properties when it has none)."""
     return tool["function"].get("parameters") or {"type": "object", "properties": {}}
-
-
-def new_tool_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 @dataclass
@@ -191,13 +179,13 @@ class ToolCallState:
             return ParsedMessage(text)
         if self.mode == "named":
             return ParsedMessage("", (ParsedToolCall(self.function_name or "", text),))
-        if self.mode == "required":
-            return parse_required(text, finished)
-        return _PARSERS[self.parser or "hermes"](text, finished)
+        if self.mode == "required":  # the forced JSON array of {"name", "parameters"}
+            return ParsedMessage("", _calls(_json_objects(text, 0, "[,"), "parameters"))
+        return TOOL_CALL_PARSERS[self.parser or "hermes"](text, finished)
 
     def _id(self, index: int) -> str:
         while len(self.ids) <= index:
-            self.ids.append(new_tool_call_id())
+            self.ids.append(f"chatcmpl-tool-{uuid.uuid4().hex}")
         return self.ids[index]
 
     def message(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
