@@ -83,6 +83,7 @@ _SAMPLING_FIELDS = (
     "allowed_token_ids", "bad_words",
 )
 
+
 class OpenAIServing:
     """Serves the OpenAI routes for one engine (its served model name, tokenizer, context window)."""
 
