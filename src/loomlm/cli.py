@@ -13,124 +13,109 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import MISSING, fields, replace
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MODEL_HELP = "zoo alias, HF directory, .gguf path or Hugging Face repo id (namespace/name)"
 
-# argparse dest -> engine argument, for the engine flags shared by the subcommands.
-_ENGINE_FLAGS = (
-    "max_model_len",
-    "kv_cache_memory_bytes",
-    "max_num_seqs",
-    "step_thread_niceness",
-    "scheduling_policy",
-    "max_num_batched_tokens",
-    "dtype",
-    "device",
-    "revision",
-    "tokenizer",
-    "tokenizer_revision",
-    "trust_remote_code",
-    "quantization",
-    "task",
-    "override_pooler_config",
-    "speculative_config",
-    "tensor_parallel_size",
-    "distributed_init_method",
-    "nnodes",
-    "node_rank",
-    "attention_backend",
-    "linear_method",
-    "gguf_activation_planes",
-    "gguf_float_rows",
-)
+# The engine flags shared by the subcommands, by argument group: (flag names, argparse keywords).
+# Each flag's dest (its first name) is the engine argument it sets (`loomlm.config`), except
+# --pooling (`_engine_kwargs`); every default is None: not given, the engine's default applies.
+_ENGINE_FLAGS: dict[str, tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = {
+    "engine": (
+        (("--max-model-len",), dict(type=int, help="context window in tokens (default: the model's)")),
+        (("--kv-cache-memory-bytes",), dict(type=int, help="memory budget of the paged KV cache, in bytes")),
+        (("--max-num-seqs",), dict(type=int, help="most requests in one running batch")),
+        (("--max-num-batched-tokens",), dict(type=int, help="token budget of one engine step")),
+        (("--scheduling-policy",), dict(
+            choices=["fcfs", "priority"],
+            help="fcfs (default) or priority: requests' `priority` (lower first) orders admission and "
+                 "may preempt lower-priority requests when the KV cache is full")),
+        (("--step-thread-niceness",), dict(
+            type=int, metavar="N",
+            help="serving: nice increment of the step thread and its OpenMP workers, so HTTP goes "
+                 "first on busy cores (default 0: off; costs throughput on few cores)")),
+        (("--dtype",), dict(
+            choices=["auto", "float32", "float16", "bfloat16"],
+            help="weight/activation dtype (auto: float32 on CPU; on CUDA the checkpoint's half dtype, else bfloat16)")),
+        (("--device",), dict(choices=["auto", "cpu", "cuda"], help="where to run the model")),
+        (("--revision",), dict(help="hub revision (branch, tag or commit) of a repo-id model (default: main)")),
+        (("--tokenizer",), dict(help="a separate tokenizer: zoo alias, HF directory, .gguf path or repo id "
+                                     "(default: the model's)")),
+        (("--tokenizer-revision",), dict(help="hub revision of the tokenizer (default: --revision)")),
+        (("--trust-remote-code",), dict(action="store_true",
+                                        help="vLLM's flag, refused: loomlm runs no code from model repos")),
+        (("--quantization", "-q"), dict(
+            choices=["gguf", "q8_0", "q4_0"],
+            help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
+                 "quantized kernels (default: dequantize to float at load); q8_0 / q4_0: quantize "
+                 "any checkpoint's projection weights to that GGML type at load")),
+        (("--task",), dict(
+            help="vLLM's flag: auto, generate or embed (one engine serves both); other tasks are refused")),
+        (("--pooling",), dict(choices=["LAST", "MEAN"],
+                              help="default pooling of embeddings (short for --override-pooler-config "
+                                   "'{\"pooling_type\": ...}'; default LAST)")),
+        (("--override-pooler-config",), dict(
+            metavar="JSON",
+            help='default pooling of embeddings, e.g. \'{"pooling_type": "MEAN", "normalize": true}\' '
+                 "(default LAST, normalised)")),
+        (("--speculative-config",), dict(
+            metavar="JSON",
+            help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                 '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", '
+                 '"model": ..., "num_speculative_tokens": 4}\' (outputs unchanged; default off)')),
+        (("--tensor-parallel-size", "-tp"), dict(
+            type=int, metavar="N",
+            help="cut the model across N ranks (torch.distributed: gloo on CPU, nccl on CUDA), "
+                 "each with its share of the heads, the MLP and the KV cache (default 1)")),
+        (("--distributed-init-method",), dict(
+            metavar="tcp://HOST:PORT",
+            help="where the ranks meet (default: a free loopback port; torchrun's env:// when "
+                 "RANK / WORLD_SIZE are set)")),
+        (("--nnodes",), dict(type=int, help="machines the ranks span (default 1)")),
+        (("--node-rank",), dict(
+            type=int, help="this machine's index among --nnodes (node 0 serves; the others run their ranks)")),
+    ),
+    "kernels (default: the LOOMLM_* variable of the same name, else automatic)": (
+        (("--attention-backend",), dict(choices=["torch", "cpu_native"],
+                                        help="decode attention (LOOMLM_ATTENTION_BACKEND)")),
+        (("--linear-method",), dict(choices=["auto", "torch", "mkl_packed", "native"],
+                                    help="float linear layers (LOOMLM_LINEAR_METHOD)")),
+        (("--gguf-activation-planes",), dict(
+            type=int, choices=[1, 2],
+            help="activation precision of the quantized kernels: 1 (llama.cpp's) or 2 "
+                 "(LOOMLM_GGUF_ACTIVATION_PLANES, default 2)")),
+        (("--gguf-float-rows",), dict(
+            type=int, metavar="N",
+            help="from N tokens in a step, GGUF layers dequantize panels into the float path; "
+                 "0 never (LOOMLM_GGUF_FLOAT_ROWS, default per block type)")),
+    ),
+}
+_ENGINE_DESTS = tuple(names[0][2:].replace("-", "_") for flags in _ENGINE_FLAGS.values() for names, _ in flags)
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)"
-    )
-    group.add_argument(
-        "--kv-cache-memory-bytes", type=int, default=None, help="memory budget of the paged KV cache, in bytes"
-    )
-    group.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one running batch")
-    group.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
-    group.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"],
-                       help="fcfs (default) or priority: requests' `priority` (lower first) orders admission and "
-                            "may preempt lower-priority requests when the KV cache is full")
-    group.add_argument("--step-thread-niceness", type=int, default=None, metavar="N",
-                       help="serving: nice increment of the step thread and its OpenMP workers, so HTTP goes "
-                            "first on busy cores (default 0: off; costs throughput on few cores)")
-    group.add_argument(
-        "--dtype",
-        default=None,
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="weight/activation dtype (auto: float32 on CPU; on CUDA the checkpoint's half dtype, else bfloat16)",
-    )
-    group.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="where to run the model")
-    group.add_argument("--revision", default=None,
-                       help="hub revision (branch, tag or commit) of a repo-id model (default: main)")
-    group.add_argument("--tokenizer", default=None,
-                       help="a separate tokenizer: zoo alias, HF directory, .gguf path or repo id "
-                            "(default: the model's)")
-    group.add_argument("--tokenizer-revision", default=None, help="hub revision of the tokenizer (default: --revision)")
-    group.add_argument("--trust-remote-code", action="store_true", default=None,
-                       help="vLLM's flag, refused: loomlm runs no code from model repos")
-    group.add_argument("--quantization", "-q", default=None, choices=["gguf", "q8_0", "q4_0"],
-                       help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
-                            "quantized kernels (default: dequantize to float at load); q8_0 / q4_0: quantize "
-                            "any checkpoint's projection weights to that GGML type at load")
-    group.add_argument("--task", default=None,
-                       help="vLLM's flag: auto, generate or embed (one engine serves both); other tasks are refused")
-    group.add_argument("--pooling", default=None, choices=["LAST", "MEAN"],
-                       help="default pooling of embeddings (short for --override-pooler-config "
-                            "'{\"pooling_type\": ...}'; default LAST)")
-    group.add_argument("--override-pooler-config", default=None, metavar="JSON",
-                       help='default pooling of embeddings, e.g. \'{"pooling_type": "MEAN", "normalize": true}\' '
-                            "(default LAST, normalised)")
-    group.add_argument("--speculative-config", default=None, metavar="JSON",
-                       help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
-                            '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", '
-                            '"model": ..., "num_speculative_tokens": 4}\' (outputs unchanged; default off)')
-    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
-                       help="cut the model across N ranks (torch.distributed: gloo on CPU, nccl on CUDA), "
-                            "each with its share of the heads, the MLP and the KV cache (default 1)")
-    group.add_argument("--distributed-init-method", default=None, metavar="tcp://HOST:PORT",
-                       help="where the ranks meet (default: a free loopback port; torchrun's env:// when "
-                            "RANK / WORLD_SIZE are set)")
-    group.add_argument("--nnodes", type=int, default=None, help="machines the ranks span (default 1)")
-    group.add_argument("--node-rank", type=int, default=None,
-                       help="this machine's index among --nnodes (node 0 serves; the others run their ranks)")
-    kernels = parser.add_argument_group("kernels (default: the LOOMLM_* variable of the same name, else automatic)")
-    kernels.add_argument("--attention-backend", default=None, choices=["torch", "cpu_native"],
-                         help="decode attention (LOOMLM_ATTENTION_BACKEND)")
-    kernels.add_argument("--linear-method", default=None, choices=["auto", "torch", "mkl_packed", "native"],
-                         help="float linear layers (LOOMLM_LINEAR_METHOD)")
-    kernels.add_argument("--gguf-activation-planes", type=int, default=None, choices=[1, 2],
-                         help="activation precision of the quantized kernels: 1 (llama.cpp's) or 2 "
-                              "(LOOMLM_GGUF_ACTIVATION_PLANES, default 2)")
-    kernels.add_argument("--gguf-float-rows", type=int, default=None, metavar="N",
-                         help="from N tokens in a step, GGUF layers dequantize panels into the float path; "
-                              "0 never (LOOMLM_GGUF_FLOAT_ROWS, default per block type)")
+    for title, flags in _ENGINE_FLAGS.items():
+        group = parser.add_argument_group(title)
+        for names, keywords in flags:
+            group.add_argument(*names, default=None, **keywords)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The engine flags the user gave (None: not given, the engine default applies). Raises
     ValueError for --pooling together with --override-pooler-config."""
-    kwargs = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
-    if getattr(args, "pooling", None) is not None:
+    kwargs = {name: getattr(args, name) for name in _ENGINE_DESTS if getattr(args, name) is not None}
+    pooling = kwargs.pop("pooling", None)
+    if pooling is not None:
         if "override_pooler_config" in kwargs:
             raise ValueError("give --pooling or --override-pooler-config, not both.")
-        kwargs["override_pooler_config"] = {"pooling_type": args.pooling}
+        kwargs["override_pooler_config"] = {"pooling_type": pooling}
     return kwargs
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per `ServerLimits` field (`--max-n`, `--max-request-body-bytes`, ...)."""
-    from dataclasses import MISSING, fields
-
     from loomlm.server.limits import ServerLimits
 
     group = parser.add_argument_group("request limits (each request is refused with a 4xx beyond them)")
@@ -151,8 +136,6 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
 
 def _limits(args: argparse.Namespace):
     """The `ServerLimits` of the flags given (the others keep their defaults)."""
-    from dataclasses import fields
-
     from loomlm.server.limits import ServerLimits, parse_memory_size
 
     given = {f.name: getattr(args, f.name) for f in fields(ServerLimits) if getattr(args, f.name, None) is not None}
@@ -260,7 +243,6 @@ def _run_as_worker(model: str, engine_kwargs: dict[str, Any]) -> bool:
     """A tensor-parallel process that does not serve: a torchrun rank > 0, or a node with
     --node-rank > 0. Runs its ranks until rank 0 stops them; returns whether it did."""
     import os
-    from dataclasses import replace
 
     from loomlm.config import EngineConfig
     from loomlm.distributed.worker import run_worker, serve_node
@@ -296,37 +278,25 @@ def _serve(args: argparse.Namespace) -> int:
     api_keys = load_api_keys(args.api_keys, args.api_key_file)  # before the model loads: fail fast
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser.")
+    if args.ray and args.num_replicas < 1:
+        raise ValueError("--num-replicas must be at least 1.")
     engine_kwargs = serve_engine_kwargs(args)
     if _run_as_worker(args.model, engine_kwargs):
         return 0
-    limits = _limits(args)
+    # The application's arguments, the same for one server and for Ray's replicas.
+    app_kwargs = dict(
+        chat_template=load_chat_template(args.chat_template), max_concurrent_requests=args.max_concurrent_requests,
+        api_keys=api_keys, limits=_limits(args), enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     if args.ray:
         from loomlm.server.ray_serve import run_ray_server
 
-        if args.num_replicas < 1:
-            raise ValueError("--num-replicas must be at least 1.")
         if args.served_model_name is not None:
             engine_kwargs["served_model_name"] = args.served_model_name
-        run_ray_server(args.model, args.num_replicas, args.host, args.port, engine_kwargs, dict(
-            chat_template=load_chat_template(args.chat_template), max_concurrent_requests=args.max_concurrent_requests,
-            api_keys=api_keys, limits=limits, enable_auto_tool_choice=args.enable_auto_tool_choice,
-            tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser))
+        run_ray_server(args.model, args.num_replicas, args.host, args.port, engine_kwargs, app_kwargs)
         return 0
-    run_server(
-        args.model,
-        host=args.host,
-        port=args.port,
-        served_model_name=args.served_model_name,
-        log_level=args.log_level,
-        chat_template=load_chat_template(args.chat_template),
-        max_concurrent_requests=args.max_concurrent_requests,
-        api_keys=api_keys,
-        limits=limits,
-        enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser,
-        **engine_kwargs,
-    )
+    run_server(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+               log_level=args.log_level, **app_kwargs, **engine_kwargs)
     return 0
 
 

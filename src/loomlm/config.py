@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
@@ -434,21 +434,12 @@ class EngineConfig:
         Raises ValueError for an unknown argument.
         """
         speculative = SpeculativeConfig.from_value(kwargs.pop("speculative_config", None))
-        parts: dict[type, dict] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}, LoRAConfig: {},
-                                   KernelConfig: {}, ParallelConfig: {}}
+        # Each section's class is its field's default factory; an argument goes to the first that has it.
+        sections = {f.name: f.default_factory for f in fields(cls) if f.default_factory is not MISSING}
+        parts: dict[str, dict] = {name: {} for name in sections}
         for key, value in kwargs.items():
-            for klass, bucket in parts.items():
-                if key in klass.__dataclass_fields__:
-                    bucket[key] = value
-                    break
-            else:
+            section = next((name for name, klass in sections.items() if key in klass.__dataclass_fields__), None)
+            if section is None:
                 raise ValueError(f"unknown engine argument {key!r}.")
-        return cls(
-            model_config=ModelConfig(**parts[ModelConfig]),
-            cache_config=CacheConfig(**parts[CacheConfig]),
-            scheduler_config=SchedulerConfig(**parts[SchedulerConfig]),
-            lora_config=LoRAConfig(**parts[LoRAConfig]),
-            kernel_config=KernelConfig(**parts[KernelConfig]),
-            speculative_config=speculative,
-            parallel_config=ParallelConfig(**parts[ParallelConfig]),
-        )
+            parts[section][key] = value
+        return cls(speculative_config=speculative, **{name: klass(**parts[name]) for name, klass in sections.items()})
