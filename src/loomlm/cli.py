@@ -28,17 +28,17 @@ _ENGINE_FLAGS: dict[str, tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = {
         (("--kv-cache-memory-bytes",), dict(type=int, help="memory budget of the paged KV cache, in bytes")),
         (("--max-num-seqs",), dict(type=int, help="most requests in one running batch")),
         (("--max-num-batched-tokens",), dict(type=int, help="token budget of one engine step")),
-        (("--scheduling-policy",), dict(
-            choices=["fcfs", "priority"],
-            help="fcfs (default) or priority: requests' `priority` (lower first) orders admission and "
-                 "may preempt lower-priority requests when the KV cache is full")),
-        (("--step-thread-niceness",), dict(
-            type=int, metavar="N",
-            help="serving: nice increment of the step thread and its OpenMP workers, so HTTP goes "
-                 "first on busy cores (default 0: off; costs throughput on few cores)")),
-        (("--dtype",), dict(
-            choices=["auto", "float32", "float16", "bfloat16"],
-            help="weight/activation dtype (auto: float32 on CPU; on CUDA the checkpoint's half dtype, else bfloat16)")),
+        (("--scheduling-policy",), dict(choices=["fcfs", "priority"],
+                                        help="fcfs (default) or priority: requests' `priority` (lower first) "
+                                             "orders admission and may preempt lower-priority requests when the "
+                                             "KV cache is full")),
+        (("--step-thread-niceness",), dict(type=int, metavar="N",
+                                           help="serving: nice increment of the step thread and its OpenMP "
+                                                "workers, so HTTP goes first on busy cores (default 0: off; "
+                                                "costs throughput on few cores)")),
+        (("--dtype",), dict(choices=["auto", "float32", "float16", "bfloat16"],
+                            help="weight/activation dtype (auto: float32 on CPU; on CUDA the checkpoint's half "
+                                 "dtype, else bfloat16)")),
         (("--device",), dict(choices=["auto", "cpu", "cuda"], help="where to run the model")),
         (("--revision",), dict(help="hub revision (branch, tag or commit) of a repo-id model (default: main)")),
         (("--tokenizer",), dict(help="a separate tokenizer: zoo alias, HF directory, .gguf path or repo id "
@@ -46,50 +46,46 @@ _ENGINE_FLAGS: dict[str, tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = {
         (("--tokenizer-revision",), dict(help="hub revision of the tokenizer (default: --revision)")),
         (("--trust-remote-code",), dict(action="store_true",
                                         help="vLLM's flag, refused: loomlm runs no code from model repos")),
-        (("--quantization", "-q"), dict(
-            choices=["gguf", "q8_0", "q4_0"],
-            help="gguf: keep a GGUF file's linear weights in their GGML blocks and run the native "
-                 "quantized kernels (default: dequantize to float at load); q8_0 / q4_0: quantize "
-                 "any checkpoint's projection weights to that GGML type at load")),
-        (("--task",), dict(
-            help="vLLM's flag: auto, generate or embed (one engine serves both); other tasks are refused")),
+        (("--quantization", "-q"), dict(choices=["gguf", "q8_0", "q4_0"],
+                                        help="gguf: keep a GGUF file's linear weights in their GGML blocks and run "
+                                             "the native quantized kernels (default: dequantize to float at load); "
+                                             "q8_0 / q4_0: quantize any checkpoint's projection weights to that "
+                                             "GGML type at load")),
+        (("--task",), dict(help="vLLM's flag: auto, generate or embed (one engine serves both); other tasks are "
+                                "refused")),
         (("--pooling",), dict(choices=["LAST", "MEAN"],
                               help="default pooling of embeddings (short for --override-pooler-config "
                                    "'{\"pooling_type\": ...}'; default LAST)")),
-        (("--override-pooler-config",), dict(
-            metavar="JSON",
-            help='default pooling of embeddings, e.g. \'{"pooling_type": "MEAN", "normalize": true}\' '
-                 "(default LAST, normalised)")),
-        (("--speculative-config",), dict(
-            metavar="JSON",
-            help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
-                 '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or \'{"method": "draft_model", '
-                 '"model": ..., "num_speculative_tokens": 4}\' (outputs unchanged; default off)')),
-        (("--tensor-parallel-size", "-tp"), dict(
-            type=int, metavar="N",
-            help="cut the model across N ranks (torch.distributed: gloo on CPU, nccl on CUDA), "
-                 "each with its share of the heads, the MLP and the KV cache (default 1)")),
-        (("--distributed-init-method",), dict(
-            metavar="tcp://HOST:PORT",
-            help="where the ranks meet (default: a free loopback port; torchrun's env:// when "
-                 "RANK / WORLD_SIZE are set)")),
+        (("--override-pooler-config",), dict(metavar="JSON",
+                                             help='default pooling of embeddings, e.g. \'{"pooling_type": "MEAN", '
+                                                  '"normalize": true}\' (default LAST, normalised)')),
+        (("--speculative-config",), dict(metavar="JSON",
+                                         help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", '
+                                              '"num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+                                              '"prompt_lookup_min": 2}\' or \'{"method": "draft_model", "model": '
+                                              '..., "num_speculative_tokens": 4}\' (outputs unchanged; default off)')),
+        (("--tensor-parallel-size", "-tp"), dict(type=int, metavar="N",
+                                                 help="cut the model across N ranks (torch.distributed: gloo on "
+                                                      "CPU, nccl on CUDA), each with its share of the heads, the "
+                                                      "MLP and the KV cache (default 1)")),
+        (("--distributed-init-method",), dict(metavar="tcp://HOST:PORT",
+                                              help="where the ranks meet (default: a free loopback port; "
+                                                   "torchrun's env:// when RANK / WORLD_SIZE are set)")),
         (("--nnodes",), dict(type=int, help="machines the ranks span (default 1)")),
-        (("--node-rank",), dict(
-            type=int, help="this machine's index among --nnodes (node 0 serves; the others run their ranks)")),
+        (("--node-rank",), dict(type=int, help="this machine's index among --nnodes (node 0 serves; the others "
+                                               "run their ranks)")),
     ),
     "kernels (default: the LOOMLM_* variable of the same name, else automatic)": (
         (("--attention-backend",), dict(choices=["torch", "cpu_native"],
                                         help="decode attention (LOOMLM_ATTENTION_BACKEND)")),
         (("--linear-method",), dict(choices=["auto", "torch", "mkl_packed", "native"],
                                     help="float linear layers (LOOMLM_LINEAR_METHOD)")),
-        (("--gguf-activation-planes",), dict(
-            type=int, choices=[1, 2],
-            help="activation precision of the quantized kernels: 1 (llama.cpp's) or 2 "
-                 "(LOOMLM_GGUF_ACTIVATION_PLANES, default 2)")),
-        (("--gguf-float-rows",), dict(
-            type=int, metavar="N",
-            help="from N tokens in a step, GGUF layers dequantize panels into the float path; "
-                 "0 never (LOOMLM_GGUF_FLOAT_ROWS, default per block type)")),
+        (("--gguf-activation-planes",), dict(type=int, choices=[1, 2],
+                                             help="activation precision of the quantized kernels: 1 (llama.cpp's) "
+                                                  "or 2 (LOOMLM_GGUF_ACTIVATION_PLANES, default 2)")),
+        (("--gguf-float-rows",), dict(type=int, metavar="N",
+                                      help="from N tokens in a step, GGUF layers dequantize panels into the float "
+                                           "path; 0 never (LOOMLM_GGUF_FLOAT_ROWS, default per block type)")),
     ),
 }
 _ENGINE_DESTS = tuple(names[0][2:].replace("-", "_") for flags in _ENGINE_FLAGS.values() for names, _ in flags)
@@ -246,26 +242,22 @@ def _run_as_worker(model: str, engine_kwargs: dict[str, Any]) -> bool:
 
     from loomlm.config import EngineConfig
     from loomlm.distributed.worker import run_worker, serve_node
+    from loomlm.models.loader import checkpoint_dtype, resolve_model
 
     torchrun_rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     if torchrun_rank == 0 and not engine_kwargs.get("node_rank"):
         return False
     config = EngineConfig.from_kwargs(model=model, **engine_kwargs)
-    config = replace(config, model_config=_pinned_model_config(config.model_config))
+    # dtype "auto" resolved here as the engine (rank 0) resolves it.
+    mc = config.model_config
+    source = resolve_model(mc.model, revision=mc.revision, tokenizer=mc.tokenizer,
+                           tokenizer_revision=mc.tokenizer_revision)
+    config = replace(config, model_config=mc.with_checkpoint_dtype(checkpoint_dtype(source)))
     if torchrun_rank:
         run_worker(config, torchrun_rank)
     else:
         serve_node(config)
     return True
-
-
-def _pinned_model_config(model_config):
-    """The model config with dtype "auto" resolved as the engine (rank 0) resolves it."""
-    from loomlm.models.loader import checkpoint_dtype, resolve_model
-
-    source = resolve_model(model_config.model, revision=model_config.revision, tokenizer=model_config.tokenizer,
-                           tokenizer_revision=model_config.tokenizer_revision)
-    return model_config.with_checkpoint_dtype(checkpoint_dtype(source))
 
 
 def _serve(args: argparse.Namespace) -> int:
