@@ -8,60 +8,20 @@ from loomlm.lora.request import LoRARequest
 from loomlm.outputs import CompletionOutput, Logprob, RequestOutput
 from loomlm.sampling_params import SamplingParams
 
-__all__ = [
-    "LLM",
-    "AsyncClient",
-    "BaseOutputWriter",
-    "BeamSearchOutput",
-    "BeamSearchParams",
-    "BeamSearchSequence",
-    "Client",
-    "Completion",
-    "CompletionOutput",
-    "LoRARequest",
-    "Logprob",
-    "MergedAdapters",
-    "Model",
-    "RequestOutput",
-    "SamplingParams",
-    "ScoringResult",
-    "generate",
-    "generate_sync",
-    "headless",
-    "model",
-    "printing",
-    "run",
-    "run_sync",
-    "score",
-    "score_sync",
-    "set_default_model",
-    "silent",
-    "stream",
-]
 __version__ = "0.1.0"
 
 
-# Lazy: importing loomlm (e.g. for the protocol schemas) should not load torch model code.
-_LAZY = {
-    "LLM": "loomlm.llm",
-    # The Generations API (LMQL-style); see loomlm.generation.
-    "Model": "loomlm.generation",
-    "model": "loomlm.generation",
-    "generate": "loomlm.generation",
-    "generate_sync": "loomlm.generation",
-    "score": "loomlm.generation",
-    "score_sync": "loomlm.generation",
-    "set_default_model": "loomlm.generation",
-    "ScoringResult": "loomlm.scoring",
-    # Queries and output writers; see loomlm.query.
-    "run": "loomlm.query",
-    "run_sync": "loomlm.query",
-    "BaseOutputWriter": "loomlm.query",
-    "printing": "loomlm.query",
-    "stream": "loomlm.query",
-    "headless": "loomlm.query",
-    "silent": "loomlm.query",
+# Lazy: importing loomlm (e.g. for the protocol schemas) should not load torch model code. The
+# Generations API (LMQL-style) is loomlm.generation's; queries and output writers, loomlm.query's.
+_LAZY_MODULES = {
+    "loomlm.llm": ("LLM",),
+    "loomlm.generation": ("Model", "model", "generate", "generate_sync", "score", "score_sync", "set_default_model"),
+    "loomlm.scoring": ("ScoringResult",),
+    "loomlm.query": ("run", "run_sync", "BaseOutputWriter", "printing", "stream", "headless", "silent"),
 }
+_LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
+__all__ = ["AsyncClient", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "Client", "Completion",
+           "CompletionOutput", "LoRARequest", "Logprob", "MergedAdapters", "RequestOutput", "SamplingParams", *_LAZY]
 
 
 def __getattr__(name: str):

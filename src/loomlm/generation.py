@@ -36,15 +36,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from loomlm.background_loop import BackgroundLoop
 from loomlm.chat_utils import render_chat
 from loomlm.decoders import Decoder
-from loomlm.outputs import RequestOutput
-from loomlm.scoring import ScoringResult, normalize_values, score_on_engine
+from loomlm.scoring import ScoringResult, last_output, normalize_values, score_on_engine
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger(__name__)
 ENV_DEFAULT_MODEL = "LOOMLM_DEFAULT_MODEL"
-_REMOTE_KWARGS = ("model", "api_key", "timeout")
+REMOTE_KWARGS = ("model", "api_key", "timeout")  # what `model(server_url, ...)` takes
 
 
 class PartialCompletion(NamedTuple):
@@ -87,10 +86,7 @@ class LocalModel:
             prompt_ids = (await engine.encode(prompt)).token_ids
             result = await engine.beam_search(prompt_ids, decoder.beam_search_params(engine.max_model_len))
             return [_beam_text(engine, seq.tokens[len(prompt_ids):], seq.finish_reason) for seq in result.sequences]
-        final: RequestOutput | None = None
-        async for final in engine.generate(prompt, decoder.sampling_params()):
-            pass
-        assert final is not None and final.finished
+        final = await last_output(engine.generate(prompt, decoder.sampling_params()))
         return [completion.text for completion in final.outputs]
 
     async def stream(self, prompt: str | list[int], decoder: Decoder) -> AsyncIterator[PartialCompletion]:
@@ -144,9 +140,9 @@ def _make_runtime(identifier: str, kwargs: dict[str, Any]) -> _Runtime:
     if is_server_url(identifier):
         from loomlm.remote_model import RemoteModel
 
-        unknown = sorted(set(kwargs) - set(_REMOTE_KWARGS))
+        unknown = sorted(set(kwargs) - set(REMOTE_KWARGS))
         if unknown:
-            raise ValueError(f"a server URL takes only {', '.join(_REMOTE_KWARGS)} (engine arguments belong to "
+            raise ValueError(f"a server URL takes only {', '.join(REMOTE_KWARGS)} (engine arguments belong to "
                              f"the server), got {', '.join(unknown)}.")
         return _Runtime(RemoteModel(identifier, **kwargs), BackgroundLoop(f"loomlm-remote-{identifier}"))
     if "model" in kwargs:

@@ -34,7 +34,7 @@ import dataclasses
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,21 +48,20 @@ DEFAULT_MODEL_ENV = "LMQL_DEFAULT_MODEL"
 # Keyword arguments of lmql's generate / score that loomlm's decoders take.
 _DECODER_KWARGS = frozenset({"decoder", "n", "temperature", "seed", "top_k", "top_p", "repetition_penalty",
                              "frequency_penalty", "presence_penalty"})
-# Engine arguments `model(...)` passes on (the rest of lmql's model kwargs are ignored).
-_REMOTE_KWARGS = frozenset({"model", "api_key", "timeout"})
 
 
 def _engine_arg_names() -> frozenset[str]:
+    """The engine arguments `model(...)` passes on for a local model (lmql's others are ignored)."""
     from loomlm.config import CacheConfig, KernelConfig, LoRAConfig, ModelConfig, SchedulerConfig
 
     return frozenset(f.name for cls in (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, KernelConfig)
                      for f in dataclasses.fields(cls))
 
 
-def _split(kwargs: dict[str, Any], accepted: frozenset[str], what: str) -> dict[str, Any]:
+def _split(kwargs: dict[str, Any], accepted: Collection[str], what: str) -> dict[str, Any]:
     """The kwargs in `accepted`; the others are dropped with a warning (lmql passes them on to
     backends that may ignore them too)."""
-    ignored = sorted(set(kwargs) - accepted)
+    ignored = sorted(set(kwargs) - set(accepted))
     if ignored:
         warnings.warn(f"loomlm.lmql: {what} ignores {', '.join(ignored)} (no meaning on loomlm's engine).",
                       stacklevel=3)
@@ -83,9 +82,9 @@ class _Seq:
         return self
 
 
-class ScoringResult:
+class ScoringResult(_scoring.ScoreRanking):
     """lmql's `ScoringResult`: the scores of `continuations` after `prompt`, aggregated over each
-    whole sequence (prompt + value).
+    whole sequence (prompt + value); `logprobs`, `probs` and `argmax` rank them.
 
     Attributes: `prompt`, `continuations`, `num_value_tokens`, `seqs` (per value, with
     `.logprobs` over the whole sequence), `model_identifier`.
@@ -119,20 +118,6 @@ class ScoringResult:
             return np.array([s.logprobs.sum() for s in self.seqs]) / lengths ** alpha
         raise ValueError(f"invalid aggregation: {agg}")
 
-    def logprobs(self, agg: str = "sum") -> np.ndarray:
-        """log_softmax of `scores(agg)`."""
-        scores = self.scores(agg)
-        shifted = scores - scores.max()
-        return shifted - np.log(np.exp(shifted).sum())
-
-    def probs(self, agg: str = "sum") -> np.ndarray:
-        """softmax of `scores(agg)`, shape [len(continuations)] (sums to 1)."""
-        return np.exp(self.logprobs(agg))
-
-    def argmax(self, agg: str = "sum") -> str:
-        """The continuation with the highest `scores(agg)` (the first one on ties)."""
-        return self.continuations[int(self.scores(agg=agg).argmax())]
-
     def __str__(self) -> str:
         return f"lmql.ScoringResult(model='{self.model_identifier}')\n" + "\n".join(
             f"-{c}: {score}" for c, score in zip(self.continuations, self.scores(agg="sum")))
@@ -148,7 +133,7 @@ class LLM:
         if not isinstance(model_identifier, str) or not model_identifier:
             raise ValueError(f"the model identifier must be a non-empty string, got {model_identifier!r}.")
         self.model_identifier = model_identifier
-        accepted = _REMOTE_KWARGS if generation.is_server_url(model_identifier) else _engine_arg_names()
+        accepted = generation.REMOTE_KWARGS if generation.is_server_url(model_identifier) else _engine_arg_names()
         self._kwargs = _split(kwargs, accepted, f"model({model_identifier!r})")
         self._model: generation.Model | None = None
         self._lock = threading.Lock()
@@ -244,20 +229,5 @@ def score_sync(prompt: str, values: str | Sequence[str], model: str | LLM | None
     return _model_for(model).score_sync(prompt, values, **kwargs)
 
 
-__all__ = [
-    "LLM",
-    "BaseOutputWriter",
-    "ScoringResult",
-    "generate",
-    "generate_sync",
-    "headless",
-    "model",
-    "printing",
-    "run",
-    "run_sync",
-    "score",
-    "score_sync",
-    "set_default_model",
-    "silent",
-    "stream",
-]
+__all__ = ["LLM", "ScoringResult", "generate", "generate_sync", "model", "score", "score_sync", "set_default_model",
+           "BaseOutputWriter", "headless", "printing", "run", "run_sync", "silent", "stream"]

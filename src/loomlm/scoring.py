@@ -36,8 +36,30 @@ if TYPE_CHECKING:
 AGGREGATIONS = ("sum", "mean", "normalized")
 
 
+class ScoreRanking:
+    """The values ranked by `scores(agg, alpha=...)`, one per continuation; shared by this module's
+    ScoringResult and `loomlm.lmql.ScoringResult`, which aggregate differently."""
+
+    continuations: list[str]
+
+    def logprobs(self, agg: str = "sum", alpha: float = 0.7) -> np.ndarray:
+        """log_softmax of `scores(agg)`: the values' log probabilities relative to each other,
+        shape [len(continuations)]."""
+        scores = self.scores(agg, alpha=alpha)
+        shifted = scores - scores.max()
+        return shifted - np.log(np.exp(shifted).sum())
+
+    def probs(self, agg: str = "sum", alpha: float = 0.7) -> np.ndarray:
+        """softmax of `scores(agg)`, shape [len(continuations)] (sums to 1)."""
+        return np.exp(self.logprobs(agg, alpha))
+
+    def argmax(self, agg: str = "sum", alpha: float = 0.7) -> str:
+        """The continuation with the highest `scores(agg)` (the first one on ties)."""
+        return self.continuations[int(self.scores(agg, alpha=alpha).argmax())]
+
+
 @dataclass(frozen=True, eq=False)
-class ScoringResult:
+class ScoringResult(ScoreRanking):
     """The scores of `continuations` (the values) after `prompt`, from `model_identifier`.
 
     Attributes:
@@ -88,20 +110,6 @@ class ScoringResult:
             return np.array([s.sum() / len(s) ** alpha for s in self.token_scores])
         raise ValueError(f"unknown aggregation {agg!r}; expected one of {', '.join(AGGREGATIONS)}.")
 
-    def logprobs(self, agg: str = "sum", alpha: float = 0.7) -> np.ndarray:
-        """log_softmax of `scores(agg)`: the values' log probabilities relative to each other."""
-        scores = self.scores(agg, alpha)
-        shifted = scores - scores.max()
-        return shifted - np.log(np.exp(shifted).sum())
-
-    def probs(self, agg: str = "sum", alpha: float = 0.7) -> np.ndarray:
-        """softmax of `scores(agg)` (sums to 1)."""
-        return np.exp(self.logprobs(agg, alpha))
-
-    def argmax(self, agg: str = "sum", alpha: float = 0.7) -> str:
-        """The best continuation (the first one on ties)."""
-        return self.continuations[int(self.scores(agg, alpha).argmax())]
-
     def __str__(self) -> str:
         lines = [f"loomlm.ScoringResult(model='{self.model_identifier}')"]
         lines += [f"-{value}: {score:.2f}" for value, score in zip(self.continuations, self.scores())]
@@ -128,7 +136,8 @@ def _token_logprob(entry: dict[int, Logprob] | None, token_id: int) -> float:
     return entry[token_id].logprob
 
 
-async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+async def last_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The final output of a request's stream (asserting it finished)."""
     final = None
     async for final in outputs:
         pass
@@ -163,9 +172,10 @@ async def score_on_engine(engine: AsyncLLMEngine, prompt: str, values: str | Seq
     prompt_ids, value_ids = await asyncio.to_thread(encode_all)
     # The prompt alone first, so its full blocks are in the cache when the values arrive;
     # it also yields the prompt's own token logprobs.
-    prompt_output = await _last(engine.generate(prompt_ids, params, lora_request=lora_request))
+    prompt_output = await last_output(engine.generate(prompt_ids, params, lora_request=lora_request))
     outputs = await asyncio.gather(*(
-        _last(engine.generate(prompt_ids + ids, params, lora_request=lora_request, prompt_logprobs_from=len(prompt_ids)))
+        last_output(engine.generate(prompt_ids + ids, params, lora_request=lora_request,
+                                    prompt_logprobs_from=len(prompt_ids)))
         for ids in value_ids))
     prompt_scores = [_token_logprob(entry, token) for entry, token in
                      zip(prompt_output.prompt_logprobs[1:], prompt_ids[1:])]
