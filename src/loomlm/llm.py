@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from loomlm.beam_search import BeamSearchOutput, BeamSearchParams
 from loomlm.chat_utils import render_chat
-from loomlm.engine.input_processor import EncodedPrompt
+from loomlm.engine.input_processor import EncodedPrompt, EngineRequest
 from loomlm.engine.llm_engine import LLMEngine
 from loomlm.lora.request import LoRARequest
 from loomlm.outputs import EmbeddingRequestOutput, RequestOutput
@@ -65,37 +65,22 @@ class LLM:
         Raises ValueError for an invalid prompt or parameters; then no prompt is run.
         """
         prompt_list = _as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompt_list)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompt_list):
-                raise ValueError(f"got {len(params_list)} sampling params for {len(prompt_list)} prompts.")
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            lora_list = [lora_request] * len(prompt_list)
-        else:
-            lora_list = list(lora_request)
-            if len(lora_list) != len(prompt_list):
-                raise ValueError(f"got {len(lora_list)} LoRA requests for {len(prompt_list)} prompts.")
+        sampling_params = SamplingParams() if sampling_params is None else sampling_params
+        params_list = _per_prompt(sampling_params, isinstance(sampling_params, SamplingParams), len(prompt_list),
+                                  "sampling params")
+        lora_list = _per_prompt(lora_request, lora_request is None or isinstance(lora_request, LoRARequest),
+                                len(prompt_list), "LoRA requests")
+        priorities = _per_prompt(0 if priority is None else priority, priority is None, len(prompt_list), "priorities")
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt loses no work.
-        first_id = self._counter
-        priorities = [0] * len(prompt_list) if priority is None else list(priority)
-        if len(priorities) != len(prompt_list):
-            raise ValueError(f"got {len(priorities)} priorities for {len(prompt_list)} prompts.")
-        requests = [engine.input_processor.process(str(first_id + i), prompt, params, lora, priority=rank)
+        requests = [engine.input_processor.process(str(self._counter + i), prompt, params, lora, priority=rank)
                     for i, (prompt, params, lora, rank) in enumerate(zip(prompt_list, params_list, lora_list,
                                                                         priorities))]
         # More adapters than slots is fine: a request waits for a slot to free up.
         adapters = {lora.lora_name: lora for lora in lora_list if lora is not None}
         for lora in adapters.values():
             engine.check_lora(lora)
-        self._counter += len(requests)
-        for request in requests:
-            engine.add_engine_request(request)
-        return self._run_engine([request.request_id for request in requests], use_tqdm)
+        return self._run_engine(requests, use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     lora_request: Any = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
@@ -145,10 +130,7 @@ class LLM:
         turn; it excludes `add_generation_prompt`. Follows vLLM's `LLM.chat`. Raises ValueError for
         an empty conversation, a template error, or invalid parameters (then nothing is run).
         """
-        if messages and isinstance(messages[0], dict):
-            conversations = [messages]
-        else:
-            conversations = list(messages)
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not conversations:
             raise ValueError("no conversation given.")
         tokenizer = self.get_tokenizer()
@@ -177,22 +159,22 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         pooling = pooling_params or PoolingParams()
         engine = self.llm_engine
-        first_id = self._counter
-        requests = [engine.input_processor.process(str(first_id + i), prompt, embedding_sampling_params(),
+        requests = [engine.input_processor.process(str(self._counter + i), prompt, embedding_sampling_params(),
                                                    lora_request, pooling_params=pooling)
                     for i, prompt in enumerate(prompt_list)]
         pooling.resolved(engine.pooler_config, engine.hf_config.hidden_size)  # dimensions checked before any run
         if lora_request is not None:
             engine.check_lora(lora_request)
+        return self._run_engine(requests, use_tqdm)
+
+    def _run_engine(self, requests: list[EngineRequest], use_tqdm: bool) -> list[RequestOutput]:
+        """Queue `requests` (validated, numbered from `_counter` on) and step the engine until they finish."""
+        engine = self.llm_engine
         self._counter += len(requests)
         for request in requests:
             engine.add_engine_request(request)
-        return self._run_engine([request.request_id for request in requests], use_tqdm)
-
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        bar = tqdm(total=len(requests), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():
@@ -204,7 +186,17 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [finished[rid] for rid in request_ids]
+        return [finished[request.request_id] for request in requests]
+
+
+def _per_prompt(value: Any, is_one: bool, num_prompts: int, what: str) -> list:
+    """`value` for every prompt when `is_one`, else its items, one per prompt (ValueError otherwise)."""
+    if is_one:
+        return [value] * num_prompts
+    values = list(value)
+    if len(values) != num_prompts:
+        raise ValueError(f"got {len(values)} {what} for {num_prompts} prompts.")
+    return values
 
 
 def _as_prompt_list(prompts) -> list[str | list[int] | EncodedPrompt]:
