@@ -71,13 +71,16 @@ class HoleConstraints:
             return False
         return not (self.regex is not None and re.fullmatch(self.regex, value) is None)
 
-    def set_structured(self, kind: str, term: str) -> None:
-        """Record that `kind` (in / INT / REGEX) constrains the hole; only one may."""
+    def set_structured(self, kind: str, term: str, **value: object) -> None:
+        """Constrain the hole by `kind` (in / INT / REGEX), setting `value` (choice=, is_int= or
+        regex=); only one kind may. Raises ValueError naming `term` when another one did."""
         taken = [name for name, on in (("in", self.choice is not None), ("INT", self.is_int),
                                        ("REGEX", self.regex is not None)) if on]
         if taken:
             raise ValueError(f"malformed where clause: {term!r} conflicts with {taken[0]} on the same hole "
                              "(one hole takes one of in, INT, REGEX).")
+        for name, setting in value.items():
+            setattr(self, name, setting)
 
 
 def parse_where(where: str | None, holes: list[str]) -> dict[str, HoleConstraints]:
@@ -137,9 +140,7 @@ def _apply(term: ast.expr, constraints: dict[str, HoleConstraints]) -> None:
             hole.include_stop_str = include
             return
         if name == "INT" and len(args) == 1:
-            hole = _hole(args[0], term, constraints)
-            hole.set_structured("INT", text)
-            hole.is_int = True
+            _hole(args[0], term, constraints).set_structured("INT", text, is_int=True)
             return
         if name == "REGEX" and len(args) == 2:
             hole = _hole(args[0], term, constraints)
@@ -148,8 +149,7 @@ def _apply(term: ast.expr, constraints: dict[str, HoleConstraints]) -> None:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"malformed where clause: {text!r}: bad regular expression ({exc}).") from exc
-            hole.set_structured("REGEX", text)
-            hole.regex = pattern
+            hole.set_structured("REGEX", text, regex=pattern)
             return
     if isinstance(term, ast.Compare) and len(term.ops) == 1:
         op, right = term.ops[0], term.comparators[0]

@@ -104,8 +104,7 @@ async def run(query: str, output_writer: BaseOutputWriter | None = None, model: 
         if hole.kind == "input" and constraints[hole.name] != HoleConstraints():
             raise ValueError(f"hole [{hole.name}:input] is filled by the output writer: it takes no constraints.")
         if hole.kind == "int":
-            constraints[hole.name].set_structured("INT", f"[{hole.name}:int]")
-            constraints[hole.name].is_int = True
+            constraints[hole.name].set_structured("INT", f"[{hole.name}:int]", is_int=True)
     base = Decoder.from_kwargs(decoder, max_tokens, **decoder_kwargs)
     if base.n != 1 or base.is_beam:
         raise ValueError("a query fills each hole once: use decoder 'argmax' or 'sample' with n=1.")
@@ -124,18 +123,14 @@ async def run(query: str, output_writer: BaseOutputWriter | None = None, model: 
             state.add(str(variables[segment.name] if segment.name in variables else (inputs or {})[segment.name]))
         elif isinstance(segment, Hole):
             variable = segment.name
-            if segment.kind == "input":
-                value = str(await writer.input(f"{variable}: "))
-                num_tokens = 0
-                variables[variable] = value
-                texts[variable] = value
+            if segment.kind == "input":  # no constraints (checked above), so valid and not an INT
+                value, num_tokens, ok = str(await writer.input(f"{variable}: ")), 0, True
             else:
                 value, num_tokens, ok = await _fill(handle, state, variable, constraints[variable], base, writer,
                                                     where, is_valid, variables, texts)
-                is_valid = is_valid and ok
-                is_int = constraints[variable].is_int and ok
-                variables[variable] = int(value) if is_int else value
-                texts[variable] = value
+            is_valid = is_valid and ok
+            variables[variable] = int(value) if constraints[variable].is_int and ok else value
+            texts[variable] = value
             state.add(value)
             await writer.add_interpreter_head_state(variable, 0, state.text, where, None, is_valid, False, None,
                                                     num_tokens, _program_state(state.text, texts, variables))
