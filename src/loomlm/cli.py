@@ -305,8 +305,7 @@ def _models(args: argparse.Namespace) -> int:
         installed = importlib.util.find_spec(entry.module) is not None
         status = "installed" if installed else f"not installed ({entry.install_hint})"
         default = " (default)" if entry.alias == ZOO_DEFAULT else ""
-        sys.stdout.write(f"{entry.alias:<{width}}  {entry.description}{default}; {status}\n")
-    sys.stdout.flush()
+        print(f"{entry.alias:<{width}}  {entry.description}{default}; {status}", flush=True)
     return 0
 
 
@@ -319,8 +318,7 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(model=args.model, **_engine_kwargs(args))
     [output] = llm.generate(args.prompt, params, use_tqdm=False)
     # stdout carries the completion alone (logs go to stderr), so it can be piped.
-    sys.stdout.write(output.outputs[0].text + "\n")
-    sys.stdout.flush()
+    print(output.outputs[0].text, flush=True)
     return 0
 
 
@@ -332,8 +330,7 @@ def _score(args: argparse.Namespace) -> int:
         result = model.score_sync(args.prompt, args.values)
     lines = [f"loomlm.ScoringResult(model='{result.model_identifier}')"]
     lines += [f"-{value}: {score:.4f}" for value, score in zip(result.continuations, result.scores(args.agg))]
-    sys.stdout.write("\n".join(lines) + "\n")
-    sys.stdout.flush()
+    print("\n".join(lines), flush=True)
     return 0
 
 

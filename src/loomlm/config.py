@@ -114,9 +114,7 @@ class ModelConfig:
         """The explicit dtype; for "auto", the default of a checkpoint without a dtype
         (`resolve_dtype(None)`). The engine replaces "auto" once it has read the checkpoint
         (`with_checkpoint_dtype`), so its `config.model_config.torch_dtype` is the dtype it runs in."""
-        if self.dtype == "auto":
-            return self.resolve_dtype(None)
-        return _DTYPES[self.dtype]
+        return self.resolve_dtype(None)
 
     def resolve_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         """The dtype to compute in, given the checkpoint's (`loader.checkpoint_dtype`; None: unknown).
@@ -161,10 +159,9 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}.")
-        if self.kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}.")
-        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
-            raise ValueError(f"num_gpu_blocks_override must be positive, got {self.num_gpu_blocks_override}.")
+        for name in ("kv_cache_memory_bytes", "num_gpu_blocks_override"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)
@@ -198,10 +195,9 @@ class SchedulerConfig:
     scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}.")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}.")
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
