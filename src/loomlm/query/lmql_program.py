@@ -95,7 +95,7 @@ def lmql_model(handle: Model) -> Any:
     backend, loop = handle._runtime.backend, handle._runtime.loop
     engine = getattr(backend, "engine", None)
     if engine is None:
-        raise ValueError(f"{handle.model_identifier!r} is a loomlm server: run LMQL programs on it with lmql itself, "
+        raise ValueError(f"{handle.identifier!r} is a loomlm server: run LMQL programs on it with lmql itself, "
                          "lmql.model(NAME, endpoint='HOST:PORT', tokenizer=...) (loomlm serves LMTP on '/').")
     name = engine.served_model_name
     adapter = lmtp_model(name, inprocess=True, tokenizer=str(export_tokenizer(engine.tokenizer)))
