@@ -13,11 +13,7 @@ from typing import Any, Self
 
 import httpx
 
-from loomlm.client.generate import (
-    generate_request,
-    parse_generate_response,
-    parse_stream_event,
-)
+from loomlm.client.generate import client_call_request, parse_generate_response, parse_stream_event
 from loomlm.client.transport import AsyncTransport, Timeout
 from loomlm.protocol.tgi import GenerateResponse, MergedAdaptersSpec, StreamResponse
 
@@ -95,36 +91,7 @@ class AsyncClient:
         grammar: dict[str, Any] | Any | None = None,
     ) -> GenerateResponse:
         """`Client.generate`, awaited (LoRAX's `AsyncClient.generate`): same request, result and errors."""
-        request = generate_request(
-            prompt,
-            stream=False,
-            adapter_id=adapter_id,
-            adapter_source=adapter_source,
-            merged_adapters=merged_adapters,
-            api_token=api_token,
-            do_sample=do_sample,
-            max_new_tokens=max_new_tokens,
-            ignore_eos_token=ignore_eos_token,
-            best_of=best_of,
-            repetition_penalty=repetition_penalty,
-            return_full_text=return_full_text,
-            seed=seed,
-            stop_sequences=stop_sequences,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            truncate=truncate,
-            typical_p=typical_p,
-            watermark=watermark,
-            response_format=response_format,
-            decoder_input_details=decoder_input_details,
-            return_k_alternatives=return_k_alternatives,
-            details=details,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            top_n_tokens=top_n_tokens,
-            grammar=grammar,
-        )
+        request = client_call_request(locals(), stream=False)
         return parse_generate_response(await self._transport.request_json(request))
 
     async def generate_stream(
@@ -163,35 +130,7 @@ class AsyncClient:
         generator, it checks the arguments (raising `ValidationError`) on the first
         iteration, as LoRAX's does, not when called.
         """
-        request = generate_request(
-            prompt,
-            stream=True,
-            adapter_id=adapter_id,
-            adapter_source=adapter_source,
-            merged_adapters=merged_adapters,
-            api_token=api_token,
-            do_sample=do_sample,
-            max_new_tokens=max_new_tokens,
-            ignore_eos_token=ignore_eos_token,
-            repetition_penalty=repetition_penalty,
-            return_full_text=return_full_text,
-            seed=seed,
-            stop_sequences=stop_sequences,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            truncate=truncate,
-            typical_p=typical_p,
-            watermark=watermark,
-            response_format=response_format,
-            decoder_input_details=False,
-            return_k_alternatives=return_k_alternatives,
-            details=details,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            top_n_tokens=top_n_tokens,
-            grammar=grammar,
-        )
+        request = client_call_request(locals(), stream=True)
         # aclosing: an error event (or the caller leaving) closes the HTTP stream at once, not at GC.
         async with aclosing(self._transport.stream_json(request)) as events:
             async for event in events:

@@ -115,6 +115,20 @@ def generate_request(
     return ApiRequest("POST", GENERATE_PATH, body.model_dump(mode="json", exclude_none=True))
 
 
+def client_call_request(call_locals: dict[str, Any], *, stream: bool) -> ApiRequest:
+    """`generate_request` for a `Client` / `AsyncClient` `generate` (`stream=False`) or
+    `generate_stream` call, from the method's `locals()` taken before anything else: its
+    arguments, which keep LoRAX's public signatures, and `self` (dropped). A stream sends
+    `decoder_input_details` false (LoRAX's `generate_stream` has no such argument).
+
+    Raises: as `generate_request`.
+    """
+    arguments = {name: value for name, value in call_locals.items() if name != "self"}
+    if stream:
+        arguments["decoder_input_details"] = False
+    return generate_request(stream=stream, **arguments)
+
+
 def parse_generate_response(payload: Any) -> GenerateResponse:
     """The `GenerateResponse` in a non-stream answer: `POST /`'s one-element list
     (LoRAX's client reads `payload[0]`) or `/generate`'s bare object.

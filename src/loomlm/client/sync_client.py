@@ -3,7 +3,7 @@
 Source: predibase/lorax `clients/python/lorax/client.py`; the public signatures are
 LoRAX's (a keyword-only `transport=` and TGI's `frequency_penalty`, `presence_penalty`,
 `top_n_tokens` and `grammar` are loomlm's additions). Each method is three steps: build
-the request (`generate.generate_request`, shared), move it (`SyncTransport`, I/O only),
+the request (`generate.client_call_request`, shared), move it (`SyncTransport`, I/O only),
 parse the answer (`generate.parse_*`, shared). `async_client.AsyncClient` is the same
 three steps with `await`.
 """
@@ -16,11 +16,7 @@ from typing import Any, Self
 
 import httpx
 
-from loomlm.client.generate import (
-    generate_request,
-    parse_generate_response,
-    parse_stream_event,
-)
+from loomlm.client.generate import client_call_request, parse_generate_response, parse_stream_event
 from loomlm.client.transport import SyncTransport, Timeout
 from loomlm.protocol.tgi import GenerateResponse, MergedAdaptersSpec, StreamResponse
 
@@ -153,36 +149,7 @@ class Client:
                 (`errors.parse_error`); `UnknownError` for an unreadable answer.
             httpx.HTTPError: the connection failed or timed out.
         """
-        request = generate_request(
-            prompt,
-            stream=False,
-            adapter_id=adapter_id,
-            adapter_source=adapter_source,
-            merged_adapters=merged_adapters,
-            api_token=api_token,
-            do_sample=do_sample,
-            max_new_tokens=max_new_tokens,
-            ignore_eos_token=ignore_eos_token,
-            best_of=best_of,
-            repetition_penalty=repetition_penalty,
-            return_full_text=return_full_text,
-            seed=seed,
-            stop_sequences=stop_sequences,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            truncate=truncate,
-            typical_p=typical_p,
-            watermark=watermark,
-            response_format=response_format,
-            decoder_input_details=decoder_input_details,
-            return_k_alternatives=return_k_alternatives,
-            details=details,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            top_n_tokens=top_n_tokens,
-            grammar=grammar,
-        )
+        request = client_call_request(locals(), stream=False)
         return parse_generate_response(self._transport.request_json(request))
 
     def generate_stream(
@@ -231,35 +198,7 @@ class Client:
                 mid-stream (`{"error", "error_type"}`, typed by `errors.parse_error`).
             httpx.HTTPError: from the iterator, when the connection fails or times out.
         """
-        request = generate_request(
-            prompt,
-            stream=True,
-            adapter_id=adapter_id,
-            adapter_source=adapter_source,
-            merged_adapters=merged_adapters,
-            api_token=api_token,
-            do_sample=do_sample,
-            max_new_tokens=max_new_tokens,
-            ignore_eos_token=ignore_eos_token,
-            repetition_penalty=repetition_penalty,
-            return_full_text=return_full_text,
-            seed=seed,
-            stop_sequences=stop_sequences,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            truncate=truncate,
-            typical_p=typical_p,
-            watermark=watermark,
-            response_format=response_format,
-            decoder_input_details=False,
-            return_k_alternatives=return_k_alternatives,
-            details=details,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            top_n_tokens=top_n_tokens,
-            grammar=grammar,
-        )
+        request = client_call_request(locals(), stream=True)
         return _stream_responses(self._transport.stream_json(request))
 
 
