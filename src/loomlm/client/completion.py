@@ -117,13 +117,7 @@ class Completion:
                 unknown model), `UnknownError` (an unreadable answer); from the iterator when streaming.
             httpx.HTTPError: the connection failed or timed out.
         """
-        request = completion_request(
-            model, stream=stream, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-            stop_sequences=stop_sequences, return_token_log_probs=return_token_log_probs,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, top_k=top_k, top_p=top_p,
-            include_stop_str_in_output=include_stop_str_in_output, guided_json=guided_json,
-            guided_regex=guided_regex, guided_choice=guided_choice, guided_grammar=guided_grammar, **kwargs)
-        base_url, headers = resolve_base_url(base_url), request_headers_for(api_key, request_headers)
+        request, base_url, headers = _call(locals())
         if stream:
             return _stream_chunks(base_url, headers, timeout, request)
         transport = SyncTransport(base_url, headers, timeout=timeout)
@@ -162,13 +156,7 @@ class Completion:
         With `stream`, the awaited result is an async iterator of chunks:
         `async for chunk in await Completion.acreate(..., stream=True)`.
         """
-        request = completion_request(
-            model, stream=stream, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-            stop_sequences=stop_sequences, return_token_log_probs=return_token_log_probs,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, top_k=top_k, top_p=top_p,
-            include_stop_str_in_output=include_stop_str_in_output, guided_json=guided_json,
-            guided_regex=guided_regex, guided_choice=guided_choice, guided_grammar=guided_grammar, **kwargs)
-        base_url, headers = resolve_base_url(base_url), request_headers_for(api_key, request_headers)
+        request, base_url, headers = _call(locals())
         if stream:
             return _astream_chunks(base_url, headers, timeout, request)
         transport = AsyncTransport(base_url, headers, timeout=timeout)
@@ -176,6 +164,19 @@ class Completion:
             return parse_sync_response(await transport.request_json(request))
         finally:
             await transport.aclose()
+
+
+# `create` / `acreate` arguments that say how to send the call, not what it asks.
+_CALL_OPTIONS = ("cls", "timeout", "stream", "request_headers", "base_url", "api_key", "kwargs")
+
+
+def _call(call_locals: dict[str, Any]) -> tuple[ApiRequest, str, dict[str, str]]:
+    """The request, the server's root URL and the headers of a `create` / `acreate` call, from
+    its `locals()` taken before anything else (LLM Engine's signature, kept by both methods)."""
+    fields = {name: value for name, value in call_locals.items() if name not in _CALL_OPTIONS}
+    request = completion_request(stream=call_locals["stream"], **fields, **call_locals["kwargs"])
+    headers = request_headers_for(call_locals["api_key"], call_locals["request_headers"])
+    return request, resolve_base_url(call_locals["base_url"]), headers
 
 
 def _stream_chunks(base_url: str, headers: dict[str, str], timeout: float, request: ApiRequest
