@@ -11,6 +11,7 @@ later client for another JSON/SSE API (e.g. Scale's `/v1/llm/completions-sync` a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,17 +36,15 @@ def join_url(base_url: str, path: str) -> str:
     return base_url.rstrip("/") + "/" + path.lstrip("/")
 
 
-def is_success(status_code: int) -> bool:
-    """Whether an HTTP status is a 2xx."""
-    return 200 <= status_code < 300
-
-
-def decode_payload(content: bytes) -> Any:
-    """The JSON payload of a successful answer.
+def decode_payload(status_code: int, content: bytes) -> Any:
+    """The JSON payload of an answer with HTTP `status_code` and body `content`.
 
     Raises:
-        UnknownError: the body is not JSON (LoRAX's client reports this as a 500).
+        LoomlmClientError: the typed error of a non-2xx answer (`error_from_answer`).
+        UnknownError: the body of a 2xx answer is not JSON (LoRAX's client reports this as a 500).
     """
+    if not 200 <= status_code < 300:
+        raise error_from_answer(status_code, content)
     try:
         return json.loads(content)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -66,9 +65,9 @@ def error_from_answer(status_code: int, content: bytes) -> LoomlmClientError:
     return parse_error(status_code, payload)
 
 
-def error_from_non_event_stream(status_code: int, content_type: str, content: bytes) -> LoomlmClientError:
-    """The error for a 2xx answer to a stream request that is not an SSE stream."""
-    message = f"expected a text/event-stream answer, got {content_type!r}"
+def error_from_non_event_stream(status_code: int, headers: Mapping[str, str], content: bytes) -> LoomlmClientError:
+    """The error for a 2xx answer (with `headers`) to a stream request that is not an SSE stream."""
+    message = f"expected a text/event-stream answer, got {headers.get('content-type', '')!r}"
     return UnknownError(message, status_code, {"error": _preview(content)})
 
 

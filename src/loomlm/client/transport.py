@@ -22,15 +22,18 @@ from loomlm.client.core import (
     decode_payload,
     error_from_answer,
     error_from_non_event_stream,
-    is_success,
     join_url,
 )
 
 Timeout = float | httpx.Timeout | None
 
 
-class SyncTransport:
-    """Blocking I/O for `Client`, on `httpx.Client`."""
+class _Transport:
+    """What both transports hold: the server's `base_url` and one httpx client (the connection
+    pool), made by the subclass's `_http_class` with `transport` (an `httpx.BaseTransport` for
+    `SyncTransport`, an `httpx.AsyncBaseTransport` for `AsyncTransport`) instead of the network."""
+
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
 
     def __init__(
         self,
@@ -38,10 +41,17 @@ class SyncTransport:
         headers: dict[str, str] | None = None,
         cookies: dict[str, str] | None = None,
         timeout: Timeout = 60,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url
-        self._http = httpx.Client(headers=headers, cookies=cookies, timeout=timeout, transport=transport)
+        self._http = self._http_class(headers=headers, cookies=cookies, timeout=timeout, transport=transport)
+
+
+class SyncTransport(_Transport):
+    """Blocking I/O for `Client`, on `httpx.Client`."""
+
+    _http: httpx.Client
+    _http_class = httpx.Client
 
     def request_json(self, request: ApiRequest) -> Any:
         """Perform `request`; return its answer's JSON payload.
@@ -51,9 +61,7 @@ class SyncTransport:
             httpx.HTTPError: the connection failed or timed out.
         """
         answer = self._http.request(request.method, join_url(self.base_url, request.path), json=request.json_body)
-        if not is_success(answer.status_code):
-            raise error_from_answer(answer.status_code, answer.content)
-        return decode_payload(answer.content)
+        return decode_payload(answer.status_code, answer.content)
 
     def stream_json(self, request: ApiRequest) -> Generator[Any, None, None]:
         """Perform `request`; yield the JSON document of each server-sent event as it arrives.
@@ -68,53 +76,41 @@ class SyncTransport:
         url = join_url(self.base_url, request.path)
         with connect_sse(self._http, request.method, url, json=request.json_body) as event_source:
             answer = event_source.response
-            if not is_success(answer.status_code):
+            if not answer.is_success:
                 raise error_from_answer(answer.status_code, answer.read())
             try:
                 for event in event_source.iter_sse():
                     yield decode_event(answer.status_code, event.data)
             except SSEError as exc:  # raised before the first event: the answer is not an SSE stream
-                content_type = answer.headers.get("content-type", "")
-                raise error_from_non_event_stream(answer.status_code, content_type, answer.read()) from exc
+                raise error_from_non_event_stream(answer.status_code, answer.headers, answer.read()) from exc
 
     def close(self) -> None:
         self._http.close()
 
 
-class AsyncTransport:
+class AsyncTransport(_Transport):
     """Non-blocking I/O for `AsyncClient`, on `httpx.AsyncClient` (the same steps as `SyncTransport`)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        headers: dict[str, str] | None = None,
-        cookies: dict[str, str] | None = None,
-        timeout: Timeout = 60,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self._http = httpx.AsyncClient(headers=headers, cookies=cookies, timeout=timeout, transport=transport)
+    _http: httpx.AsyncClient
+    _http_class = httpx.AsyncClient
 
     async def request_json(self, request: ApiRequest) -> Any:
         """As `SyncTransport.request_json`, awaited."""
         answer = await self._http.request(request.method, join_url(self.base_url, request.path), json=request.json_body)
-        if not is_success(answer.status_code):
-            raise error_from_answer(answer.status_code, answer.content)
-        return decode_payload(answer.content)
+        return decode_payload(answer.status_code, answer.content)
 
     async def stream_json(self, request: ApiRequest) -> AsyncGenerator[Any, None]:
         """As `SyncTransport.stream_json`, as an async iterator."""
         url = join_url(self.base_url, request.path)
         async with aconnect_sse(self._http, request.method, url, json=request.json_body) as event_source:
             answer = event_source.response
-            if not is_success(answer.status_code):
+            if not answer.is_success:
                 raise error_from_answer(answer.status_code, await answer.aread())
             try:
                 async for event in event_source.aiter_sse():
                     yield decode_event(answer.status_code, event.data)
             except SSEError as exc:  # raised before the first event: the answer is not an SSE stream
-                content_type = answer.headers.get("content-type", "")
-                raise error_from_non_event_stream(answer.status_code, content_type, await answer.aread()) from exc
+                raise error_from_non_event_stream(answer.status_code, answer.headers, await answer.aread()) from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()
