@@ -11,14 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, Self
 
-import httpx
-
-from loomlm.client.generate import client_call_request, parse_generate_response, parse_stream_event
-from loomlm.client.transport import AsyncTransport, Timeout
+from loomlm.client.generate import ClientBase, client_call_request, parse_generate_response, parse_stream_event
+from loomlm.client.transport import AsyncTransport
 from loomlm.protocol.tgi import GenerateResponse, MergedAdaptersSpec, StreamResponse
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """Asynchronous client of a LoRAX-compatible server (LoRAX's `lorax.AsyncClient`).
 
     The same calls as `Client`, awaited; see `Client` for the arguments.
@@ -34,20 +32,8 @@ class AsyncClient:
     (or use `async with`) before that loop ends.
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        headers: dict[str, str] | None = None,
-        cookies: dict[str, str] | None = None,
-        timeout: Timeout = 60,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self.headers = headers
-        self.cookies = cookies
-        self.timeout = timeout
-        self._transport = AsyncTransport(base_url, headers, cookies, timeout, transport)
+    _transport: AsyncTransport
+    _transport_class = AsyncTransport
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -132,6 +118,6 @@ class AsyncClient:
         """
         request = client_call_request(locals(), stream=True)
         # aclosing: an error event (or the caller leaving) closes the HTTP stream at once, not at GC.
-        async with aclosing(self._transport.stream_json(request)) as events:
-            async for event in events:
-                yield parse_stream_event(event)
+        async with aclosing(self._transport.stream_json(request, parse_stream_event)) as responses:
+            async for response in responses:
+                yield response

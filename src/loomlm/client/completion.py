@@ -10,7 +10,7 @@ is three steps: build the request (`llmengine.completion_request`), move it (`Sy
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing, closing
+from contextlib import aclosing
 from typing import Any
 
 from loomlm.client.core import ApiRequest
@@ -185,9 +185,7 @@ def _stream_chunks(base_url: str, headers: dict[str, str], timeout: float, reque
     closing the iterator closes the HTTP stream and the transport."""
     transport = SyncTransport(base_url, headers, timeout=timeout)
     try:
-        with closing(transport.stream_json(request)) as events:
-            for event in events:
-                yield parse_stream_event(event)
+        yield from transport.stream_json(request, parse_stream_event)
     finally:
         transport.close()
 
@@ -197,8 +195,8 @@ async def _astream_chunks(base_url: str, headers: dict[str, str], timeout: float
     """As `_stream_chunks`, asynchronously (the connection pool belongs to the iterating event loop)."""
     transport = AsyncTransport(base_url, headers, timeout=timeout)
     try:
-        async with aclosing(transport.stream_json(request)) as events:
-            async for event in events:
-                yield parse_stream_event(event)
+        async with aclosing(transport.stream_json(request, parse_stream_event)) as chunks:
+            async for chunk in chunks:
+                yield chunk
     finally:
         await transport.aclose()

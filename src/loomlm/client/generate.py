@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pydantic
 
 from loomlm.client.core import ApiRequest, describe, validated
 from loomlm.client.errors import ValidationError, parse_error
+from loomlm.client.transport import AsyncTransport, SyncTransport, Timeout
 from loomlm.protocol.tgi import (
     GenerateParameters,
     GenerateRequest,
@@ -66,6 +68,29 @@ _RANGE_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
 
 # Any of these set means the request samples (LoRAX's `best_of` check).
 _SAMPLING_PARAMETERS = ("temperature", "top_k", "top_p", "typical_p")
+
+
+class ClientBase:
+    """The constructor `Client` and `AsyncClient` share: LoRAX's `(base_url, headers, cookies,
+    timeout)` (documented on `Client`), plus a keyword-only `transport` (an `httpx.BaseTransport`
+    for `Client`, an `httpx.AsyncBaseTransport` for `AsyncClient`). `_transport_class` does the I/O."""
+
+    _transport_class: type[SyncTransport] | type[AsyncTransport]
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str] | None = None,
+        cookies: dict[str, str] | None = None,
+        timeout: Timeout = 60,
+        *,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.headers = headers
+        self.cookies = cookies
+        self.timeout = timeout
+        self._transport = self._transport_class(base_url, headers, cookies, timeout, transport)
 
 
 def generate_request(

@@ -10,18 +10,15 @@ three steps with `await`.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
-from contextlib import closing
+from collections.abc import Iterator
 from typing import Any, Self
 
-import httpx
-
-from loomlm.client.generate import client_call_request, parse_generate_response, parse_stream_event
-from loomlm.client.transport import SyncTransport, Timeout
+from loomlm.client.generate import ClientBase, client_call_request, parse_generate_response, parse_stream_event
+from loomlm.client.transport import SyncTransport
 from loomlm.protocol.tgi import GenerateResponse, MergedAdaptersSpec, StreamResponse
 
 
-class Client:
+class Client(ClientBase):
     """Blocking client of a LoRAX-compatible server (LoRAX's `lorax.Client`).
 
     Example:
@@ -45,20 +42,8 @@ class Client:
     Connection failures and timeouts raise httpx's own `httpx.HTTPError`s.
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        headers: dict[str, str] | None = None,
-        cookies: dict[str, str] | None = None,
-        timeout: Timeout = 60,
-        *,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self.headers = headers
-        self.cookies = cookies
-        self.timeout = timeout
-        self._transport = SyncTransport(base_url, headers, cookies, timeout, transport)
+    _transport: SyncTransport
+    _transport_class = SyncTransport
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -199,11 +184,5 @@ class Client:
             httpx.HTTPError: from the iterator, when the connection fails or times out.
         """
         request = client_call_request(locals(), stream=True)
-        return _stream_responses(self._transport.stream_json(request))
+        return self._transport.stream_json(request, parse_stream_event)
 
-
-def _stream_responses(events: Generator[Any, None, None]) -> Iterator[StreamResponse]:
-    """The `StreamResponse`s of a stream's event documents; closing it closes the HTTP stream."""
-    with closing(events):
-        for event in events:
-            yield parse_stream_event(event)

@@ -1,6 +1,7 @@
 """The clients' two transports: an `ApiRequest` in, a JSON payload (or an iterator of
-stream-event JSON documents) out. They only do I/O, on httpx and httpx-sse; reading an
-answer's bytes into a payload or a typed error is `core.py`'s job, shared by both.
+stream-event JSON documents, each handed to the caller's `parse`) out. They only do I/O, on
+httpx and httpx-sse; reading an answer's bytes into a payload or a typed error is `core.py`'s
+job, shared by both.
 
 Each transport owns one `httpx.Client` / `httpx.AsyncClient` (connection pooling across
 calls). Tests inject an `httpx.MockTransport` (or, async, an `httpx.ASGITransport`)
@@ -10,8 +11,8 @@ e.g. a live `http://127.0.0.1:PORT`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Generator
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse, connect_sse
@@ -26,6 +27,7 @@ from loomlm.client.core import (
 )
 
 Timeout = float | httpx.Timeout | None
+T = TypeVar("T")
 
 
 class _Transport:
@@ -63,10 +65,11 @@ class SyncTransport(_Transport):
         answer = self._http.request(request.method, join_url(self.base_url, request.path), json=request.json_body)
         return decode_payload(answer.status_code, answer.content)
 
-    def stream_json(self, request: ApiRequest) -> Generator[Any, None, None]:
-        """Perform `request`; yield the JSON document of each server-sent event as it arrives.
+    def stream_json(self, request: ApiRequest, parse: Callable[[Any], T]) -> Generator[T, None, None]:
+        """Perform `request`; yield `parse` of the JSON document of each server-sent event as it arrives.
 
-        The request is sent on the first `next()`; leaving the loop early closes the stream.
+        The request is sent on the first `next()`; leaving the loop early, or an error `parse`
+        raises, closes the stream.
 
         Raises:
             LoomlmClientError: the typed error for a non-2xx answer; `UnknownError` for an
@@ -80,7 +83,7 @@ class SyncTransport(_Transport):
                 raise error_from_answer(answer.status_code, answer.read())
             try:
                 for event in event_source.iter_sse():
-                    yield decode_event(answer.status_code, event.data)
+                    yield parse(decode_event(answer.status_code, event.data))
             except SSEError as exc:  # raised before the first event: the answer is not an SSE stream
                 raise error_from_non_event_stream(answer.status_code, answer.headers, answer.read()) from exc
 
@@ -99,7 +102,7 @@ class AsyncTransport(_Transport):
         answer = await self._http.request(request.method, join_url(self.base_url, request.path), json=request.json_body)
         return decode_payload(answer.status_code, answer.content)
 
-    async def stream_json(self, request: ApiRequest) -> AsyncGenerator[Any, None]:
+    async def stream_json(self, request: ApiRequest, parse: Callable[[Any], T]) -> AsyncGenerator[T, None]:
         """As `SyncTransport.stream_json`, as an async iterator."""
         url = join_url(self.base_url, request.path)
         async with aconnect_sse(self._http, request.method, url, json=request.json_body) as event_source:
@@ -108,7 +111,7 @@ class AsyncTransport(_Transport):
                 raise error_from_answer(answer.status_code, await answer.aread())
             try:
                 async for event in event_source.aiter_sse():
-                    yield decode_event(answer.status_code, event.data)
+                    yield parse(decode_event(answer.status_code, event.data))
             except SSEError as exc:  # raised before the first event: the answer is not an SSE stream
                 raise error_from_non_event_stream(answer.status_code, answer.headers, await answer.aread()) from exc
 
