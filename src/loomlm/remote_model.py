@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pydantic
 
+from loomlm.client.errors import error_message
 from loomlm.decoders import Decoder
 from loomlm.generation import PartialCompletion
 from loomlm.protocol.score import ScoreResponse
@@ -73,7 +74,7 @@ class RemoteModel:
             payload = None
         if response.is_success and isinstance(payload, dict):
             return payload
-        message = _error_message(payload) or response.text or response.reason_phrase
+        message = error_message(payload) or response.text or response.reason_phrase
         error = ValueError if 400 <= response.status_code < 500 else RuntimeError
         raise error(f"{self.base_url}{path} answered {response.status_code}: {message}")
 
@@ -99,7 +100,7 @@ class RemoteModel:
                         continue
                     chunk = json.loads(line[len("data:"):])
                     if "error" in chunk:
-                        raise RuntimeError(f"{self.base_url}/v1/completions failed: {_error_message(chunk)}")
+                        raise RuntimeError(f"{self.base_url}/v1/completions failed: {error_message(chunk)}")
                     if chunk.get("usage"):
                         # The last chunk: the exact token count (a chunk may carry several tokens).
                         yield PartialCompletion(text, chunk["usage"]["completion_tokens"], finish_reason)
@@ -139,15 +140,3 @@ class RemoteModel:
             await self._client.aclose()
             self._client = None
 
-
-def _error_message(payload: Any) -> str | None:
-    """The message of an OpenAI (`{"error": {"message"}}`), TGI (`{"error"}`) or FastAPI (`{"detail"}`) error body."""
-    if not isinstance(payload, dict):
-        return None
-    error = payload.get("error")
-    if isinstance(error, dict):
-        return error.get("message")
-    if isinstance(error, str):
-        return error
-    detail = payload.get("detail")
-    return detail if isinstance(detail, str) else None
