@@ -10,7 +10,7 @@ is three steps: build the request (`llmengine.completion_request`), move it (`Sy
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing
+from contextlib import aclosing, closing
 from typing import Any
 
 from loomlm.client.core import ApiRequest
@@ -120,11 +120,8 @@ class Completion:
         request, base_url, headers = _call(locals())
         if stream:
             return _stream_chunks(base_url, headers, timeout, request)
-        transport = SyncTransport(base_url, headers, timeout=timeout)
-        try:
+        with closing(SyncTransport(base_url, headers, timeout=timeout)) as transport:
             return parse_sync_response(transport.request_json(request))
-        finally:
-            transport.close()
 
     @classmethod
     async def acreate(
@@ -159,11 +156,8 @@ class Completion:
         request, base_url, headers = _call(locals())
         if stream:
             return _astream_chunks(base_url, headers, timeout, request)
-        transport = AsyncTransport(base_url, headers, timeout=timeout)
-        try:
+        async with aclosing(AsyncTransport(base_url, headers, timeout=timeout)) as transport:
             return parse_sync_response(await transport.request_json(request))
-        finally:
-            await transport.aclose()
 
 
 # `create` / `acreate` arguments that say how to send the call, not what it asks.
@@ -183,20 +177,14 @@ def _stream_chunks(base_url: str, headers: dict[str, str], timeout: float, reque
                    ) -> Iterator[CompletionStreamV1Response]:
     """The chunks of a stream request, sent on the first `next()` over a transport of its own;
     closing the iterator closes the HTTP stream and the transport."""
-    transport = SyncTransport(base_url, headers, timeout=timeout)
-    try:
+    with closing(SyncTransport(base_url, headers, timeout=timeout)) as transport:
         yield from transport.stream_json(request, parse_stream_event)
-    finally:
-        transport.close()
 
 
 async def _astream_chunks(base_url: str, headers: dict[str, str], timeout: float, request: ApiRequest
                           ) -> AsyncIterator[CompletionStreamV1Response]:
     """As `_stream_chunks`, asynchronously (the connection pool belongs to the iterating event loop)."""
-    transport = AsyncTransport(base_url, headers, timeout=timeout)
-    try:
+    async with aclosing(AsyncTransport(base_url, headers, timeout=timeout)) as transport:
         async with aclosing(transport.stream_json(request, parse_stream_event)) as chunks:
             async for chunk in chunks:
                 yield chunk
-    finally:
-        await transport.aclose()

@@ -8,6 +8,7 @@ endpoints (`create`, `update`, `delete`, `download`) raise NotImplementedError. 
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Any
 from urllib.parse import quote
 
@@ -48,8 +49,6 @@ class Model:
 
 
 def _get(path: str, base_url: str | None, api_key: str | None) -> Any:
-    transport = SyncTransport(resolve_base_url(base_url), request_headers_for(api_key, None), timeout=MODEL_TIMEOUT_S)
-    try:
+    headers = request_headers_for(api_key, None)
+    with closing(SyncTransport(resolve_base_url(base_url), headers, timeout=MODEL_TIMEOUT_S)) as transport:
         return transport.request_json(ApiRequest("GET", path, None))
-    finally:
-        transport.close()
