@@ -2,10 +2,8 @@
 HTTP answer's bytes become a JSON payload or a typed error.
 
 The transports (`transport.py`) only move bytes; every decision about an answer's
-content is made here (and, per API, in modules such as `generate.py`), once for the
-sync and the async client. Nothing here is specific to LoRAX's generate API, so a
-later client for another JSON/SSE API (e.g. Scale's `/v1/llm/completions-sync` and
-`-stream`) reuses it unchanged.
+content is made here (and, per API, in `generate.py` and `llmengine.py`), once for the
+sync and the async client. Nothing here is specific to one API.
 """
 
 from __future__ import annotations

@@ -39,31 +39,24 @@ MAJORITY_SIGN_METHODS = ("total", "frequency")
 GRAMMAR_TYPES = ("json", "regex")
 
 
-def _positive(value: float) -> bool:
-    return value > 0
+# A range check: (predicate on a set value, LoRAX's error text when it fails).
+_RangeCheck = tuple[Callable[[float], bool], str]
+_STRICTLY_POSITIVE: _RangeCheck = (lambda value: value > 0, "must be strictly positive")
+_IN_OPEN_UNIT_INTERVAL: _RangeCheck = (lambda value: 0 < value < 1, "must be > 0.0 and < 1.0")
 
-
-def _non_negative(value: float) -> bool:
-    return value >= 0
-
-
-def _open_unit_interval(value: float) -> bool:
-    return 0 < value < 1
-
-
-# Per-parameter range checks: parameter -> (predicate on a set value, LoRAX's error text).
-_RANGE_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "max_new_tokens": (_positive, "must be strictly positive"),
-    "best_of": (_positive, "must be strictly positive"),
-    "repetition_penalty": (_positive, "must be strictly positive"),
-    "seed": (_non_negative, "must be positive"),
-    "temperature": (_non_negative, "must be non-negative"),
-    "top_k": (_positive, "must be strictly positive"),
-    "top_p": (_open_unit_interval, "must be > 0.0 and < 1.0"),
-    "truncate": (_positive, "must be strictly positive"),
-    "typical_p": (_open_unit_interval, "must be > 0.0 and < 1.0"),
-    "return_k_alternatives": (_positive, "must be strictly positive"),
-    "top_n_tokens": (_positive, "must be strictly positive"),
+# Per-parameter range checks, made in this order.
+_RANGE_CHECKS: dict[str, _RangeCheck] = {
+    "max_new_tokens": _STRICTLY_POSITIVE,
+    "best_of": _STRICTLY_POSITIVE,
+    "repetition_penalty": _STRICTLY_POSITIVE,
+    "seed": (lambda value: value >= 0, "must be positive"),
+    "temperature": (lambda value: value >= 0, "must be non-negative"),
+    "top_k": _STRICTLY_POSITIVE,
+    "top_p": _IN_OPEN_UNIT_INTERVAL,
+    "truncate": _STRICTLY_POSITIVE,
+    "typical_p": _IN_OPEN_UNIT_INTERVAL,
+    "return_k_alternatives": _STRICTLY_POSITIVE,
+    "top_n_tokens": _STRICTLY_POSITIVE,
 }
 
 # Any of these set means the request samples (LoRAX's `best_of` check).
@@ -195,8 +188,8 @@ def _check_parameters(parameters: GenerateParameters, stream: bool) -> None:
     if parameters.best_of is not None and parameters.best_of > 1:
         if parameters.seed is not None:
             raise ValidationError("`seed` must not be set when `best_of` is > 1")
-        is_sampling = parameters.do_sample or any(getattr(parameters, name) is not None for name in _SAMPLING_PARAMETERS)
-        if not is_sampling:
+        sets_sampling = (getattr(parameters, name) is not None for name in _SAMPLING_PARAMETERS)
+        if not (parameters.do_sample or any(sets_sampling)):
             raise ValidationError("you must use sampling when `best_of` is > 1")
         if stream:
             raise ValidationError("`best_of` != 1 is not supported when `stream` == True")
