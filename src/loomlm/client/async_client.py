@@ -8,15 +8,15 @@ with the I/O done by `AsyncTransport`; arguments are documented on `Client`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
-from typing import Any, Self
+from contextlib import AbstractAsyncContextManager, aclosing
+from typing import Any
 
 from loomlm.client.generate import ClientBase, client_call_request, parse_generate_response, parse_stream_event
 from loomlm.client.transport import AsyncTransport
 from loomlm.protocol.tgi import GenerateResponse, MergedAdaptersSpec, StreamResponse
 
 
-class AsyncClient(ClientBase):
+class AsyncClient(ClientBase, AbstractAsyncContextManager):
     """Asynchronous client of a LoRAX-compatible server (LoRAX's `lorax.AsyncClient`).
 
     The same calls as `Client`, awaited; see `Client` for the arguments.
@@ -38,9 +38,6 @@ class AsyncClient(ClientBase):
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._transport.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

@@ -11,14 +11,15 @@ three steps with `await`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Self
+from contextlib import AbstractContextManager
+from typing import Any
 
 from loomlm.client.generate import ClientBase, client_call_request, parse_generate_response, parse_stream_event
 from loomlm.client.transport import SyncTransport
 from loomlm.protocol.tgi import GenerateResponse, MergedAdaptersSpec, StreamResponse
 
 
-class Client(ClientBase):
+class Client(ClientBase, AbstractContextManager):
     """Blocking client of a LoRAX-compatible server (LoRAX's `lorax.Client`).
 
     Example:
@@ -48,9 +49,6 @@ class Client(ClientBase):
     def close(self) -> None:
         """Close the connection pool."""
         self._transport.close()
-
-    def __enter__(self) -> Self:
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
