@@ -6,8 +6,8 @@ Source: predibase/lorax `clients/python/lorax/types.py` (`Parameters`, `Request`
 huggingface/text-generation-inference `clients/python/text_generation/types.py`
 (`frequency_penalty`, `top_n_tokens`, `grammar`); wire format in
 shared/specs/lorax-tgi.md. The wire models are `loomlm.protocol.tgi`'s, shared with the
-server. Both `Client` and `AsyncClient` call these functions; neither does any of this
-itself.
+server. Both `Client` and `AsyncClient` call these functions and share `ClientBase`'s
+constructor; neither does any of this itself.
 """
 
 from __future__ import annotations
