@@ -137,8 +137,9 @@ class APIKeyMiddleware:
 
 def install_api_keys(app, api_keys: Iterable[str] | None) -> None:
     """Require one of `api_keys` on every route of `app` but `OPEN_PATHS`; with no keys, leave
-    the app open and log a warning saying so. Raises ValueError for an empty key. Call before adding middleware that should see
-    the 401s (the request accounting), since the middleware added last runs first."""
+    the app open and log a warning saying so. Raises ValueError for an empty key. Call before
+    adding middleware that should see the 401s (the request accounting), since the middleware
+    added last runs first."""
     keys = tuple(api_keys or ())
     if any(not key for key in keys):
         raise ValueError("an API key cannot be empty.")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,7 @@ from loomlm.protocol.llmengine import (
 from loomlm.protocol.structured_outputs import from_llmengine
 from loomlm.sampling_params import SamplingParams
 from loomlm.server.limits import ServerLimits
-from loomlm.server.metrics import ServerMetrics, record_usage
+from loomlm.server.metrics import ServerMetrics, counted_outputs
 from loomlm.server.sse import ClientDisconnected, aclose_shielded, first_then_rest, last_output, sse_event
 
 if TYPE_CHECKING:
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 
 # Every error under this prefix (unknown paths included) is LLM Engine's `{"detail"}`.
 LLMENGINE_PATH_PREFIX = "/v1/llm/"
-
-# Logprobs are clamped here so that -inf never reaches JSON (as the OpenAI routes do).
 
 
 def _not_found(name: str) -> HTTPException:
@@ -95,18 +93,13 @@ class LLMEngineServing:
         """`POST /v1/llm/completions-sync`: the whole completion, `CompletionSyncV1Response`."""
         prompt, params, lora = await self._prepare(body, model_endpoint_name)
         request_id = str(uuid.uuid4())
-        self.metrics.requests_running.inc()
-        final: RequestOutput | None = None
+        stream = self.engine.generate(prompt, params, request_id, lora)
         try:
-            final = await last_output(raw_request, self.engine.generate(prompt, params, request_id, lora))
+            final = await last_output(raw_request, counted_outputs(raw_request, self.metrics, stream))
         except ClientDisconnected:
             return Response(status_code=499)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
-        finally:
-            self.metrics.requests_running.dec()
-            if final is not None:
-                record_usage(raw_request, self.metrics, len(final.prompt_token_ids), len(final.outputs[0].token_ids))
         if final is None:
             raise HTTPException(500, "The request ended without an output.")
         completion = final.outputs[0]
@@ -158,10 +151,7 @@ class LLMEngineServing:
         """Resolve the endpoint (404), then validate the parameters and the prompt (400)."""
         try:
             self.limits.check_name("model_endpoint_name", model_endpoint_name)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
-        lora = await self._lora_for(model_endpoint_name)
-        try:
+            lora = await self._lora_for(model_endpoint_name)  # raises HTTPException, not ValueError
             params = self._sampling_params(body)
             self.limits.check_params(params)
             encoded = await self.engine.encode(body.prompt, params)
@@ -226,8 +216,7 @@ class LLMEngineServing:
         or one empty event to carry `finished` when the last output brought no token."""
         new_ids = completion.token_ids[num_sent_tokens:]
         new_text = completion.text[num_sent_chars:]
-        token_text: Callable[[int], str] = self.engine.token_text
-        texts = split_text(new_text, [token_text(token_id) for token_id in new_ids])
+        texts = split_text(new_text, [self.engine.token_text(token_id) for token_id in new_ids])
         events = []
         for k, text in enumerate(texts):
             i = num_sent_tokens + k
@@ -244,11 +233,9 @@ class LLMEngineServing:
         """SSE events of `outputs` (first_then_rest's): one per generated token; a failure as an
         `error` event, which ends the stream."""
         num_sent_tokens = num_sent_chars = 0
-        last: RequestOutput | None = None
-        self.metrics.requests_running.inc()
+        counted = counted_outputs(raw_request, self.metrics, outputs)
         try:
-            async for output in outputs:
-                last = output
+            async for output in counted:
                 completion = output.outputs[0]
                 if output.finished:
                     _check_finished(completion)
@@ -261,10 +248,7 @@ class LLMEngineServing:
         except Exception as exc:  # noqa: BLE001  # the engine failed mid-stream: say so in the stream's own format
             yield stream_event(request_id, error=stream_error(500, f"{type(exc).__name__}: {exc}"))
         finally:
-            self.metrics.requests_running.dec()
-            await aclose_shielded(outputs)  # aborts the request if it still runs
-            if last is not None:
-                record_usage(raw_request, self.metrics, len(last.prompt_token_ids), len(last.outputs[0].token_ids))
+            await aclose_shielded(counted)  # aborts the request if it still runs
 
 
 def stream_error(status_code: int, message: str) -> StreamError:

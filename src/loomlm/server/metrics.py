@@ -28,20 +28,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loomlm.outputs import RequestOutput
 from loomlm.server.limits import process_rss_bytes
+from loomlm.server.sse import aclose_shielded
 
 logger = logging.getLogger("loomlm.server")
 
@@ -177,6 +173,24 @@ def record_usage(request: Request, metrics: ServerMetrics, prompt_tokens: int, c
     if isinstance(usage, RequestUsage):
         usage.prompt_tokens = prompt_tokens
         usage.completion_tokens = completion_tokens
+
+
+async def counted_outputs(request: Request, metrics: ServerMetrics, outputs: AsyncIterator[RequestOutput]
+                          ) -> AsyncGenerator[RequestOutput, None]:
+    """`outputs` (one engine request's stream) counted in `metrics`: in `requests_running` while it
+    runs, and its tokens recorded (`record_usage`: the last output's prompt, every completion's
+    tokens) however it ends, the client gone included. Closing it closes `outputs` (shielded),
+    which aborts the request if it still runs."""
+    last: RequestOutput | None = None
+    metrics.requests_running.inc()
+    try:
+        async for last in outputs:
+            yield last
+    finally:
+        metrics.requests_running.dec()
+        await aclose_shielded(outputs)
+        if last is not None:
+            record_usage(request, metrics, len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs))
 
 
 class RequestAccountingMiddleware:

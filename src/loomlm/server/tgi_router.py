@@ -46,7 +46,7 @@ from loomlm.protocol.tgi import (
 )
 from loomlm.server.errors import TGIError
 from loomlm.server.limits import ServerLimits
-from loomlm.server.metrics import ServerMetrics, record_usage
+from loomlm.server.metrics import ServerMetrics, counted_outputs
 from loomlm.server.sse import ClientDisconnected, aclose_shielded, first_then_rest, last_output, sse_event
 from loomlm.server.tgi_params import (
     MAX_BEST_OF,
@@ -104,10 +104,9 @@ class TGIServing:
         plan, prompt, lora = await self._prepare(body, raw_request, stream=False)
         validated = time.time()
         self._admit()
-        self.metrics.requests_running.inc()
-        final: RequestOutput | None = None
+        stream = self.engine.generate(prompt, plan.params, uuid.uuid4().hex, lora)
         try:
-            final = await last_output(raw_request, self.engine.generate(prompt, plan.params, uuid.uuid4().hex, lora))
+            final = await last_output(raw_request, counted_outputs(raw_request, self.metrics, stream))
         except ClientDisconnected:
             return Response(status_code=499)
         except ValueError as exc:
@@ -116,10 +115,6 @@ class TGIServing:
             raise TGIError(str(exc), 424, "generation") from exc
         finally:
             self.num_in_flight -= 1
-            self.metrics.requests_running.dec()
-            if final is not None:
-                record_usage(raw_request, self.metrics, len(final.prompt_token_ids),
-                             sum(len(c.token_ids) for c in final.outputs))
         if final is None:
             raise TGIError("the request ended without an output", 500, "incomplete_generation")
         response = self._response(final, plan, body.inputs)
@@ -138,11 +133,8 @@ class TGIServing:
         except BaseException:
             self.num_in_flight -= 1
             raise
-        headers = {"x-model-id": self.engine.served_model_name}
-        if lora is not None:
-            headers["x-adapter-id"] = lora.lora_name
         return StreamingResponse(self._events(outputs, plan, body.inputs, raw_request),
-                                 media_type="text/event-stream", headers=headers)
+                                 media_type="text/event-stream", headers=self._model_headers(lora))
 
     async def info(self) -> Info:
         """`GET /info`: the model and the router's limits (LoRAX's fields)."""
@@ -296,8 +288,7 @@ class TGIServing:
         best = max(completions, key=lambda c: c.cumulative_logprob or 0.0) if len(completions) > 1 else completions[0]
         fields = self._sequence(output, best, plan, inputs)
         text = fields.pop("generated_text")
-        if not plan.details:
-            _finish_reason(best)  # an aborted request is still an error
+        if not plan.details:  # an aborted request raised in _sequence already
             return GenerateResponse(generated_text=text)
         others = [BestOfSequence(**self._sequence(output, c, plan, inputs)) for c in completions if c is not best]
         details = Details(prompt_tokens=len(output.prompt_token_ids), best_of_sequences=others or None, **fields)
@@ -311,7 +302,7 @@ class TGIServing:
         scheduled = (m.first_scheduled_time if m is not None and m.first_scheduled_time else validated)
         generated = sum(len(c.token_ids) for c in output.outputs)
         inference_ms = (now - scheduled) * 1000
-        headers = {
+        return {
             "x-compute-type": "cpu" if self.engine.config.model_config.torch_device.type == "cpu" else "gpu",
             "x-compute-time": f"{now - start:.6f}",
             "x-total-time": str(round((now - start) * 1000)),
@@ -322,8 +313,12 @@ class TGIServing:
             "x-prompt-tokens": str(len(output.prompt_token_ids)),
             "x-generated-tokens": str(generated),
             "x-total-tokens": str(len(output.prompt_token_ids) + generated),
-            "x-model-id": self.engine.served_model_name,
+            **self._model_headers(lora),
         }
+
+    def _model_headers(self, lora: LoRARequest | None) -> dict[str, str]:
+        """The model answering (x-model-id), and its adapter when one was asked for (x-adapter-id)."""
+        headers = {"x-model-id": self.engine.served_model_name}
         if lora is not None:
             headers["x-adapter-id"] = lora.lora_name
         return headers
@@ -333,11 +328,9 @@ class TGIServing:
         """SSE events of `outputs` (first_then_rest's): one per generated token; errors as
         `{"error", "error_type"}` events."""
         sent = 0
-        last: RequestOutput | None = None
+        counted = counted_outputs(raw_request, self.metrics, outputs)
         try:
-            self.metrics.requests_running.inc()
-            async for output in outputs:
-                last = output
+            async for output in counted:
                 completion = output.outputs[0]
                 if output.finished:
                     _finish_reason(completion)  # raises for an aborted request
@@ -359,10 +352,7 @@ class TGIServing:
             yield sse_event(json.dumps({"error": str(exc), "error_type": "generation"}))
         finally:
             self.num_in_flight -= 1
-            self.metrics.requests_running.dec()
-            await aclose_shielded(outputs)  # aborts the request if the client went away
-            if last is not None:
-                record_usage(raw_request, self.metrics, len(last.prompt_token_ids), len(last.outputs[0].token_ids))
+            await aclose_shielded(counted)  # aborts the request if the client went away
 
 
 def build_tgi_router(engine: AsyncLLMEngine, metrics: ServerMetrics, max_concurrent_requests: int = 128,
