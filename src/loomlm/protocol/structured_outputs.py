@@ -18,8 +18,9 @@ from typing import Any
 from loomlm.sampling_params import StructuredOutputsParams
 
 
-def _guided(guided_json: Any, guided_regex: str | None, guided_choice: list[str] | None,
-            guided_grammar: str | None) -> StructuredOutputsParams | None:
+def from_llmengine(guided_json: Any = None, guided_regex: str | None = None, guided_choice: list[str] | None = None,
+                   guided_grammar: str | None = None) -> StructuredOutputsParams | None:
+    """LLM Engine's guided_* fields (at most one): vLLM's, which `from_openai` takes too."""
     given = {name: value for name, value in (("json", guided_json), ("regex", guided_regex),
                                              ("choice", guided_choice), ("grammar", guided_grammar))
              if value is not None}
@@ -34,7 +35,7 @@ def from_openai(response_format: dict[str, Any] | None, guided_json: Any = None,
                 guided_choice: list[str] | None = None, guided_grammar: str | None = None
                 ) -> StructuredOutputsParams | None:
     """OpenAI's response_format, or vLLM's guided_* fields (not both)."""
-    guided = _guided(guided_json, guided_regex, guided_choice, guided_grammar)
+    guided = from_llmengine(guided_json, guided_regex, guided_choice, guided_grammar)
     kind = (response_format or {}).get("type", "text")
     if kind == "text":
         return guided
@@ -74,9 +75,3 @@ def from_tgi(grammar: dict[str, Any] | None) -> StructuredOutputsParams | None:
             raise ValueError("a regex grammar's value must be a string.")
         return StructuredOutputsParams(regex=value)
     raise ValueError(f"grammar type must be 'json' or 'regex', got {kind!r}.")
-
-
-def from_llmengine(guided_json: Any = None, guided_regex: str | None = None, guided_choice: list[str] | None = None,
-                   guided_grammar: str | None = None) -> StructuredOutputsParams | None:
-    """LLM Engine's guided_* fields (at most one)."""
-    return _guided(guided_json, guided_regex, guided_choice, guided_grammar)

@@ -193,9 +193,7 @@ def run_server(
     Raises:
         ValueError: an engine argument or an API key is invalid.
     """
-    from loomlm.engine.async_engine import (
-        AsyncLLMEngine,  # torch and the model load only here
-    )
+    from loomlm.engine.async_engine import AsyncLLMEngine  # torch and the model load only here
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if served_model_name is not None:
@@ -207,13 +205,7 @@ def run_server(
         freeze_gc_heap()
         # uvicorn's access log would duplicate the accounting middleware's line.
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-        logger.info(
-            "loomlm serving model %s (from %s) on http://%s:%d/v1",
-            engine.served_model_name,
-            model,
-            host,
-            port,
-        )
+        logger.info("loomlm serving model %s (from %s) on http://%s:%d/v1", engine.served_model_name, model, host, port)
         log_lmtp_usage(engine, host, port)
         uvicorn.Server(config).run()
     finally:

@@ -90,18 +90,16 @@ class TGIError(Exception):
         self.error_type = error_type
 
 
+# LoRAX / TGI's error_type by status. "authentication" is not one of LoRAX's types, so clients
+# choose the exception by the status (loomlm's client: AuthenticationError; lorax-client has no
+# 401 class and raises UnknownError).
+_TGI_TYPE_BY_STATUS = {401: "authentication", 424: "generation", 429: "overloaded"}
+
+
 def tgi_error_response(message: str, status_code: int, param: str | None = None) -> JSONResponse:
-    """LoRAX / TGI's error body; bad input (4xx other than 401 and 429) is `validation`, as the routers say."""
-    if status_code == 429:
-        error_type = "overloaded"
-    elif status_code == 401:
-        # Not one of LoRAX's types, so clients choose the exception by the status (loomlm's client:
-        # AuthenticationError; lorax-client has no 401 class and raises UnknownError).
-        error_type = "authentication"
-    elif status_code in (424, 500) or status_code >= 500:
-        error_type = "generation" if status_code == 424 else "incomplete_generation"
-    else:
-        error_type = "validation"
+    """LoRAX / TGI's error body; other 5xx are `incomplete_generation`, other 4xx (bad input) `validation`,
+    as the routers say."""
+    error_type = _TGI_TYPE_BY_STATUS.get(status_code, "incomplete_generation" if status_code >= 500 else "validation")
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status_code)
 
 
@@ -142,10 +140,6 @@ def error_builder_for(app: Starlette, path: str) -> tuple[ErrorBuilder, int]:
     if matches:
         return prefixes[max(matches, key=len)]
     return error_response, 400
-
-
-def _format_for(request: Request) -> tuple[ErrorBuilder, int]:
-    return error_builder_for(request.app, request.url.path)
 
 
 def error_body(message: str, status_code: int, param: str | None = None) -> ErrorResponse:
@@ -190,20 +184,20 @@ async def _handle_tgi_error(request: Request, exc: Exception) -> JSONResponse:
 async def _handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message, param = _validation_message(exc)
-    builder, status = _format_for(request)
+    builder, status = error_builder_for(request.app, request.url.path)
     return builder(message, status, param)
 
 
 async def _handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    builder, _ = _format_for(request)
+    builder, _ = error_builder_for(request.app, request.url.path)
     return builder(str(exc.detail), exc.status_code, None)
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug or an engine failure: the client gets a 500 in the usual shape, the log gets the traceback.
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    builder, _ = _format_for(request)
+    builder, _ = error_builder_for(request.app, request.url.path)
     return builder(f"{type(exc).__name__}: {exc}", 500, None)
 
 

@@ -203,13 +203,11 @@ def _structured_output_chars(structured: StructuredOutputsParams) -> int:
     total = 0
     for name in ("json", "regex", "choice", "grammar"):
         value = getattr(structured, name, None)
-        if value is None:
-            continue
         if isinstance(value, str):
             total += len(value)
         elif isinstance(value, list):
             total += sum(len(str(v)) for v in value)
-        else:
+        elif value is not None:
             total += len(json.dumps(value))
     return total
 
@@ -294,18 +292,16 @@ class RequestLimitsMiddleware:
             await self.app(scope, receive, send)
             return
         ceiling = self.limits.max_process_memory_bytes
-        if ceiling:
-            rss = process_rss_bytes()
-            if rss > ceiling:
-                # TGI's word for "no capacity now" is 429 overloaded (its family's bad bodies are 422);
-                # the others say 503.
-                _, validation_status = error_builder_for(scope["app"], scope["path"])
-                status = 429 if validation_status == 422 else 503
-                message = (f"The server is near its memory ceiling ({rss >> 20} MiB resident of "
-                           f"{ceiling >> 20} MiB): retry later.")
-                response = self._refuse(scope, "memory", message, status, {"retry-after": str(_RETRY_AFTER_S)})
-                await response(scope, receive, send)
-                return
+        if ceiling and (rss := process_rss_bytes()) > ceiling:
+            # TGI's word for "no capacity now" is 429 overloaded (its family's bad bodies are 422);
+            # the others say 503.
+            _, validation_status = error_builder_for(scope["app"], scope["path"])
+            status = 429 if validation_status == 422 else 503
+            message = (f"The server is near its memory ceiling ({rss >> 20} MiB resident of "
+                       f"{ceiling >> 20} MiB): retry later.")
+            response = self._refuse(scope, "memory", message, status, {"retry-after": str(_RETRY_AFTER_S)})
+            await response(scope, receive, send)
+            return
         limit = self.limits.max_request_body_bytes
         too_large = f"The request body is larger than {limit} bytes (--max-request-body-bytes)."
         declared = Headers(scope=scope).get("content-length")

@@ -61,37 +61,23 @@ class ServerMetrics:
     """The Prometheus metrics of one app, in a registry of its own."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests_total = Counter(
-            "loomlm_http_requests_total",
-            "Finished HTTP requests by method, route template and status code.",
-            ["method", "route", "status"],
-            registry=self.registry,
-        )
-        self.request_duration_s = Histogram(
-            "loomlm_http_request_duration_seconds",
-            "HTTP request latency in seconds, arrival to last response byte.",
-            ["method", "route"],
-            buckets=_LATENCY_BUCKETS_S,
-            registry=self.registry,
-        )
-        self.prompt_tokens_total = Counter(
-            "loomlm_prompt_tokens_total", "Prompt tokens of generation requests.", registry=self.registry
-        )
-        self.generation_tokens_total = Counter(
-            "loomlm_generation_tokens_total", "Generated tokens, summed over choices.", registry=self.registry
-        )
-        self.requests_running = Gauge(
-            "loomlm_requests_running", "Generation requests in flight.", registry=self.registry
-        )
-        self.requests_refused = Counter(
-            "loomlm_requests_refused_total", "Requests refused by the server's limits before any work, by reason.",
-            ["reason"], registry=self.registry,
-        )
-        self.process_rss_bytes = Gauge(
-            "loomlm_process_resident_memory_bytes", "Resident memory of the server process in bytes.",
-            registry=self.registry,
-        )
+        self.registry = registry = CollectorRegistry()
+        self.requests_total = Counter("loomlm_http_requests_total",
+                                      "Finished HTTP requests by method, route template and status code.",
+                                      ["method", "route", "status"], registry=registry)
+        self.request_duration_s = Histogram("loomlm_http_request_duration_seconds",
+                                            "HTTP request latency in seconds, arrival to last response byte.",
+                                            ["method", "route"], buckets=_LATENCY_BUCKETS_S, registry=registry)
+        self.prompt_tokens_total = Counter("loomlm_prompt_tokens_total", "Prompt tokens of generation requests.",
+                                           registry=registry)
+        self.generation_tokens_total = Counter("loomlm_generation_tokens_total",
+                                               "Generated tokens, summed over choices.", registry=registry)
+        self.requests_running = Gauge("loomlm_requests_running", "Generation requests in flight.", registry=registry)
+        self.requests_refused = Counter("loomlm_requests_refused_total",
+                                        "Requests refused by the server's limits before any work, by reason.",
+                                        ["reason"], registry=registry)
+        self.process_rss_bytes = Gauge("loomlm_process_resident_memory_bytes",
+                                       "Resident memory of the server process in bytes.", registry=registry)
         self.process_rss_bytes.set_function(process_rss_bytes)
 
     def render(self) -> tuple[bytes, str]:
