@@ -25,6 +25,7 @@ from torch import nn
 
 from loomlm.layers.decode_attention import softcapped_attention
 from loomlm.layers.forward_context import PrefillSpan, current_forward_batch
+from loomlm.layers.linear import Linear
 
 
 class PagedAttention(nn.Module):
@@ -122,3 +123,21 @@ class PagedAttention(nn.Module):
             out = softcapped_attention(qg, keys, values, mask, self.scale, self.logits_soft_cap)
             out = out.view(self.num_heads, num_query, self.head_dim)
         return out.transpose(0, 1)  # [num_query, num_heads, head_dim]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (no GQA) with q/k/v fused in `qkv_proj`, as OPT and GPT-2 run it:
+    forward(x [num_tokens, hidden_size]) -> [num_tokens, hidden_size]."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, bias: bool, scale: float) -> None:
+        super().__init__()
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
+        self.qkv_proj = Linear(hidden_size, {"q": hidden_size, "k": hidden_size, "v": hidden_size}, bias=bias)
+        self.o_proj = Linear(hidden_size, {"o": hidden_size}, bias=bias)
+        self.attn = PagedAttention(num_heads, num_heads, self.head_dim, scale=scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.hidden_size, dim=-1)  # each [T, hidden]
+        heads = (self.num_heads, self.head_dim)
+        out = self.attn(q.unflatten(1, heads), k.unflatten(1, heads), v.unflatten(1, heads))  # [T, H, D]
+        return self.o_proj(out.reshape(-1, self.hidden_size))

@@ -19,34 +19,9 @@ import torch
 from torch import nn
 
 from loomlm.layers.activation import activation_fn
-from loomlm.layers.attention import PagedAttention
+from loomlm.layers.attention import MultiHeadAttention, PagedAttention
 from loomlm.layers.linear import Linear
-from loomlm.models.weight_utils import default_weight_loader
-
-
-class GPT2Attention(nn.Module):
-    """Multi-head attention (no GQA), q/k/v fused: [num_tokens, hidden] -> [num_tokens, hidden]."""
-
-    def __init__(self, config, layer_idx: int) -> None:
-        super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = hidden // self.num_heads
-        self.qkv_proj = Linear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=True)  # HF c_attn
-        self.o_proj = Linear(hidden, {"o": hidden}, bias=True)  # HF attn.c_proj
-        # GPT2Attention.scaling. `reorder_and_upcast_attn` changes only how HF's eager path reaches
-        # the same float32 result (scaling k inside baddbmm); it needs nothing here.
-        scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
-        if config.scale_attn_by_inverse_layer_idx:
-            scale /= float(layer_idx + 1)
-        self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=scale)
-        self.hidden = hidden
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.hidden, dim=-1)  # each [T, hidden]
-        heads = (self.num_heads, self.head_dim)
-        out = self.attn(q.unflatten(1, heads), k.unflatten(1, heads), v.unflatten(1, heads))  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.hidden))
+from loomlm.models.weight_utils import LinearTarget, load_hf_weights
 
 
 class GPT2MLP(nn.Module):
@@ -69,7 +44,13 @@ class GPT2Block(nn.Module):
         super().__init__()
         hidden, eps = config.hidden_size, config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(hidden, eps=eps)
-        self.attn = GPT2Attention(config, layer_idx)
+        # GPT2Attention.scaling. `reorder_and_upcast_attn` changes only how HF's eager path reaches
+        # the same float32 result (scaling k inside baddbmm); it needs nothing here.
+        num_heads = config.num_attention_heads
+        scale = (hidden // num_heads) ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.attn = MultiHeadAttention(hidden, num_heads, bias=True, scale=scale)  # HF c_attn, attn.c_proj
         self.ln_2 = nn.LayerNorm(hidden, eps=eps)
         self.mlp = GPT2MLP(config)
 
@@ -90,8 +71,10 @@ class GPT2LMHeadModel(nn.Module):
     """
 
     # HF Conv1D module inside a block -> our Linear's path in the block (all its shards, in order)
-    _CONV1D: ClassVar[dict[str, str]] = {"attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.o_proj",
-               "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"}
+    _CONV1D: ClassVar[dict[str, LinearTarget]] = {
+        "attn.c_attn": ("attn.qkv_proj", None), "attn.c_proj": ("attn.o_proj", None),
+        "mlp.c_fc": ("mlp.c_fc", None), "mlp.c_proj": ("mlp.c_proj", None),
+    }
     # HF module -> (our path, shard), for the LoRA manager. c_attn is missing: one HF module over
     # three shards, which the manager's one-shard targets cannot express.
     _FUSED: ClassVar[dict[str, tuple[str, str]]] = {
@@ -146,67 +129,8 @@ class GPT2LMHeadModel(nn.Module):
         ValueError naming the tensor for an unexpected name or shape, and naming what is missing
         when the checkpoint lacks a parameter.
         """
-        linears = {n: m for n, m in self.named_modules() if isinstance(m, Linear)}
-        params = {n: p for n, p in self.named_parameters() if n.rpartition(".")[0] not in linears}
-        loaded: set[str] = set()  # keys as below: HF names without "transformer."
-        for name, tensor in weights:
-            key = name.removeprefix("transformer.")
-            module, _, leaf = key.rpartition(".")
-            if module.endswith(".attn") and leaf in ("bias", "masked_bias"):
-                continue  # GPT2Attention's causal-mask buffers, not weights
-            if key == "lm_head.weight":
-                if not self.tie_word_embeddings:
-                    self._load_linear(self.lm_head, name, weight=tensor.t())  # nn.Linear, [vocab, hidden]
-                    loaded.add(key)
-                continue  # tied: some checkpoints still carry a copy
-            path = self._conv1d_target(module)
-            if path is not None:
-                if leaf not in ("weight", "bias"):
-                    raise ValueError(f"unexpected parameter {name!r} for GPT2LMHeadModel")
-                self._load_linear(linears[path], name, **{leaf: tensor})
-            elif key in params:
-                default_weight_loader(params[key], tensor, name)
-            else:
-                raise ValueError(f"unexpected parameter {name!r} for GPT2LMHeadModel")
-            loaded.add(key)
-        if self.tie_word_embeddings and "wte.weight" in loaded:
-            self.lm_head.load_shard("lm_head", weight=self.wte.weight.data)
-            loaded.add("lm_head.weight")
-        missing = [n for n in self._expected_keys(params) if n not in loaded]
-        if missing:
-            names = [n if n.startswith("lm_head") else f"transformer.{n}" for n in missing]
-            raise ValueError(f"checkpoint lacks {len(missing)} of the model's tensors: {', '.join(names[:5])}"
-                             + (", ..." if len(names) > 5 else ""))
-
-    def _conv1d_target(self, module: str) -> str | None:
-        """Our Linear's path for an HF Conv1D module name ("h.0.attn.c_attn"), or None."""
-        parts = module.split(".", 2)
-        if (len(parts) == 3 and parts[0] == "h" and parts[1].isdigit() and int(parts[1]) < len(self.h)
-                and parts[2] in self._CONV1D):
-            return f"h.{parts[1]}.{self._CONV1D[parts[2]]}"
-        return None
-
-    @staticmethod
-    def _load_linear(linear: Linear, name: str, weight: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None) -> None:
-        """Split a Conv1D weight [in, out] / bias [out] over the Linear's shards, in order.
-
-        Raises ValueError naming `name` on a shape mismatch.
-        """
-        if weight is not None and tuple(weight.shape) != tuple(linear.weight_t.shape):
-            raise ValueError(f"{name}: shape {tuple(weight.shape)} != expected {tuple(linear.weight_t.shape)}")
-        if bias is not None and (linear.bias is None or bias.shape != linear.bias.shape):
-            expected = None if linear.bias is None else tuple(linear.bias.shape)
-            raise ValueError(f"{name}: shape {tuple(bias.shape)} != expected {expected}")
-        for shard, (start, end) in linear.shard_offsets.items():
-            linear.load_shard(shard, weight=None if weight is None else weight[:, start:end].t(),
-                              bias=None if bias is None else bias[start:end])
-
-    def _expected_keys(self, params: dict[str, torch.Tensor]) -> list[str]:
-        """Every HF key (without "transformer.") the checkpoint must hold."""
-        keys = list(params)
-        if not self.tie_word_embeddings:
-            keys.append("lm_head.weight")
-        for i in range(len(self.h)):
-            keys += [f"h.{i}.{hf}.{leaf}" for hf in self._CONV1D for leaf in ("weight", "bias")]
-        return keys
+        weights = ((name, tensor) for name, tensor in weights  # GPT2Attention's causal-mask buffers
+                   if not name.removeprefix("transformer.").endswith((".attn.bias", ".attn.masked_bias")))
+        # lm_head is an nn.Linear [vocab, hidden], not a Conv1D
+        load_hf_weights(self, weights, prefixes=("transformer.",), layers_name="h", layer_linears=self._CONV1D,
+                        top_linears={"lm_head": ("lm_head", "lm_head")}, embed_key="wte.weight")

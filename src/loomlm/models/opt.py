@@ -18,35 +18,12 @@ import torch
 from torch import nn
 
 from loomlm.layers.activation import activation_fn
-from loomlm.layers.attention import PagedAttention
+from loomlm.layers.attention import MultiHeadAttention, PagedAttention
 from loomlm.layers.linear import Linear
-from loomlm.models.weight_utils import default_weight_loader
+from loomlm.models.weight_utils import LinearTarget, load_hf_weights
 
 # OPTLearnedPositionalEmbedding's offset: row 0 and 1 of the table precede position 0 (a fairseq legacy).
 _POSITION_OFFSET = 2
-
-
-class OPTAttention(nn.Module):
-    """Multi-head attention (no GQA), q/k/v fused: [num_tokens, hidden] -> [num_tokens, hidden]."""
-
-    def __init__(self, config) -> None:
-        super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = hidden // self.num_heads
-        bias = bool(config.enable_bias)
-        self.qkv_proj = Linear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=bias)
-        self.o_proj = Linear(hidden, {"o": hidden}, bias=bias)
-        # transformers scales q by head_dim**-0.5 before q k^T (and attends with scale 1); scaling
-        # the scores instead is the same up to rounding.
-        self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=self.head_dim**-0.5)
-        self.hidden = hidden
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.hidden, dim=-1)  # each [T, hidden]
-        heads = (self.num_heads, self.head_dim)
-        out = self.attn(q.unflatten(1, heads), k.unflatten(1, heads), v.unflatten(1, heads))  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.hidden))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -56,7 +33,11 @@ class OPTDecoderLayer(nn.Module):
         super().__init__()
         hidden, affine = config.hidden_size, bool(config.layer_norm_elementwise_affine)
         self.is_pre_norm = bool(config.do_layer_norm_before)
-        self.self_attn = OPTAttention(config)
+        # transformers scales q by head_dim**-0.5 before q k^T (and attends with scale 1); scaling
+        # the scores instead is the same up to rounding.
+        head_dim = hidden // config.num_attention_heads
+        self.self_attn = MultiHeadAttention(hidden, config.num_attention_heads, bias=bool(config.enable_bias),
+                                            scale=head_dim**-0.5)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.fc1 = Linear(hidden, {"fc1": config.ffn_dim}, bias=bool(config.enable_bias))
         self.fc2 = Linear(config.ffn_dim, {"fc2": hidden}, bias=bool(config.enable_bias))
@@ -86,7 +67,7 @@ class OPTForCausalLM(nn.Module):
 
     # HF module suffix inside a layer -> (our Linear's path in the layer, shard); the LoRA manager
     # finds adapter targets through it.
-    _FUSED: ClassVar[dict[str, tuple[str, str]]] = {
+    _FUSED: ClassVar[dict[str, LinearTarget]] = {
         "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
         "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
         "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
@@ -95,7 +76,10 @@ class OPTForCausalLM(nn.Module):
         "fc2": ("fc2", "fc2"),
     }
     # Linears outside the layers: HF module -> shard (our path is the HF one)
-    _TOP_LINEARS: ClassVar[dict[str, str]] = {"project_in": "project_in", "project_out": "project_out", "lm_head": "lm_head"}
+    _TOP_LINEARS: ClassVar[dict[str, LinearTarget]] = {
+        "project_in": ("project_in", "project_in"), "project_out": ("project_out", "project_out"),
+        "lm_head": ("lm_head", "lm_head"),
+    }
 
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
@@ -147,57 +131,5 @@ class OPTForCausalLM(nn.Module):
         naming the tensor for an unexpected name or shape, and naming what is missing when the
         checkpoint lacks a parameter.
         """
-        linears = {n: m for n, m in self.named_modules() if isinstance(m, Linear)}
-        params = {n: p for n, p in self.named_parameters() if n.rpartition(".")[0] not in linears}
-        loaded: set[str] = set()  # keys as below: HF names without "model.decoder."
-        for name, tensor in weights:
-            key = name.removeprefix("model.").removeprefix("decoder.")
-            if key == "lm_head.weight" and self.tie_word_embeddings:
-                continue  # tied: some checkpoints still carry a copy
-            module, _, leaf = key.rpartition(".")
-            target = self._linear_target(module)
-            if target is not None:
-                path, shard = target
-                if leaf not in ("weight", "bias"):
-                    raise ValueError(f"unexpected parameter {name!r} for OPTForCausalLM")
-                try:
-                    linears[path].load_shard(shard, **{leaf: tensor})
-                except ValueError as e:
-                    raise ValueError(f"{name}: {e}") from None
-            elif key in params:
-                default_weight_loader(params[key], tensor, name)
-            else:
-                raise ValueError(f"unexpected parameter {name!r} for OPTForCausalLM")
-            loaded.add(key)
-        if self.tie_word_embeddings and "embed_tokens.weight" in loaded:
-            self.lm_head.load_shard("lm_head", weight=self.embed_tokens.weight.data)
-            loaded.add("lm_head.weight")
-        missing = [n for n in self._expected_keys(params) if n not in loaded]
-        if missing:
-            names = [n if n.startswith("lm_head") else f"model.decoder.{n}" for n in missing]
-            raise ValueError(f"checkpoint lacks {len(missing)} of the model's tensors: {', '.join(names[:5])}"
-                             + (", ..." if len(names) > 5 else ""))
-
-    def _linear_target(self, module: str) -> tuple[str, str] | None:
-        """Our (Linear path, shard) for an HF module name ("layers.0.self_attn.q_proj"), or None."""
-        if module in self._TOP_LINEARS and getattr(self, module) is not None:
-            return module, self._TOP_LINEARS[module]
-        parts = module.split(".", 2)
-        if (len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) < len(self.layers)
-                and parts[2] in self._FUSED):
-            path, shard = self._FUSED[parts[2]]
-            return f"layers.{parts[1]}.{path}", shard
-        return None
-
-    def _expected_keys(self, params: dict[str, torch.Tensor]) -> list[str]:
-        """Every HF key (without "model.decoder.") the checkpoint must hold."""
-        keys = list(params)
-        top = [m for m in self._TOP_LINEARS if getattr(self, m) is not None]
-        for module in top:
-            keys.append(f"{module}.weight")  # no biases on these
-        for i, layer in enumerate(self.layers):
-            for hf, (path, _) in self._FUSED.items():
-                keys.append(f"layers.{i}.{hf}.weight")
-                if layer.get_submodule(path).bias is not None:
-                    keys.append(f"layers.{i}.{hf}.bias")
-        return keys
+        load_hf_weights(self, weights, prefixes=("model.", "decoder."), layers_name="layers",
+                        layer_linears=self._FUSED, top_linears=self._TOP_LINEARS, embed_key="embed_tokens.weight")
