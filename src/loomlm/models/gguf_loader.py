@@ -138,6 +138,26 @@ def publish_dir_atomically(final_dir: Path, build: Callable[[Path], None]) -> Pa
     return final_dir
 
 
+def publish_file_atomically(target: Path, write: Callable[[str], None]) -> Path:
+    """Write a file under a temporary name beside ``target``, then rename it to ``target``.
+
+    ``write(tmp_name)`` fills the file; whatever it raises propagates and the temporary file is
+    removed. If another process published ``target`` first, its copy is kept (both were built
+    from the same input).
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp_name)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache file is ordinary data
+        if not target.is_file():
+            os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target
+
+
 # ---------------------------------------------------------------------------
 # Reading GGUF files (format: ggml docs/gguf.md, versions 2 and 3)
 
@@ -211,10 +231,13 @@ class GGUFFile:
                 return info
         raise ValueError(f"{self.path} has no tensor {name!r}.")
 
-    def read_raw_rows(self, info: GGUFTensorInfo) -> np.ndarray:
-        """A 2-D tensor's stored bytes as uint8 [rows, row_bytes] (a new array: row n = output feature n)."""
+    def read_blocks(self, info: GGUFTensorInfo, row_order: np.ndarray | None = None) -> QuantizedWeight:
+        """A 2-D tensor's stored GGML blocks, rows as stored or taken in ``row_order``: data uint8
+        [rows, row_bytes] (a new array: row n = output feature n), shape (rows, in_features)."""
         raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
-        return np.array(raw.reshape(info.shape[0], -1))
+        rows = raw.reshape(info.shape[0], -1)
+        data = np.array(rows if row_order is None else rows[row_order])
+        return QuantizedWeight(torch.from_numpy(data), int(info.ggml_type), (int(info.shape[0]), int(info.shape[1])))
 
     def read_tensor(self, info: GGUFTensorInfo) -> np.ndarray:
         """The tensor dequantized to float32: a new, writable, C-contiguous array of ``info.shape``.
@@ -223,12 +246,7 @@ class GGUFFile:
             ValueError: a storage type gguf-py cannot dequantize (integer tensors).
         """
         raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
-        if info.ggml_type == GGMLQuantizationType.F32:
-            data = raw.view(np.float32).reshape(info.shape)
-        elif info.ggml_type == GGMLQuantizationType.F16:
-            data = raw.view(np.float16).reshape(info.shape)
-        else:  # block-quantized and BF16: rows of bytes
-            data = raw.reshape(quant_shape_to_byte_shape(info.shape, info.ggml_type))
+        data = raw.reshape(quant_shape_to_byte_shape(info.shape, info.ggml_type))  # rows of bytes, any type
         try:
             array = dequantize(data, info.ggml_type)
         except NotImplementedError as e:
@@ -471,8 +489,7 @@ def _gemma2_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     # Defaults are llama.cpp's for keys older files lack (llama-model.cpp, LLM_ARCH_GEMMA2).
     num_layers = int(_metadata(f, f"{arch}.block_count"))
     return {
-        **_common_fields(f, arch),
-        "head_dim": _head_dim(f, arch),
+        **_with_head_dim(f, arch),
         "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(f, arch, num_layers_27b=46),
         "sliding_window": int(_metadata(f, f"{arch}.attention.sliding_window", 4096)),
         "attn_logit_softcapping": float(_metadata(f, f"{arch}.attn_logit_softcapping", 50.0)),
@@ -493,9 +510,7 @@ def _gemma3_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     """
     fields = _common_fields(f, arch)
     num_layers = fields["num_hidden_layers"]
-    rope_theta = fields.pop("rope_theta")
-    full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
-    full_rope.update(fields.pop("rope_scaling", {}))
+    full_rope = {"rope_type": "default", "rope_theta": fields.pop("rope_theta"), **fields.pop("rope_scaling", {})}
     local_rope = {"rope_type": "default", "rope_theta": float(_metadata(f, f"{arch}.rope.freq_base_swa", 10000.0))}
     sliding_window = int(_metadata(f, f"{arch}.attention.sliding_window", 0))
     pattern = f.metadata.get(f"{arch}.attention.sliding_window_pattern", 6)
@@ -641,11 +656,6 @@ def gguf_architecture(gguf_file: GGUFFile) -> GGUFArchitecture:
     return GGUF_ARCHITECTURES[arch]
 
 
-def gguf_model_type(gguf_file: GGUFFile) -> str:
-    """HF model_type of a GGUF file (e.g. "gemma3_text" for arch "gemma3"). Raises ValueError when unsupported."""
-    return gguf_architecture(gguf_file).model_type
-
-
 def config_from_gguf(gguf_file: GGUFFile) -> PretrainedConfig:
     """Build the HF config (LlamaConfig, Gemma3TextConfig, ...) from GGUF metadata.
 
@@ -773,7 +783,7 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
     gguf_file = open_gguf(gguf_path)
     arch = gguf_architecture(gguf_file)
     expected = hf_checkpoint_shapes(config)
-    names = gguf_to_hf_names(gguf_file.architecture, expected, _num_layers(config))
+    names = gguf_to_hf_names(gguf_file.architecture, expected, config.num_hidden_layers)
     requantized: set[str] = set()
     for info in gguf_file.tensors:
         if info.name in arch.config_tensors:
@@ -783,33 +793,20 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
                 and hf_name.endswith(("proj.weight", "lm_head.weight"))):
             order = _row_permutation(arch, info.name, info.shape[0], config)
             if order is not None:
-                shape = expected.pop(hf_name, None)
-                if shape is None or tuple(info.shape) != tuple(shape):
-                    raise ValueError(f"GGUF tensor {info.name!r} gives {hf_name!r} the shape {list(info.shape)}; "
-                                     f"the file's metadata implies {list(shape) if shape else 'no such tensor'}.")
-                rows = gguf_file.read_raw_rows(info)[order]
-                yield hf_name, QuantizedWeight(torch.from_numpy(np.ascontiguousarray(rows)), int(info.ggml_type),
-                                               (int(info.shape[0]), int(info.shape[1])))
+                _check_expected(expected, info.name, hf_name, info.shape, gguf_path)
+                yield hf_name, gguf_file.read_blocks(info, order)
                 continue
         if (hf_name == "model.embed_tokens.weight" and int(info.ggml_type) in keep_quantized
                 and getattr(config, "tie_word_embeddings", False)
                 and np.array_equal(_row_permutation(arch, info.name, info.shape[0], config), np.arange(info.shape[0]))):
             # Tied embeddings: the lookup needs float rows, but the LM head can read the blocks.
-            yield "lm_head.weight", QuantizedWeight(torch.from_numpy(gguf_file.read_raw_rows(info)),
-                                                    int(info.ggml_type), (int(info.shape[0]), int(info.shape[1])))
+            yield "lm_head.weight", gguf_file.read_blocks(info)
         array = gguf_file.read_tensor(info)
         if arch.transform is not None:
             array = arch.transform(info.name, array, config)
         requantize = bool(keep_quantized) and info.ggml_type not in _FLOAT_TYPES
         for hf_name, part in _hf_tensors(info.name, array, names, arch):
-            shape = expected.pop(hf_name, None)
-            if shape is None:
-                raise ValueError(f"GGUF tensor {info.name!r} maps to {hf_name!r}, which appears twice in {gguf_path}.")
-            if part.shape != shape:
-                raise ValueError(
-                    f"GGUF tensor {info.name!r} gives {hf_name!r} the shape {list(part.shape)}; "
-                    f"the file's metadata implies {list(shape)}."
-                )
+            _check_expected(expected, info.name, hf_name, part.shape, gguf_path)
             if (requantize and hf_name.endswith(("proj.weight", "lm_head.weight")) and ".experts." not in hf_name
                     and part.ndim == 2 and part.shape[1] % GGML_BLOCK == 0):
                 if info.ggml_type.name not in requantized:
@@ -827,8 +824,15 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
         )
 
 
-def _num_layers(config: PretrainedConfig) -> int:
-    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+def _check_expected(expected: dict[str, tuple[int, ...]], gguf_name: str, hf_name: str, shape: tuple[int, ...],
+                    gguf_path: Path) -> None:
+    """Take ``hf_name`` off ``expected``. Raises ValueError when it was taken already or has another shape."""
+    expected_shape = expected.pop(hf_name, None)
+    if expected_shape is None:
+        raise ValueError(f"GGUF tensor {gguf_name!r} maps to {hf_name!r}, which appears twice in {gguf_path}.")
+    if tuple(shape) != tuple(expected_shape):
+        raise ValueError(f"GGUF tensor {gguf_name!r} gives {hf_name!r} the shape {list(shape)}; "
+                         f"the file's metadata implies {list(expected_shape)}.")
 
 
 def _hf_tensors(
@@ -897,34 +901,19 @@ def ensure_gguf_cache(gguf_path: Path) -> Path:
     return publish_dir_atomically(entry, build)
 
 
-def ensure_gguf_weights_cache(gguf_path: Path, config: PretrainedConfig) -> Path:
-    """The float32 safetensors copy of a GGUF file's weights (HF names), written on first use.
-
-    The file goes into the entry of ``ensure_gguf_cache`` (which must exist) under a
-    temporary name and is published with ``os.replace``.
-    """
-    entry = ensure_gguf_cache(gguf_path)
-    weights_file = entry / _WEIGHTS_FILE
-    if weights_file.is_file():
-        return weights_file
-    tensors = dict(iter_gguf_weights(gguf_path, config))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{_WEIGHTS_FILE}.", suffix=".tmp", dir=entry)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata={"format": "pt", "source": str(gguf_path.resolve())})
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache file is ordinary data
-        os.replace(tmp_name, weights_file)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return weights_file
-
-
 def iter_cached_gguf_weights(
     gguf_path: Path, config: PretrainedConfig, dtype: torch.dtype = torch.float32
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Like ``iter_gguf_weights`` but served from the float32 safetensors cache, cast to ``dtype``."""
-    weights_file = ensure_gguf_weights_cache(gguf_path, config)
+    """Like ``iter_gguf_weights`` but served from a float32 safetensors copy (HF names), cast to ``dtype``.
+
+    The copy is written on first use into the entry of ``ensure_gguf_cache`` (built if missing),
+    published atomically (``publish_file_atomically``).
+    """
+    weights_file = ensure_gguf_cache(gguf_path) / _WEIGHTS_FILE
+    if not weights_file.is_file():
+        tensors = dict(iter_gguf_weights(gguf_path, config))
+        metadata = {"format": "pt", "source": str(gguf_path.resolve())}
+        publish_file_atomically(weights_file, lambda tmp_name: save_file(tensors, tmp_name, metadata=metadata))
     with safe_open(str(weights_file), framework="pt") as f:
         for name in f.keys():
             yield name, f.get_tensor(name).to(dtype)

