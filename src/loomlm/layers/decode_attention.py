@@ -154,15 +154,11 @@ class TorchDecodeBackend(DecodeBackend):
         gathered_shape = (kvh, num_seqs, num_blocks * block_size, head_dim)
         index = meta.gather_index
         size = index.numel() * block_size * head_dim
-        buffer = meta.gather_buffer
         kv = []
-        for i, cache in enumerate((k_cache, v_cache)):
+        for i, cache in enumerate((k_cache, v_cache)):  # into the step's buffer (prepare_metadata sized it)
             rows = cache.view(kvh * num_pool_blocks, block_size * head_dim)
-            if buffer is not None and buffer.numel() >= 2 * size:
-                out = buffer[i * size:(i + 1) * size].view(index.numel(), block_size * head_dim)
-                kv.append(torch.index_select(rows, 0, index, out=out).view(gathered_shape))
-            else:
-                kv.append(rows.index_select(0, index).view(gathered_shape))
+            out = meta.gather_buffer[i * size:(i + 1) * size].view(index.numel(), block_size * head_dim)
+            kv.append(torch.index_select(rows, 0, index, out=out).view(gathered_shape))
         keys, values = kv  # [KVH, S, padded context, D]
         qg = q.view(num_seqs, kvh, num_heads // kvh, head_dim)  # [S, KVH, G, D]
         mask = meta.attn_mask  # [S, 1, 1, padded context]

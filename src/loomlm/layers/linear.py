@@ -62,14 +62,11 @@ class Linear(nn.Module):
         if self.weight_state is not None:
             raise RuntimeError("the weight is packed (and its plain copy released): load shards before process_weights()")
         start, end = self.shard_offsets[shard]
+        if weight is not None and tuple(weight.shape) != (end - start, self.in_features):
+            raise ValueError(f"shard {shard!r}: weight shape {tuple(weight.shape)} != {(end - start, self.in_features)}")
         if isinstance(weight, QuantizedWeight):
-            if tuple(weight.shape) != (end - start, self.in_features):
-                raise ValueError(f"shard {shard!r}: weight shape {tuple(weight.shape)} != {(end - start, self.in_features)}")
             self.quantized_shards[shard] = weight
-            weight = None
-        if weight is not None:
-            if tuple(weight.shape) != (end - start, self.in_features):
-                raise ValueError(f"shard {shard!r}: weight shape {tuple(weight.shape)} != {(end - start, self.in_features)}")
+        elif weight is not None:
             self.weight_t.data[:, start:end].copy_(weight.t())
         if bias is not None:
             if self.bias is None or tuple(bias.shape) != (end - start,):
@@ -131,13 +128,8 @@ class Linear(nn.Module):
         self._lora_stack = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, in_features] -> [num_tokens, out_features]
-        if self.weight_state is not None:
-            y = self.method.apply(self.weight_state, x, self.weight_t, self.bias)
-        else:
-            y = x @ self.weight_t
-            if self.bias is not None:
-                y = y + self.bias
+        # x: [num_tokens, in_features] -> [num_tokens, out_features] (TORCH_METHOD until process_weights)
+        y = self.method.apply(self.weight_state, x, self.weight_t, self.bias)
         if self.lora_slots:
             batch = current_lora_batch()
             if batch is not None:

@@ -275,20 +275,12 @@ def select_linear_method(device: torch.device, dtype: torch.dtype, name: str | N
         raise ValueError(f"unknown linear method {name!r}; expected one of {', '.join(METHOD_NAMES)}")
     if name == "torch" or device.type != "cpu" or dtype != torch.float32:
         return TORCH_METHOD
-    native_ok = cpu_kernels() is not None
-    mkl_ok = packed_gemm_available(device, dtype)
-    if name == "native" and native_ok:
-        return NativeLinearMethod()
-    if name == "mkl_packed" and mkl_ok:
-        return MklPackedLinearMethod()
+    available = {"native": cpu_kernels() is not None, "mkl_packed": packed_gemm_available(device, dtype)}
+    methods = {"native": NativeLinearMethod, "mkl_packed": MklPackedLinearMethod}
     if name != "auto":
+        if available[name]:
+            return methods[name]()
         logger.warning("linear method %r is unavailable here; choosing automatically", name)
-    if cpu_vendor() == "GenuineIntel":
-        order = (("mkl_packed", mkl_ok), ("native", native_ok))
-    else:
-        order = (("native", native_ok), ("mkl_packed", mkl_ok))
-    for method, ok in order:
-        if ok:
-            return NativeLinearMethod() if method == "native" else MklPackedLinearMethod()
-    return TORCH_METHOD
+    order = ("mkl_packed", "native") if cpu_vendor() == "GenuineIntel" else ("native", "mkl_packed")
+    return next((methods[method]() for method in order if available[method]), TORCH_METHOD)
 

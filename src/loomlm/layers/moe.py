@@ -179,8 +179,9 @@ class SparseMoeBlock(nn.Module):
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            h = silu_and_mul(self._gate_up(expert, x_sorted[start:start + count]))  # [n, I]
-            outputs.append(self._down(expert, h))  # [n, H]
+            h = silu_and_mul(self._matmul(self.packed_gate_up, self.w_gate_up_t, expert,
+                                          x_sorted[start:start + count]))  # [n, I]
+            outputs.append(self._matmul(self.packed_down, self.w_down_t, expert, h))  # [n, H]
             start += count
         # Back to (token, k) order in one copy, then each token's weighted sum over its k experts.
         # One scatter instead of an index_add per expert; for top-2 the sum equals transformers'
@@ -189,14 +190,8 @@ class SparseMoeBlock(nn.Module):
         y = y.view(num_tokens, self.top_k, -1) * topk_weights.unsqueeze(-1)  # [T, K, H]
         return y.sum(dim=1)
 
-    def _gate_up(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        # x: [n, H] -> [n, 2I]
+    def _matmul(self, packed: list | None, w_t: torch.Tensor, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] @ the expert's slice of w_t ([E, in, out]) -> [n, out], by the linear method when packed."""
         if self.method is not None:
-            return self.method.apply(self.packed_gate_up[expert], x, self.w_gate_up_t[expert], None)
-        return x @ self.w_gate_up_t[expert]
-
-    def _down(self, expert: int, h: torch.Tensor) -> torch.Tensor:
-        # h: [n, I] -> [n, H]
-        if self.method is not None:
-            return self.method.apply(self.packed_down[expert], h, self.w_down_t[expert], None)
-        return h @ self.w_down_t[expert]
+            return self.method.apply(packed[expert], x, w_t[expert], None)
+        return x @ w_t[expert]
