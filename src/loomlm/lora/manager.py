@@ -182,10 +182,7 @@ class LoRAManager:
     def _target(self, layer: int, module: str):
         """The Linear and shard holding HF projection `module` ("self_attn.q_proj") of a layer."""
         path, shard = self.model._FUSED[module]
-        linear = self.model.layers[layer]
-        for attr in path.split("."):
-            linear = getattr(linear, attr)
-        return linear, shard
+        return self.model.layers[layer].get_submodule(path), shard
 
     def _free_slot(self, keep: dict[str, LoRARequest]) -> int:
         """An empty slot, or the slot of the least recently used adapter not in `keep` (evicted)."""

@@ -158,13 +158,8 @@ class MergeConfig:
             raise ValueError("merged_adapters: `ids` is required.")
         ids = _as_tuple(d["ids"], "ids")
         weights = d.get("weights")
-        return cls(
-            ids=ids,
-            weights=(1.0,) * len(ids) if weights is None else weights,
-            merge_strategy="linear" if d.get("merge_strategy") is None else d["merge_strategy"],
-            density=1.0 if d.get("density") is None else d["density"],
-            majority_sign_method="total" if d.get("majority_sign_method") is None else d["majority_sign_method"],
-        )
+        options = {k: d[k] for k in ("merge_strategy", "density", "majority_sign_method") if d.get(k) is not None}
+        return cls(ids=ids, weights=(1.0,) * len(ids) if weights is None else weights, **options)
 
 
 def _adapter_rank(adapter: LoRAAdapter) -> int:
@@ -174,8 +169,16 @@ def _adapter_rank(adapter: LoRAAdapter) -> int:
     return max(w.rank for w in adapter.weights.values())
 
 
+def _split_weight(weight: float, scaling: float) -> tuple[float, float]:
+    """peft's split of adapter weight w, with its scaling s, over the factors: (sign(w s) sqrt(|w s|)
+    for lora_A, sqrt(|w s|) for lora_B). The sign goes on one factor only: on both it would cancel."""
+    weight_with_scaling = weight * scaling
+    root = math.sqrt(abs(weight_with_scaling))
+    return (root if weight_with_scaling >= 0 else -root), root
+
+
 def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn,
-                  config: MergeConfig, where: str, mixed_ranks: bool = False) -> LoRAWeights:
+                  config: MergeConfig, mixed_ranks: bool = False) -> LoRAWeights:
     """peft's `LoraModel._generalized_task_arithmetic_weighted_adapter` for one module; with
     `mixed_ranks` (adapters of different ranks), or different ranks there, the exact
     concatenation (`_concatenate`: linear, dare_linear) or the dense deltas (`_dense`: ties, dare_ties)."""
@@ -186,11 +189,9 @@ def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: 
         return _concatenate(members, config)
     weights_a, weights_b, tensors_a, tensors_b = [], [], [], []
     for _, weight, w in members:
-        weight_with_scaling = weight * w.scaling
-        # The sign goes on one factor only: on both it would cancel.
-        sign = 1 if weight_with_scaling >= 0 else -1
-        weights_a.append(math.sqrt(abs(weight_with_scaling)) * sign)
-        weights_b.append(math.sqrt(abs(weight_with_scaling)))
+        weight_a, weight_b = _split_weight(weight, w.scaling)
+        weights_a.append(weight_a)
+        weights_b.append(weight_b)
         # peft's shapes: dare_*'s bernoulli mask is drawn in row-major order of the tensor's
         # shape (and ties's top-k ranks the flattened tensor), so [in, rank] would prune other
         # values than peft under the same seed. Contiguous, as peft's parameters are.
@@ -209,26 +210,20 @@ def _concatenate(members: list[tuple[LoRAAdapter, float, LoRAWeights]], config: 
     the rank-(sum r_i) update [B_1 .. B_n] [A_1; ..; A_n] (peft's "cat" combination), with
     sqrt(|w_i s_i|) on each factor and the sign on A's, as peft splits a weight. dare_linear
     first prunes each factor at random to `density`, rescaled, as peft's `dare_linear` does.
-
     """
     parts_a, parts_b = [], []
     for _, weight, w in members:
-        weight_with_scaling = weight * w.scaling
-        sign = 1 if weight_with_scaling >= 0 else -1
         a, b = w.a_t.t().float(), w.b_t.t().float()  # [rank, in], [out, rank]: peft's shapes, as pruned there
         if config.merge_strategy == "dare_linear":
             prune = _peft("prune")
             a, b = prune(a, config.density, "random", rescale=True), prune(b, config.density, "random", rescale=True)
-        parts_a.append(a * (math.sqrt(abs(weight_with_scaling)) * sign))
-        parts_b.append(b * math.sqrt(abs(weight_with_scaling)))
+        weight_a, weight_b = _split_weight(weight, w.scaling)
+        parts_a.append(a * weight_a)
+        parts_b.append(b * weight_b)
     dtype = members[0][2].a_t.dtype
     a_t = torch.cat(parts_a, dim=0).t().contiguous().to(dtype)  # [in_features, sum of ranks]
     b_t = torch.cat(parts_b, dim=1).t().contiguous().to(dtype)  # [sum of ranks, out_features]
     return LoRAWeights(a_t, b_t, scaling=1.0)
-
-
-def _dense_rank(in_features: int, out_features: int) -> int:
-    return min(in_features, out_features)
 
 
 def _dense(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn, config: MergeConfig) -> LoRAWeights:
@@ -242,7 +237,7 @@ def _dense(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn
     merged = merge(deltas, weights, config)  # [out, in]
     out_features, in_features = merged.shape
     dtype = members[0][2].a_t.dtype
-    eye = torch.eye(_dense_rank(in_features, out_features), dtype=dtype, device=merged.device)
+    eye = torch.eye(min(in_features, out_features), dtype=dtype, device=merged.device)  # the dense update's rank
     if in_features <= out_features:  # x @ I @ merged^T
         return LoRAWeights(eye, merged.t().contiguous().to(dtype), scaling=1.0)
     return LoRAWeights(merged.t().contiguous().to(dtype), eye, scaling=1.0)  # x @ merged^T @ I
@@ -289,7 +284,7 @@ def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) 
         for key in keys:
             w = next(adapter.weights[key] for adapter in adapters if key in adapter.weights)
             in_features, out_features = w.a_t.shape[0], w.b_t.shape[1]
-            size += _dense_rank(in_features, out_features) * (in_features + out_features) * w.a_t.element_size()
+            size += min(in_features, out_features) * (in_features + out_features) * w.a_t.element_size()
         if size > MAX_DENSE_MERGE_BYTES:
             listing = ", ".join(f"{adapter.name!r} (r={rank})" for adapter, rank in zip(adapters, ranks))
             raise ValueError(f"merge {name!r}: merge_strategy {strategy!r} over adapters of different ranks ({listing}) "
@@ -304,6 +299,5 @@ def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) 
         for layer, module in sorted(keys, key=lambda key: (key[0], _MODULE_ORDER[key[1]])):
             members = [(adapter, weight, adapter.weights[(layer, module)])
                        for adapter, weight in zip(adapters, config.weights) if (layer, module) in adapter.weights]
-            merged[(layer, module)] = _merge_module(members, merge, config, f"layer {layer} {module}",
-                                                    mixed_ranks=mixed_ranks)
+            merged[(layer, module)] = _merge_module(members, merge, config, mixed_ranks=mixed_ranks)
     return LoRAAdapter(name, merged)

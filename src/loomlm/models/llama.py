@@ -59,13 +59,11 @@ class LlamaAttention(nn.Module):
         # hidden: [num_tokens, hidden_size]
         rope = ropes[self.rope_key] if self.rope_key is not None else None
         qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
-        if self.qk_norm is None:
-            if rope is not None:
-                # q and k heads sit side by side at the front of each row: rotated in place, in one pass
-                apply_rotary_(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm is None and rope is not None:
+            # q and k heads sit side by side at the front of each row: rotated in place, in one pass
+            apply_rotary_(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm is not None:
             q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)  # before RoPE, as transformers
             if rope is not None:
                 apply_rotary_(q, *rope, self.num_heads, self.head_dim)

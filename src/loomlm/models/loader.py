@@ -254,11 +254,8 @@ def _hub_model_snapshot(repo_id: str, revision: str | None) -> Path:
     """The snapshot directory of model ``repo_id`` with its config, tokenizer and safetensors weights."""
     fetch = _HubFetch.start(repo_id, revision, what="Model")
     snapshot = fetch.snapshot(_HUB_MODEL_METADATA_FILES)
-    index_file = snapshot / "model.safetensors.index.json"
-    if index_file.is_file():
-        shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-    else:
-        shards = ["*.safetensors"]
+    index_shards = _index_shards(snapshot)
+    shards = ["*.safetensors"] if index_shards is None else index_shards
     # snapshot.name is the commit of the metadata: the weights come from the same one.
     snapshot = fetch.snapshot(shards, commit=snapshot.name)
     missing = [shard for shard in shards if "*" not in shard and not (snapshot / shard).is_file()]
@@ -391,13 +388,18 @@ def _resolve_gguf_file(name: str, gguf_path: Path) -> ModelSource:
     return ModelSource(name=name, hf_config=hf_config, tokenizer_dir=entry, weights_path=gguf_path, format="gguf")
 
 
+def _index_shards(model_dir: Path) -> list[str] | None:
+    """The shard file names ``model.safetensors.index.json`` names, sorted; None without an index."""
+    index_file = model_dir / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return None
+    return sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+
+
 def _safetensors_files(model_dir: Path) -> list[Path]:
     """The shards the index names when there is one, else every ``*.safetensors`` file."""
-    index_file = model_dir / "model.safetensors.index.json"
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        return [model_dir / shard for shard in sorted(set(weight_map.values()))]
-    return sorted(model_dir.glob("*.safetensors"))
+    shards = _index_shards(model_dir)
+    return sorted(model_dir.glob("*.safetensors")) if shards is None else [model_dir / shard for shard in shards]
 
 
 def _iter_safetensors_dir(
