@@ -78,9 +78,7 @@ class LoRAManager:
                 self._cache.move_to_end(name)
                 return
         if request.merge_config is not None:
-            from loomlm.lora.merge import (
-                merge_adapters,  # peft's merge utilities load only when merging
-            )
+            from loomlm.lora.merge import merge_adapters  # peft's merge utilities load only when merging
 
             for part in request.merged_from:
                 self.load(part)
@@ -186,22 +184,17 @@ class LoRAManager:
 
     def _free_slot(self, keep: dict[str, LoRARequest]) -> int:
         """An empty slot, or the slot of the least recently used adapter not in `keep` (evicted)."""
-        used = set(self._slots.values())
-        for slot in range(self.max_loras):
-            if slot not in used:
-                return slot
+        free = set(range(self.max_loras)) - set(self._slots.values())
+        if free:
+            return min(free)
         name = next(name for name in self._slots if name not in keep)  # activate() checked that one exists
-        slot = self._slots[name]
-        self._evict(name)
-        return slot
-
-    def _evict(self, name: str) -> None:
         slot = self._slots.pop(name)
         for module in self.model.modules():
             if hasattr(module, "clear_lora"):
                 module.clear_lora(slot)
         self.num_evictions += 1
         logger.info("evicted adapter %s from slot %d", name, slot)
+        return slot
 
     @property
     def loaded(self) -> list[str]:

@@ -45,13 +45,11 @@ def resolve_adapter(adapter_id: str, source: str | None = None, api_token: str |
         raise ValueError("adapter_source 'pbase' (Predibase) is not supported by loomlm; use local, hub or s3.")
     if allowed_roots is not None:
         local = _under_roots(adapter_id, allowed_roots)
+        if local is not None and source in (None, "local"):
+            return local
         if source == "local":
-            if local is None:
-                raise ValueError(f"adapter {adapter_id!r} (source local) is not an adapter directory under the "
-                                 "server's adapter roots (loomlm serve --adapter-root DIR).")
-            return local
-        if source is None and local is not None:
-            return local
+            raise ValueError(f"adapter {adapter_id!r} (source local) is not an adapter directory under the "
+                             "server's adapter roots (loomlm serve --adapter-root DIR).")
     elif source == "local" or (source is None and Path(adapter_id).expanduser().is_dir()):
         path = Path(adapter_id).expanduser()
         if not path.is_dir():
@@ -97,15 +95,13 @@ def _from_hub_cache(repo_id: str, api_token: str | None) -> str:
         raise ValueError(f"adapter {repo_id!r} (source hub): not a valid repo id or local path ({exc}).") from exc
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if not offline:
+    reason = "HF_HUB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
         try:
             return snapshot_download(repo_id, token=api_token, cache_dir=cache_dir, allow_patterns=_ADAPTER_FILES,
                                      etag_timeout=10)
         except Exception as exc:  # not on the hub, private, or no network: the message below says which
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    else:
-        reason = "HF_HUB_OFFLINE is set"
     raise ValueError(f"adapter {repo_id!r} (source hub) is not in {where} and could not be downloaded ({reason}): "
                      "put it in the cache (huggingface-cli download) or pass a local path.")
 

@@ -94,9 +94,7 @@ def generate_params(data: dict[str, Any]) -> SamplingParams:
         if not isinstance(bias, dict):
             raise LMTPError("logit_bias must map token ids to biases.")
         kwargs["logit_bias"] = bias
-    for name in _PASSED_ON:
-        if name in data:
-            kwargs[name] = data.pop(name)
+    kwargs.update({name: data.pop(name) for name in _PASSED_ON if name in data})
     for name in _IGNORED:
         data.pop(name, None)
     if data:
@@ -258,17 +256,15 @@ class LMTPSession:
                 self.outbox.put_nowait(("MSG", {"stream_id": stream_id, "model_info": model_info(self.engine)}))
             except LMTPError as exc:
                 self.outbox.put_nowait(("MSG", {"stream_id": stream_id, "error": str(exc)}))
-            return
-        if command not in ("GENERATE", "SCORE"):
+        elif command not in ("GENERATE", "SCORE"):
             self.outbox.put_nowait(("TOKEN", {"stream_id": stream_id, "error": f"Unknown command: {command[:32]}"}))
-            return
-        if len(self.streams) >= MAX_STREAMS_PER_CONNECTION:
+        elif len(self.streams) >= MAX_STREAMS_PER_CONNECTION:
             self.outbox.put_nowait(("TOKEN", {"stream_id": stream_id, "error": (
                 f"too many streams on this connection; at most {MAX_STREAMS_PER_CONNECTION} run at once.")}))
-            return
-        task = asyncio.create_task(self._stream(command, stream_id, data))
-        self.streams.add(task)
-        task.add_done_callback(self.streams.discard)
+        else:
+            task = asyncio.create_task(self._stream(command, stream_id, data))
+            self.streams.add(task)
+            task.add_done_callback(self.streams.discard)
 
     async def _stream(self, command: str, stream_id: Any, data: dict[str, Any]) -> None:
         start = time.perf_counter()
