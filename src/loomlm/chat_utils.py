@@ -80,9 +80,8 @@ def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template: str | 
     """
     if not messages:
         raise ValueError("messages must not be empty.")
-    limit = _deadline(timeout_s) if timeout_s is not None else nullcontext()
     try:
-        with limit:
+        with _deadline(timeout_s) if timeout_s is not None else nullcontext():
             return tokenizer.apply_chat_template(
                 messages, tokenize=False, chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,

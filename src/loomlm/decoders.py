@@ -18,11 +18,12 @@ from loomlm.beam_search import BeamSearchParams
 from loomlm.sampling_params import SamplingParams, StructuredOutputsParams
 
 _PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+_SAMPLE_ARGUMENTS = ("n", "temperature", "seed", "top_k", "top_p", *_PENALTIES)
 # Keyword arguments each decoder accepts (besides max_tokens). Filters that do not act
 # on a decoder (top_k on argmax, a temperature on argmax) are rejected, not ignored.
 _ACCEPTED: dict[str, tuple[str, ...]] = {
     "argmax": ("n", *_PENALTIES),
-    "sample": ("n", "temperature", "seed", "top_k", "top_p", *_PENALTIES),
+    "sample": _SAMPLE_ARGUMENTS,
     "beam": ("n",),
     "beam_sample": ("n", "temperature"),
 }
@@ -107,12 +108,13 @@ class Decoder:
 
     def sampling_params(self) -> SamplingParams:
         """The engine request of argmax / sample (ValueError for out-of-range values)."""
-        return SamplingParams(n=self.n, temperature=self.temperature, seed=self.seed, top_k=self.top_k,
-                              top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-                              max_tokens=self.max_tokens, stop=list(self.stop),
+        return SamplingParams(**self._sample_fields(), stop=list(self.stop),
                               include_stop_str_in_output=self.include_stop_str,
                               structured_outputs=self.structured_outputs)
+
+    def _sample_fields(self) -> dict[str, Any]:
+        """max_tokens and sample's arguments, named alike in SamplingParams and the completions body."""
+        return {name: getattr(self, name) for name in ("max_tokens", *_SAMPLE_ARGUMENTS)}
 
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
         """The engine request of beam / beam_sample; `max_tokens` is the budget when `self.max_tokens` is None."""
@@ -122,12 +124,9 @@ class Decoder:
     def completion_fields(self) -> dict[str, Any]:
         """The same request as `POST /v1/completions` body fields (vLLM's extras for beam search,
         top_k and repetition_penalty; `max_tokens: null` = up to the context window)."""
-        fields: dict[str, Any] = {"n": self.n, "max_tokens": self.max_tokens, "temperature": self.temperature}
         if self.is_beam:
-            fields["use_beam_search"] = True
-            return fields
-        fields.update(seed=self.seed, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                      frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty)
+            return {"n": self.n, "max_tokens": self.max_tokens, "temperature": self.temperature, "use_beam_search": True}
+        fields = self._sample_fields()
         if self.stop:
             fields.update(stop=list(self.stop), include_stop_str_in_output=self.include_stop_str)
         so = self.structured_outputs

@@ -163,17 +163,15 @@ def green_mask(
         ``is_green(prev_token_ids[r], t, gamma[r], hash_key)``.
     """
     token_ids = torch.arange(vocab_size, dtype=torch.int64, device=prev_token_ids.device)
-    unit_bits = _green_unit_bits(prev_token_ids[:, None], token_ids[None, :], hash_key)  # [rows, vocab_size]
-    threshold = _unit_threshold(gamma)
-    if isinstance(threshold, torch.Tensor):
-        threshold = threshold.to(unit_bits.device)[:, None]  # [rows, 1]
-    return unit_bits < threshold
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(prev_token_ids.device)[:, None]  # [rows, 1]
+    return is_green(prev_token_ids[:, None], token_ids[None, :], gamma, hash_key)  # [rows, vocab_size]
 
 
 def is_green(
     prev_token_ids: torch.Tensor,
     token_ids: torch.Tensor,
-    gamma: float,
+    gamma: torch.Tensor | float,
     hash_key: int = DEFAULT_HASH_KEY,
 ) -> torch.Tensor:
     """Whether each ``token_ids[i]`` is on the green list of ``prev_token_ids[i]``.
@@ -181,7 +179,7 @@ def is_green(
     Args:
         prev_token_ids: int64 tensor, any shape broadcastable with ``token_ids``.
         token_ids: int64 tensor.
-        gamma: green-list fraction in (0, 1).
+        gamma: green-list fraction in (0, 1), or a float tensor of them broadcastable with both.
         hash_key: green-list key.
 
     Returns:

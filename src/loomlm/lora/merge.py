@@ -154,12 +154,11 @@ class MergeConfig:
         unknown = sorted(set(d) - set(_LORAX_FIELDS))
         if unknown:
             raise ValueError(f"merged_adapters: unknown field(s) {unknown} (known: {', '.join(_LORAX_FIELDS)}).")
-        if d.get("ids") is None:
+        options = {k: v for k, v in d.items() if v is not None}
+        if "ids" not in options:
             raise ValueError("merged_adapters: `ids` is required.")
-        ids = _as_tuple(d["ids"], "ids")
-        weights = d.get("weights")
-        options = {k: d[k] for k in ("merge_strategy", "density", "majority_sign_method") if d.get(k) is not None}
-        return cls(ids=ids, weights=(1.0,) * len(ids) if weights is None else weights, **options)
+        options.setdefault("weights", (1.0,) * len(_as_tuple(options["ids"], "ids")))
+        return cls(**options)
 
 
 def _adapter_rank(adapter: LoRAAdapter) -> int:
@@ -177,26 +176,22 @@ def _split_weight(weight: float, scaling: float) -> tuple[float, float]:
     return (root if weight_with_scaling >= 0 else -root), root
 
 
-def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn,
-                  config: MergeConfig, mixed_ranks: bool = False) -> LoRAWeights:
+def _merge_module(members: list[tuple[float, LoRAWeights]], merge: MergeFn, config: MergeConfig,
+                  mixed_ranks: bool = False) -> LoRAWeights:
     """peft's `LoraModel._generalized_task_arithmetic_weighted_adapter` for one module; with
     `mixed_ranks` (adapters of different ranks), or different ranks there, the exact
     concatenation (`_concatenate`: linear, dare_linear) or the dense deltas (`_dense`: ties, dare_ties)."""
-    ranks = {w.rank for _, _, w in members}
+    ranks = {w.rank for _, w in members}
     if mixed_ranks or len(ranks) > 1:
         if config.merge_strategy in _DENSE_STRATEGIES:
             return _dense(members, merge, config)
         return _concatenate(members, config)
-    weights_a, weights_b, tensors_a, tensors_b = [], [], [], []
-    for _, weight, w in members:
-        weight_a, weight_b = _split_weight(weight, w.scaling)
-        weights_a.append(weight_a)
-        weights_b.append(weight_b)
-        # peft's shapes: dare_*'s bernoulli mask is drawn in row-major order of the tensor's
-        # shape (and ties's top-k ranks the flattened tensor), so [in, rank] would prune other
-        # values than peft under the same seed. Contiguous, as peft's parameters are.
-        tensors_a.append(w.a_t.t().contiguous())  # [rank, in_features]
-        tensors_b.append(w.b_t.t().contiguous())  # [out_features, rank]
+    weights_a, weights_b = zip(*(_split_weight(weight, w.scaling) for weight, w in members))
+    # peft's shapes: dare_*'s bernoulli mask is drawn in row-major order of the tensor's
+    # shape (and ties's top-k ranks the flattened tensor), so [in, rank] would prune other
+    # values than peft under the same seed. Contiguous, as peft's parameters are.
+    tensors_a = [w.a_t.t().contiguous() for _, w in members]  # [rank, in_features]
+    tensors_b = [w.b_t.t().contiguous() for _, w in members]  # [out_features, rank]
     dtype, device = tensors_a[0].dtype, tensors_a[0].device
     # peft's weights are float32 tensors (torch.tensor of Python floats); a half-precision
     # factor is promoted to float32 by the weighting, and the result cast back, as in peft.
@@ -205,14 +200,14 @@ def _merge_module(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: 
     return LoRAWeights(merged_a.t().contiguous(), merged_b.t().contiguous(), scaling=1.0)
 
 
-def _concatenate(members: list[tuple[LoRAAdapter, float, LoRAWeights]], config: MergeConfig) -> LoRAWeights:
+def _concatenate(members: list[tuple[float, LoRAWeights]], config: MergeConfig) -> LoRAWeights:
     """"linear" / "dare_linear" over adapters of different ranks, exactly: sum_i w_i s_i B_i A_i is
     the rank-(sum r_i) update [B_1 .. B_n] [A_1; ..; A_n] (peft's "cat" combination), with
     sqrt(|w_i s_i|) on each factor and the sign on A's, as peft splits a weight. dare_linear
     first prunes each factor at random to `density`, rescaled, as peft's `dare_linear` does.
     """
     parts_a, parts_b = [], []
-    for _, weight, w in members:
+    for weight, w in members:
         a, b = w.a_t.t().float(), w.b_t.t().float()  # [rank, in], [out, rank]: peft's shapes, as pruned there
         if config.merge_strategy == "dare_linear":
             prune = _peft("prune")
@@ -220,23 +215,23 @@ def _concatenate(members: list[tuple[LoRAAdapter, float, LoRAWeights]], config: 
         weight_a, weight_b = _split_weight(weight, w.scaling)
         parts_a.append(a * weight_a)
         parts_b.append(b * weight_b)
-    dtype = members[0][2].a_t.dtype
+    dtype = members[0][1].a_t.dtype
     a_t = torch.cat(parts_a, dim=0).t().contiguous().to(dtype)  # [in_features, sum of ranks]
     b_t = torch.cat(parts_b, dim=1).t().contiguous().to(dtype)  # [sum of ranks, out_features]
     return LoRAWeights(a_t, b_t, scaling=1.0)
 
 
-def _dense(members: list[tuple[LoRAAdapter, float, LoRAWeights]], merge: MergeFn, config: MergeConfig) -> LoRAWeights:
+def _dense(members: list[tuple[float, LoRAWeights]], merge: MergeFn, config: MergeConfig) -> LoRAWeights:
     """ties / dare_ties over adapters of different ranks, on the dense deltas: peft's "ties_svd" /
     "dare_ties_svd" (`_svd_generalized_task_arithmetic_weighted_adapter`: each adapter's delta
     s_i B_i A_i [out, in], weighted by w_i, merged by the strategy) without its final truncated
     SVD, so nothing is lost. Served exactly as a rank-min(in, out) update: an identity factor
     and the merged delta."""
-    deltas = [(w.a_t.float() @ w.b_t.float()).t().contiguous() * w.scaling for _, _, w in members]  # [out, in]
-    weights = torch.tensor([float(weight) for _, weight, _ in members], device=deltas[0].device)
+    deltas = [(w.a_t.float() @ w.b_t.float()).t().contiguous() * w.scaling for _, w in members]  # [out, in]
+    weights = torch.tensor([weight for weight, _ in members], device=deltas[0].device)
     merged = merge(deltas, weights, config)  # [out, in]
     out_features, in_features = merged.shape
-    dtype = members[0][2].a_t.dtype
+    dtype = members[0][1].a_t.dtype
     eye = torch.eye(min(in_features, out_features), dtype=dtype, device=merged.device)  # the dense update's rank
     if in_features <= out_features:  # x @ I @ merged^T
         return LoRAWeights(eye, merged.t().contiguous().to(dtype), scaling=1.0)
@@ -297,7 +292,7 @@ def merge_adapters(name: str, adapters: list[LoRAAdapter], config: MergeConfig) 
         # peft warns on every tensor that density 1 prunes nothing; that is what was asked for.
         warnings.filterwarnings("ignore", message=r"The density .* no pruning will be performed")
         for layer, module in sorted(keys, key=lambda key: (key[0], _MODULE_ORDER[key[1]])):
-            members = [(adapter, weight, adapter.weights[(layer, module)])
+            members = [(weight, adapter.weights[(layer, module)])
                        for adapter, weight in zip(adapters, config.weights) if (layer, module) in adapter.weights]
             merged[(layer, module)] = _merge_module(members, merge, config, mixed_ranks=mixed_ranks)
     return LoRAAdapter(name, merged)

@@ -87,12 +87,11 @@ def parse_hermes(text: str, finished: bool) -> ParsedMessage:
     objects, pos = [], first
     while (start := text.find(start_tag, pos)) >= 0:
         end = text.find(end_tag, start)
-        if end < 0 and not finished:
-            break
-        body = text[start + len(start_tag): end if end >= 0 else len(text)]
-        objects.extend(_json_objects(body, 0, "")[:1])
         if end < 0:
-            break
+            if not finished:
+                break
+            end = len(text)  # a finished text's last block may lack its end tag
+        objects.extend(_json_objects(text[start + len(start_tag):end], 0, "")[:1])
         pos = end + len(end_tag)
     calls = _calls(objects, "arguments")
     # A finished text whose blocks hold no call at all is plain content (vLLM).
@@ -104,14 +103,11 @@ def parse_llama3_json(text: str, finished: bool) -> ParsedMessage:
     `<|python_tag|>`; text that does not open with one is content (vLLM's `Llama3JsonToolParser`)."""
     tag = "<|python_tag|>"
     stripped = text.lstrip()
-    if not stripped:
-        return ParsedMessage(text if finished else "")
-    if not (stripped.startswith("{") or stripped.startswith(tag)):
+    if not stripped.startswith(("{", tag)):
         if not finished and tag.startswith(stripped):
-            return ParsedMessage("")  # may still be the tag
+            return ParsedMessage("")  # nothing yet, or may still be the tag
         return ParsedMessage(text)
-    body = stripped[len(tag):] if stripped.startswith(tag) else stripped
-    calls = _calls(_json_objects(body, 0, ";"), "parameters")
+    calls = _calls(_json_objects(stripped.removeprefix(tag), 0, ";"), "parameters")
     return ParsedMessage(text if finished and not calls else "", calls)
 
 
