@@ -79,10 +79,7 @@ class SparseMoeBlock(nn.Module):
 
     def expected_weights(self) -> list[str]:
         """Canonical keys a full load covers: "gate", then "experts.{e}.gate" / ".up" / ".down" per expert."""
-        keys = ["gate"]
-        for e in range(self.num_experts):
-            keys += [f"experts.{e}.gate", f"experts.{e}.up", f"experts.{e}.down"]
-        return keys
+        return ["gate"] + [f"experts.{e}.{proj}" for e in range(self.num_experts) for proj in ("gate", "up", "down")]
 
     def loaded_weights(self) -> set[str]:
         """Canonical keys (as in `expected_weights`) loaded so far."""
@@ -102,15 +99,14 @@ class SparseMoeBlock(nn.Module):
             self.gate.load_shard("gate", weight=tensor)
             self._loaded.add("gate")
             return
-        if name == "experts.gate_up_proj":  # [E, 2I, H], gate rows then up rows
-            self._check_shape(name, tensor, (num_experts, 2 * inter, hidden))
-            self.w_gate_up_t.data.copy_(tensor.transpose(1, 2))
-            self._loaded.update(f"experts.{e}.{p}" for e in range(num_experts) for p in ("gate", "up"))
-            return
-        if name == "experts.down_proj":  # [E, H, I]
-            self._check_shape(name, tensor, (num_experts, hidden, inter))
-            self.w_down_t.data.copy_(tensor.transpose(1, 2))
-            self._loaded.update(f"experts.{e}.down" for e in range(num_experts))
+        # transformers 5's fused layout: gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]
+        fused = {"experts.gate_up_proj": (self.w_gate_up_t, ("gate", "up")),
+                 "experts.down_proj": (self.w_down_t, ("down",))}
+        if name in fused:
+            param, projs = fused[name]
+            self._check_shape(name, tensor, (num_experts, *reversed(param.shape[1:])))
+            param.data.copy_(tensor.transpose(1, 2))
+            self._loaded.update(f"experts.{e}.{p}" for e in range(num_experts) for p in projs)
             return
         match = _PER_EXPERT_NAME.fullmatch(name)
         if match is None or match.group(2) not in _EXPERT_PROJ:
@@ -118,13 +114,11 @@ class SparseMoeBlock(nn.Module):
         expert, proj = int(match.group(1)), _EXPERT_PROJ[match.group(2)]
         if expert >= num_experts:
             raise ValueError(f"MoE weight {name!r}: expert {expert} out of range (num_experts={num_experts})")
-        if proj == "down":
-            self._check_shape(name, tensor, (hidden, inter))
-            self.w_down_t.data[expert].copy_(tensor.t())
-        else:
-            self._check_shape(name, tensor, (inter, hidden))
-            cols = slice(0, inter) if proj == "gate" else slice(inter, 2 * inter)
-            self.w_gate_up_t.data[expert, :, cols].copy_(tensor.t())
+        start = inter if proj == "up" else 0
+        # [in, out]: the expert's slice of the stacked, pre-transposed weight
+        dest = self.w_down_t.data[expert] if proj == "down" else self.w_gate_up_t.data[expert, :, start:start + inter]
+        self._check_shape(name, tensor, tuple(reversed(dest.shape)))
+        dest.copy_(tensor.t())
         self._loaded.add(f"experts.{expert}.{proj}")
 
     @staticmethod
