@@ -332,25 +332,17 @@ def _read_value(blob: np.ndarray, pos: int, value_type: GGUFValueType, decode_st
         return values, pos + count * dtype.itemsize
     if element_type != GGUFValueType.STRING:
         raise ValueError(f"metadata arrays of {element_type.name} are not supported")
-    if decode_strings:
-        strings = []
-        for _ in range(count):
-            value, pos = _read_string(blob, pos)
-            strings.append(value)
-        return strings, pos
-    for _ in range(count):  # variable-length entries: walk the lengths
+    strings = []
+    for _ in range(count):  # variable-length entries: walk the lengths, decoding only when asked
         (length,) = struct.unpack_from("<Q", blob, pos)
+        if decode_strings:
+            strings.append(bytes(blob[pos + 8 : pos + 8 + length]).decode("utf-8"))
         pos += 8 + length
-    return SkippedStrings(count), pos
+    return strings if decode_strings else SkippedStrings(count), pos
 
 
-def open_gguf(gguf_path: Path) -> GGUFFile:
-    """The header of ``gguf_path`` (metadata and tensor table; the vocabulary is not decoded).
-
-    Raises:
-        ValueError: the file is not a readable GGUF file.
-    """
-    return read_gguf(gguf_path)
+# The header of a file with no string array decoded (the vocabulary is walked over).
+open_gguf = read_gguf
 
 
 _MISSING = object()
@@ -471,14 +463,14 @@ def _qwen3_moe_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     }
 
 
-def _gemma_query_pre_attn_scalar(f: GGUFFile, arch: str, num_layers_27b: int) -> int:
+def _gemma_query_pre_attn_scalar(fields: dict[str, Any], num_layers_27b: int) -> int:
     """llama.cpp's ``f_attention_scale``: 1/sqrt(hidden / heads) for the 27B models, else 1/sqrt(head_dim).
 
     The 27B models are recognised by their layer count, as llama-model.cpp does.
     """
-    if int(_metadata(f, f"{arch}.block_count")) == num_layers_27b:
-        return int(_metadata(f, f"{arch}.embedding_length")) // int(_metadata(f, f"{arch}.attention.head_count"))
-    return _head_dim(f, arch)
+    if fields["num_hidden_layers"] == num_layers_27b:
+        return fields["hidden_size"] // fields["num_attention_heads"]
+    return fields["head_dim"]
 
 
 def _layer_types(num_layers: int, sliding: Callable[[int], bool]) -> list[str]:
@@ -487,15 +479,15 @@ def _layer_types(num_layers: int, sliding: Callable[[int], bool]) -> list[str]:
 
 def _gemma2_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     # Defaults are llama.cpp's for keys older files lack (llama-model.cpp, LLM_ARCH_GEMMA2).
-    num_layers = int(_metadata(f, f"{arch}.block_count"))
+    fields = _with_head_dim(f, arch)
     return {
-        **_with_head_dim(f, arch),
-        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(f, arch, num_layers_27b=46),
+        **fields,
+        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(fields, num_layers_27b=46),
         "sliding_window": int(_metadata(f, f"{arch}.attention.sliding_window", 4096)),
         "attn_logit_softcapping": float(_metadata(f, f"{arch}.attn_logit_softcapping", 50.0)),
         "final_logit_softcapping": float(_metadata(f, f"{arch}.final_logit_softcapping", 30.0)),
         # Even layers slide (llama.cpp's swa pattern 2 = HF's default layer_types).
-        "layer_types": _layer_types(num_layers, lambda i: i % 2 == 0),
+        "layer_types": _layer_types(fields["num_hidden_layers"], lambda i: i % 2 == 0),
     }
 
 
@@ -508,7 +500,7 @@ def _gemma3_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     ``rope.freq_base_swa`` (default 10000) without scaling, which applies to global
     layers only.
     """
-    fields = _common_fields(f, arch)
+    fields = _with_head_dim(f, arch)
     num_layers = fields["num_hidden_layers"]
     full_rope = {"rope_type": "default", "rope_theta": fields.pop("rope_theta"), **fields.pop("rope_scaling", {})}
     local_rope = {"rope_type": "default", "rope_theta": float(_metadata(f, f"{arch}.rope.freq_base_swa", 10000.0))}
@@ -527,8 +519,7 @@ def _gemma3_fields(f: GGUFFile, arch: str) -> dict[str, Any]:
     final_softcap = float(_metadata(f, f"{arch}.final_logit_softcapping", 0.0))
     return {
         **fields,
-        "head_dim": _head_dim(f, arch),
-        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(f, arch, num_layers_27b=62),
+        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(fields, num_layers_27b=62),
         "sliding_window": sliding_window if sliding_window > 0 else None,
         "layer_types": layer_types,
         "rope_parameters": {"full_attention": full_rope, "sliding_attention": local_rope},
@@ -688,6 +679,8 @@ def config_from_gguf(gguf_file: GGUFFile) -> PretrainedConfig:
 _FUSED_EXPERTS_RE = re.compile(r"(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)")
 # llama.cpp's stacked experts [num_experts, out, in] (Qwen2-MoE/Qwen3-MoE layout).
 _GGUF_EXPERTS_RE = re.compile(r"blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.weight")
+# The HF names of linear layers' weights: the tensors the "gguf" linear method may keep as blocks.
+_LINEAR_WEIGHTS = ("proj.weight", "lm_head.weight")
 
 
 def hf_checkpoint_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
@@ -789,16 +782,15 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
         if info.name in arch.config_tensors:
             continue
         hf_name = names.get(info.name)
-        if (int(info.ggml_type) in keep_quantized and len(info.shape) == 2 and hf_name is not None
-                and hf_name.endswith(("proj.weight", "lm_head.weight"))):
-            order = _row_permutation(arch, info.name, info.shape[0], config)
-            if order is not None:
-                _check_expected(expected, info.name, hf_name, info.shape, gguf_path)
-                yield hf_name, gguf_file.read_blocks(info, order)
-                continue
-        if (hf_name == "model.embed_tokens.weight" and int(info.ggml_type) in keep_quantized
-                and getattr(config, "tie_word_embeddings", False)
-                and np.array_equal(_row_permutation(arch, info.name, info.shape[0], config), np.arange(info.shape[0]))):
+        # The order of the stored rows in HF layout, where the blocks may be kept (None: they may not).
+        order = (_row_permutation(arch, info.name, info.shape[0], config)
+                 if int(info.ggml_type) in keep_quantized and len(info.shape) == 2 and hf_name is not None else None)
+        if order is not None and hf_name.endswith(_LINEAR_WEIGHTS):
+            _check_expected(expected, info.name, hf_name, info.shape, gguf_path)
+            yield hf_name, gguf_file.read_blocks(info, order)
+            continue
+        if (hf_name == "model.embed_tokens.weight" and order is not None
+                and getattr(config, "tie_word_embeddings", False) and np.array_equal(order, np.arange(info.shape[0]))):
             # Tied embeddings: the lookup needs float rows, but the LM head can read the blocks.
             yield "lm_head.weight", gguf_file.read_blocks(info)
         array = gguf_file.read_tensor(info)
@@ -807,7 +799,7 @@ def iter_gguf_weights(gguf_path: Path, config: PretrainedConfig,
         requantize = bool(keep_quantized) and info.ggml_type not in _FLOAT_TYPES
         for hf_name, part in _hf_tensors(info.name, array, names, arch):
             _check_expected(expected, info.name, hf_name, part.shape, gguf_path)
-            if (requantize and hf_name.endswith(("proj.weight", "lm_head.weight")) and ".experts." not in hf_name
+            if (requantize and hf_name.endswith(_LINEAR_WEIGHTS) and ".experts." not in hf_name
                     and part.ndim == 2 and part.shape[1] % GGML_BLOCK == 0):
                 if info.ggml_type.name not in requantized:
                     requantized.add(info.ggml_type.name)
