@@ -316,21 +316,16 @@ class LlamaForCausalLM(nn.Module):
         if leaf not in ("weight", "bias"):
             if sub in self._FUSED or sub in self._PREFUSED:
                 raise ValueError(f"unexpected parameter {name!r}")
-        elif sub in self._FUSED:
-            target, shard = self._FUSED[sub]
-            if target not in ("self_attn.qkv_proj", "self_attn.o_proj") and \
-                    isinstance(self.layers[i].mlp, SparseMoeBlock):
+        elif sub in self._FUSED or (sub in self._PREFUSED and self.spec.fused_checkpoint):
+            # one HF projection into its shard, or a Phi-3 fused one split over its shards in order
+            target, shards = self._PREFUSED.get(sub) or (self._FUSED[sub][0], self._FUSED[sub][1:])
+            if target.startswith("mlp.") and isinstance(self.layers[i].mlp, SparseMoeBlock):
                 raise ValueError(f"unexpected parameter {name!r}: layer {i} is a mixture of experts")
-            modules[f"layers.{i}.{target}"].load_shard(shard, **{leaf: tensor})
-            loaded.add(f"layers.{i}.{target}.{shard}.{leaf}")
-            return True
-        elif sub in self._PREFUSED and self.spec.fused_checkpoint:
-            target, shards = self._PREFUSED[sub]
             module = modules[f"layers.{i}.{target}"]
             sizes = [module.shard_sizes[s] for s in shards]
-            if tensor.shape[0] != sum(sizes):
+            if len(shards) > 1 and tensor.shape[0] != sum(sizes):  # one shard: load_shard checks the shape
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not hold {dict(zip(shards, sizes))} rows")
-            for shard, part in zip(shards, tensor.split(sizes, dim=0)):
+            for shard, part in zip(shards, tensor.split(sizes, dim=0) if len(shards) > 1 else (tensor,)):
                 module.load_shard(shard, **{leaf: part})
                 loaded.add(f"layers.{i}.{target}.{shard}.{leaf}")
             return True
