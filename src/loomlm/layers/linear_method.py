@@ -205,10 +205,8 @@ class GGUFLinearMethod(LinearMethod):
 
     def __init__(self, float_method: LinearMethod, activation_planes: int | None = None,
                  float_rows: int | None = None) -> None:
-        if activation_planes is None:
-            activation_planes = gguf_activation_planes()
-        if float_rows is None:
-            float_rows = gguf_float_rows()
+        activation_planes = gguf_activation_planes() if activation_planes is None else activation_planes
+        float_rows = gguf_float_rows() if float_rows is None else float_rows
         if float_rows is not None and float_rows < 0:
             raise ValueError(f"float_rows must be >= 0, got {float_rows}")
         kernels = cpu_kernels()
@@ -255,11 +253,6 @@ class GGUFLinearMethod(LinearMethod):
                                         self.activation_planes, group.float_rows)
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), "" when unknown."""
-    return cpuinfo_field("vendor_id")
-
-
 def select_linear_method(device: torch.device, dtype: torch.dtype, name: str | None = None) -> LinearMethod:
     """The linear method for a model on `device` in `dtype` (module docstring for the rule).
 
@@ -281,6 +274,6 @@ def select_linear_method(device: torch.device, dtype: torch.dtype, name: str | N
         if available[name]:
             return methods[name]()
         logger.warning("linear method %r is unavailable here; choosing automatically", name)
-    order = ("mkl_packed", "native") if cpu_vendor() == "GenuineIntel" else ("native", "mkl_packed")
+    order = ("mkl_packed", "native") if cpuinfo_field("vendor_id") == "GenuineIntel" else ("native", "mkl_packed")
     return next((methods[method]() for method in order if available[method]), TORCH_METHOD)
 
