@@ -170,9 +170,7 @@ def iter_weights(source: ModelSource, dtype: torch.dtype = torch.float32) -> Ite
 
 def _model_path(model: str, revision: str | None) -> Path:
     """The file or directory ``model`` names: a zoo alias's file, a local path, or a hub snapshot."""
-    if model in ZOO:
-        return resolve_alias(model)
-    path = Path(model).expanduser()
+    path = resolve_alias(model) if model in ZOO else Path(model).expanduser()
     if path.exists():
         return path
     if _is_hub_repo_id(model):
@@ -186,9 +184,7 @@ def _model_path(model: str, revision: str | None) -> Path:
 
 def _tokenizer_dir(tokenizer: str, revision: str | None) -> Path:
     """The directory ``AutoTokenizer`` loads for a separate ``tokenizer`` (vLLM's ``tokenizer=``)."""
-    if tokenizer in ZOO:
-        return gguf_loader.ensure_gguf_cache(resolve_alias(tokenizer))
-    path = Path(tokenizer).expanduser()
+    path = resolve_alias(tokenizer) if tokenizer in ZOO else Path(tokenizer).expanduser()  # an alias names a GGUF
     if path.is_dir():
         return path
     if _is_gguf_file(path):
