@@ -22,7 +22,7 @@ from loomlm.distributed.tensor_parallel import check_tensor_parallel, paralleliz
 from loomlm.distributed.worker import stop_workers
 from loomlm.engine.sampling_metadata import SamplingMetadata
 from loomlm.engine.scheduler import GrammarBitmask, SchedulerOutput
-from loomlm.layers.decode_attention import DECODE_BACKENDS, DecodeMetadata, select_decode_backend
+from loomlm.layers.decode_attention import DECODE_BACKENDS, select_decode_backend
 from loomlm.layers.forward_context import ForwardBatch, PrefillSpan, forward_context
 from loomlm.layers.fused_ops import select_fused_ops
 from loomlm.layers.linear import Linear
@@ -65,17 +65,18 @@ class StepInput:
     """What a step's forward pass needs, in plain lists (rank 0 broadcasts it to the other
     tensor-parallel ranks): the flat batch, decode tokens first, then prefill spans."""
 
-    input_ids: list[int]  # [num_tokens]
-    positions: list[int]  # [num_tokens]
-    slot_mapping: list[int]  # [num_tokens]: where each token's K/V goes
-    num_decode_tokens: int
-    decode_tables: list[list[int]]  # per decode token: its sequence's block table
-    decode_lens: list[int]  # per decode token: its context length (itself included)
-    spans: list[tuple[int, int, int, list[int]]]  # per prefill span: (first row, end row, context length, block table)
-    token_slots: list[int] | None  # per token: its adapter slot (-1 base); None without adapters
-    blocks_to_copy: list[tuple[int, int]]  # (src, dst) KV block copies before the pass
-    logits_rows: list[int]  # rows whose logits are sampled
-    prompt_rows: list[int]  # rows whose logits give prompt logprobs
+    input_ids: list[int] = field(default_factory=list)  # [num_tokens]
+    positions: list[int] = field(default_factory=list)  # [num_tokens]
+    slot_mapping: list[int] = field(default_factory=list)  # [num_tokens]: where each token's K/V goes
+    num_decode_tokens: int = 0
+    decode_tables: list[list[int]] = field(default_factory=list)  # per decode token: its sequence's block table
+    decode_lens: list[int] = field(default_factory=list)  # per decode token: its context length (itself included)
+    # per prefill span: (first row, end row, context length, block table)
+    spans: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    token_slots: list[int] | None = None  # per token: its adapter slot (-1 base); None without adapters
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV block copies before the pass
+    logits_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
+    prompt_rows: list[int] = field(default_factory=list)  # rows whose logits give prompt logprobs
     # The adapters rank 0 installed this step (LoRAManager.activate's arguments; None: none), so
     # that every tensor-parallel rank's slots follow the same sequence of installs and evictions.
     loras: tuple[dict, list[str]] | None = None
@@ -182,10 +183,6 @@ class ModelRunner:
         self.decode_backend = DECODE_BACKENDS[name](self.device, self.dtype, self.num_kv_heads, self.num_blocks,
                                                     self.block_size, self.head_dim)
 
-    def _decode_metadata(self, tables: list[list[int]], context_lens: list[int]) -> DecodeMetadata | None:
-        """The decode backend's metadata for sequences with these block tables and context lengths (None if none)."""
-        return self.decode_backend.prepare_metadata(tables, context_lens) if tables else None
-
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step: the scheduled requests' tokens through the model over their
@@ -198,45 +195,28 @@ class ModelRunner:
         # Decodes first: a request's one new token, and the tokens proposed after it, each a decode
         # query over the same block table (the step writes every token's K/V before attending).
         items = sorted(scheduler_output.scheduled, key=lambda it: it.num_new_tokens - len(it.spec_token_ids) != 1)
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_rows: list[int] = []
+        step = StepInput(blocks_to_copy=list(scheduler_output.blocks_to_copy))
         sampling_requests = []  # one per logits row: a request appears 1 + len(spec_token_ids) times
         sampling_pending: list[list[int]] = []  # per row: the proposed tokens it assumes accepted
         sampling_groups: list[tuple] = []  # (request, its proposed tokens) per sampling request
         prompt_logprob_rows: dict[str, tuple[list[int], list[int], int]] = {}
-        num_decode = 0
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        spans: list[tuple[int, int, int, list[int]]] = []  # (first row, end row, context length, block table)
-        token_slots: list[int] = []  # each flat-batch token's adapter slot, -1 for the base model
         pooling_items: list[tuple] = []  # (request, first flat row, first position, tokens, prefill done)
-        slot_of, activation = self._activate_loras(scheduler_output)
+        slot_of, step.loras = self._activate_loras(scheduler_output)
+        if slot_of:
+            step.token_slots = []  # each flat-batch token's adapter slot, -1 for the base model
         for item in items:
-            req = item.request
+            req, spec = item.request, item.spec_token_ids
             start, end = req.num_computed_tokens, req.num_computed_tokens + item.num_new_tokens
-            table = scheduler_output.block_tables[req.request_id]
-            first = len(input_ids)
+            first = len(step.input_ids)
             if slot_of:
                 slot = -1 if req.lora_request is None else slot_of[req.lora_request.lora_name]
-                token_slots.extend([slot] * item.num_new_tokens)
-            spec = item.spec_token_ids
-            input_ids.extend(req.all_token_ids[start:end - len(spec)])
-            input_ids.extend(spec)
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if item.num_new_tokens - len(spec) == 1 and not spans:
-                num_decode += item.num_new_tokens
-                decode_tables.extend([table] * item.num_new_tokens)
-                decode_lens.extend(range(start + 1, end + 1))
-            else:
-                spans.append((first, len(input_ids), end, table))
+                step.token_slots.extend([slot] * item.num_new_tokens)
+            self._append_run(step, req.all_token_ids[start:end - len(spec)] + spec, start,
+                             scheduler_output.block_tables[req.request_id], item.num_new_tokens - len(spec) == 1)
             if req.pooling_params is not None:
                 pooling_items.append((req, first, start, item.num_new_tokens, item.samples_token))
             if item.samples_token:
-                logits_rows.extend(range(len(input_ids) - 1 - len(spec), len(input_ids)))
+                step.logits_rows.extend(range(len(step.input_ids) - 1 - len(spec), len(step.input_ids)))
                 sampling_requests.extend([req] * (1 + len(spec)))
                 sampling_pending.extend(spec[:i] for i in range(1 + len(spec)))
                 sampling_groups.append((req, spec))
@@ -248,12 +228,7 @@ class ModelRunner:
                     prompt_logprob_rows[req.request_id] = (
                         [first + t - 1 - start for t in targets], [req.all_token_ids[t] for t in targets],
                         req.sampling_params.prompt_logprobs or 0)
-
-        prompt_rows = [r for batch_rows, _, _ in prompt_logprob_rows.values() for r in batch_rows]
-        step = StepInput(input_ids, positions, slots, num_decode, decode_tables, decode_lens,
-                         spans,
-                         token_slots if slot_of else None, list(scheduler_output.blocks_to_copy), logits_rows,
-                         prompt_rows, activation)
+        step.prompt_rows = [r for batch_rows, _, _ in prompt_logprob_rows.values() for r in batch_rows]
         if self.tp is not None:
             self.tp.broadcast(step)  # the workers run the same forward on their shards
         hidden, prompt_logits, logits = self._run(step)
@@ -264,8 +239,7 @@ class ModelRunner:
             output.prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_logprob_rows)
         if not sampling_requests:
             return output
-        dev = self.device
-        meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, dev, sampling_pending)
+        meta = SamplingMetadata.from_requests(sampling_requests, self.vocab_size, self.device, sampling_pending)
         if scheduler_output.grammar_bitmask is not None:
             meta.grammar_bitmask = self._grammar_rows(scheduler_output.grammar_bitmask, sampling_requests,
                                                       sampling_pending)
@@ -291,34 +265,30 @@ class ModelRunner:
         float32, in the order of `runs` (a draft model's proposal steps; no sampling, no LoRA).
         """
         order = sorted(range(len(runs)), key=lambda i: len(runs[i][0]) != 1)  # decodes first
-        bs, dev = self.block_size, self.device
-        input_ids, positions, slots, last_rows = [], [], [], []
-        decode_tables, decode_lens, spans = [], [], []
+        step = StepInput()
         for i in order:
-            tokens, start, table = runs[i]
-            end = start + len(tokens)
-            first = len(input_ids)
-            input_ids.extend(tokens)
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if len(tokens) == 1 and not spans:
-                decode_tables.append(table)
-                decode_lens.append(end)
-            else:
-                spans.append(PrefillSpan(first, len(input_ids), end, torch.tensor(table, dtype=torch.int64, device=dev)))
-            last_rows.append(len(input_ids) - 1)
-        batch = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decode_tokens=len(decode_tables),
-            decode=self._decode_metadata(decode_tables, decode_lens),
-            prefill_spans=spans,
-            ops=self.fused_ops,
-        )
-        with forward_context(batch):
-            hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev), batch.positions)
-        logits = self._logits(hidden[last_rows])  # [len(runs), vocab_size], in `order`
-        return logits[torch.tensor(order, device=dev).argsort()]
+            self._append_run(step, *runs[i], len(runs[i][0]) == 1)
+            step.logits_rows.append(len(step.input_ids) - 1)
+        _, _, logits = self._run(step)  # [len(runs), vocab_size], in `order`
+        return logits[torch.tensor(order, device=self.device).argsort()]
+
+    def _append_run(self, step: StepInput, tokens: list[int], start: int, table: list[int],
+                    is_decode: bool) -> None:
+        """Append a run of tokens continuing its cached context to the flat batch: token ids,
+        positions from `start`, slots of `table` (the block table). With `is_decode` (one new
+        token, and the proposals after it) each token is a decode query while no prefill span
+        precedes it; otherwise the run is a prefill span."""
+        bs, end = self.block_size, start + len(tokens)
+        first = len(step.input_ids)
+        step.input_ids.extend(tokens)
+        step.positions.extend(range(start, end))
+        step.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        if is_decode and not step.spans:
+            step.num_decode_tokens += len(tokens)
+            step.decode_tables.extend([table] * len(tokens))
+            step.decode_lens.extend(range(start + 1, end + 1))
+        else:
+            step.spans.append((first, len(step.input_ids), end, table))
 
     def _activate_loras(self, scheduler_output: SchedulerOutput) -> tuple[dict[str, int], tuple | None]:
         """Install the running requests' adapters (`LoRAManager.activate`). Returns (adapter name ->
@@ -374,7 +344,8 @@ class ModelRunner:
             positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64, device=dev),
             num_decode_tokens=step.num_decode_tokens,
-            decode=self._decode_metadata(step.decode_tables, step.decode_lens),
+            decode=self.decode_backend.prepare_metadata(step.decode_tables, step.decode_lens)
+            if step.decode_tables else None,
             prefill_spans=[PrefillSpan(first, end, context, torch.tensor(table, dtype=torch.int64, device=dev))
                            for first, end, context, table in step.spans],
             lora=LoRABatch(torch.tensor(step.token_slots, dtype=torch.int64, device=dev))
@@ -429,24 +400,14 @@ class ModelRunner:
         num_blocks = (n + self.block_size - 1) // self.block_size
         if num_blocks > self.num_blocks:
             raise ValueError("sequence longer than the KV cache")
-        dev = self.device
-        table = torch.arange(num_blocks, dtype=torch.int64, device=dev)
+        table = list(range(num_blocks))  # blocks 0.. in order: slot == position
         chunk_size = chunk_size or n
         logits = []
         for start in range(0, n, chunk_size):
             end = min(n, start + chunk_size)
-            is_decode = end - start == 1 and start > 0
-            batch = ForwardBatch(
-                positions=torch.arange(start, end, device=dev),
-                slot_mapping=torch.arange(start, end, device=dev),  # blocks 0.. in order: slot == position
-                num_decode_tokens=1 if is_decode else 0,
-                decode=self._decode_metadata([table.tolist()], [end]) if is_decode else None,
-                prefill_spans=[] if is_decode else [PrefillSpan(0, end - start, end, table)],
-                ops=self.fused_ops,
-            )
-            with forward_context(batch):
-                hidden = self.model(torch.tensor(token_ids[start:end], device=dev), batch.positions)
-            logits.append(self.model.compute_logits(hidden))
+            step = StepInput(logits_rows=list(range(end - start)))
+            self._append_run(step, token_ids[start:end], start, table, end - start == 1 and start > 0)
+            logits.append(self._run(step)[2])
         return torch.cat(logits)
 
 
