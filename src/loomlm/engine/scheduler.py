@@ -154,12 +154,10 @@ class Scheduler:
                 continue
             target = self._with_lookahead(request.num_computed_tokens + num_new)
             while not bm.can_allocate(request.request_id, target, request.num_computed_tokens):
-                victim = self._victim()  # the latest arrival (or lowest priority) loses its blocks first
-                # A later decode scheduled before this older prefill chunk gives its tokens back.
-                budget += self._undo(victim, scheduled, copies)
-                self._preempt(victim)
-                out.preempted_request_ids.append(victim.request_id)
-                if victim is request:
+                # The latest arrival (or lowest priority) loses its blocks first; a later decode
+                # scheduled before this older prefill chunk gives its tokens back.
+                budget += self._preempt_one(scheduled, copies, out)
+                if request.status == RequestStatus.PREEMPTED:  # it was the victim
                     break
             else:
                 copy = bm.copy_on_write(request.request_id, request.num_computed_tokens)
@@ -190,7 +188,7 @@ class Scheduler:
                 if not self._lora_ready(request, out) or len(active_loras) >= self.max_loras:
                     continue
             if len(self.running) >= self.config.max_num_seqs:
-                budget += self._preempt_for(request, scheduled, copies, out)
+                budget += self._preempt_one(scheduled, copies, out)
             # Prefix caching: a request starting from scratch shares the cached blocks of its
             # longest cached prefix and computes only the rest.
             cached = []
@@ -213,7 +211,7 @@ class Scheduler:
                         else bm.can_allocate(request.request_id, target))
 
             while not fits() and self._outranks(request):
-                budget += self._preempt_for(request, scheduled, copies, out)
+                budget += self._preempt_one(scheduled, copies, out)
                 num_new = min(num_new, self._chunk(request, budget, num_computed))
             if not fits() or num_new <= 0:
                 break
@@ -277,22 +275,16 @@ class Scheduler:
         return (self.config.scheduling_policy == "priority" and bool(self.running)
                 and max(self.running, key=self._priority_key).priority > request.priority)
 
-    def _undo(self, victim: Request, scheduled: dict[str, ScheduledRequest],
-              copies: dict[str, tuple[int, int]]) -> int:
-        """Drop the victim's work scheduled this step; returns the tokens it gives back to the budget."""
+    def _preempt_one(self, scheduled: dict[str, ScheduledRequest], copies: dict[str, tuple[int, int]],
+                     out: SchedulerOutput) -> int:
+        """Preempt the `_victim`, dropping its work scheduled this step; returns the tokens it
+        gives back to the budget."""
+        victim = self._victim()
         copies.pop(victim.request_id, None)
         undone = scheduled.pop(victim.request_id, None)
-        return undone.num_new_tokens if undone is not None else 0
-
-    def _preempt_for(self, request: Request, scheduled: dict[str, ScheduledRequest],
-                     copies: dict[str, tuple[int, int]], out: SchedulerOutput) -> int:
-        """Preempt the lowest-priority running request to make room for `request` (which outranks
-        it: `_outranks`); returns the budget it gives back."""
-        victim = self._victim()
-        given_back = self._undo(victim, scheduled, copies)
         self._preempt(victim)
         out.preempted_request_ids.append(victim.request_id)
-        return given_back
+        return undone.num_new_tokens if undone is not None else 0
 
     def _lora_ready(self, request: Request, out: SchedulerOutput) -> bool:
         """Whether the request's adapter is loaded (else it waits). A failed adapter load
