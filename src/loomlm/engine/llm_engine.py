@@ -120,7 +120,6 @@ class LLMEngine:
         self._structured_outputs: StructuredOutputManager | None = None
         self._structured_outputs_lock = threading.Lock()
         self.beam_searches: dict[str, BeamSearchGroup] = {}
-        self._beam_owner: dict[str, str] = {}  # live beam request id -> its beam search's id
         # Beam search id -> the hook its result goes to (add_beam_search_request's on_finish).
         self._beam_hooks: dict[str, Callable[[BeamSearchOutput], None]] = {}
         # The request rules every face shares (thread-safe): faces call it in worker threads.
@@ -351,8 +350,6 @@ class LLMEngine:
             group = self.beam_searches.pop(rid, None)
             if group is not None:
                 self._beam_hooks.pop(rid, None)
-                for beam in group.beams:
-                    self._beam_owner.pop(beam.request_id, None)
                 group.abort(self.scheduler)
                 continue
             parent = self.output_processor.pop(rid)
@@ -388,8 +385,9 @@ class LLMEngine:
         runner_output = self.model_runner.execute(scheduler_output)
         step_seconds = time.perf_counter() - started
         # Beams do not take their sampled token: their group chooses it from the candidates.
+        beam_owner = {beam.request_id: group for group in self.beam_searches.values() for beam in group.beams}
         beam_candidates = {rid: runner_output.logprobs.pop(rid)[0] for rid in list(runner_output.logprobs)
-                           if rid in self._beam_owner}
+                           if rid in beam_owner}
         for rid in beam_candidates:
             runner_output.sampled_token_ids.pop(rid, None)
         self.output_processor.record_logprobs(scheduler_output, runner_output)
@@ -401,7 +399,7 @@ class LLMEngine:
             self.spec_decode.propose([r for r in updated if not r.is_finished and r.pooling_params is None],
                                      self.get_num_unfinished_requests(), len(self.scheduler.running))
         if beam_candidates:
-            self._advance_beam_searches(beam_candidates)
+            self._advance_beam_searches(beam_candidates, beam_owner)
         return self.output_processor.make_outputs(failed + updated)
 
     # -------------------------------------------------------------- beam search
@@ -427,26 +425,22 @@ class LLMEngine:
         root = Request(request_id, token_ids, sampling, max_tokens, None)
         self.beam_searches[request_id] = BeamSearchGroup(request_id, root, params, self.tokenizer.eos_token_id,
                                                          max_tokens)
-        self._beam_owner[request_id] = request_id
         self._beam_hooks[request_id] = on_finish
         self.scheduler.add_request(root)
 
-    def _advance_beam_searches(self, candidates: dict[str, PositionLogprobs]) -> None:
+    def _advance_beam_searches(self, candidates: dict[str, PositionLogprobs],
+                               owner: dict[str, BeamSearchGroup]) -> None:
+        """Give each live beam's candidates to its group (`owner`: beam request id -> group) and
+        run a round of every group whose beams have all reported."""
         touched: dict[str, BeamSearchGroup] = {}
         for beam_id, entry in candidates.items():
-            group = self.beam_searches[self._beam_owner[beam_id]]
+            group = owner[beam_id]
             group.add_candidates(beam_id, entry)
             touched[group.request_id] = group
         for group in touched.values():
             if not group.is_ready:
                 continue
-            before = {b.request_id for b in group.beams}
             result = group.advance(self.scheduler, self.output_processor.logprob_dict)
-            after = {b.request_id for b in group.beams}
-            for rid in before - after:
-                del self._beam_owner[rid]
-            for rid in after - before:
-                self._beam_owner[rid] = group.request_id
             if result is not None:
                 for seq in result:
                     seq.text = self.tokenizer.decode(seq.tokens)  # prompt included, as vLLM
@@ -459,15 +453,10 @@ class LLMEngine:
 
 
 def _eos_token_ids(tokenizer, hf_config) -> set[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+    """The tokenizer's EOS id and the model config's (an int or a list of them)."""
     cfg = getattr(hf_config, "eos_token_id", None)
-    if isinstance(cfg, int):
-        ids.add(cfg)
-    elif isinstance(cfg, (list, tuple)):
-        ids.update(cfg)
-    return ids
+    ids = set(cfg) if isinstance(cfg, (list, tuple)) else {cfg}
+    return {i for i in ids | {tokenizer.eos_token_id} if isinstance(i, int)}
 
 
 def resolve_max_model_len(model_config: ModelConfig, hf_config) -> int:
