@@ -26,7 +26,7 @@ from loomlm.server.errors import BadRequestError, TGIError, bad_request_on_value
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_router import lora_for_openai_model, prompt_batch
-from loomlm.server.sse import STATUS_CLIENT_CLOSED, ClientDisconnected, run_until_disconnect
+from loomlm.server.sse import run_until_disconnect
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
@@ -90,8 +90,6 @@ def build_embeddings_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limi
         try:
             pooling = PoolingParams(normalize=body.normalize, dimensions=body.dimensions)
             results = await embed_all(raw_request, prompts, pooling, lora)
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=STATUS_CLIENT_CLOSED)
         except ValueError as exc:
             raise BadRequestError(str(exc), "dimensions" if "dimensions" in str(exc) else "input") from exc
         prompt_tokens = sum(len(r.prompt_token_ids) for r in results)
@@ -111,8 +109,6 @@ def build_embeddings_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limi
             raise TGIError("`inputs` cannot be empty", 422, "validation")
         try:
             (result,) = await embed_all(raw_request, [body.inputs], PoolingParams(), None)
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=STATUS_CLIENT_CLOSED)
         except ValueError as exc:
             raise TGIError(str(exc), 422, "validation") from exc
         record_usage(raw_request, metrics, len(result.prompt_token_ids), 0)

@@ -22,11 +22,12 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loomlm.protocol.openai import ErrorInfo, ErrorResponse
+from loomlm.server.sse import STATUS_CLIENT_CLOSED, ClientDisconnected
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,11 @@ async def _handle_http_exception(request: Request, exc: Exception) -> JSONRespon
     return builder(str(exc.detail), exc.status_code, None)
 
 
+async def _handle_client_disconnected(request: Request, exc: Exception) -> Response:
+    # The client left before the response started: nobody reads it; the access log records 499.
+    return Response(status_code=STATUS_CLIENT_CLOSED)
+
+
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug or an engine failure: the client gets a 500 in the usual shape, the log gets the traceback.
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -206,11 +212,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     Handles `OpenAIHTTPError` (raised by the routes), FastAPI's
     `RequestValidationError` (malformed JSON, wrong types: 400 instead of 422),
-    Starlette's `HTTPException` (unknown path 404, wrong method 405), and any
-    other exception (500, logged with its traceback).
+    Starlette's `HTTPException` (unknown path 404, wrong method 405), a client that
+    left before the response started (`ClientDisconnected`: an empty 499, every route
+    alike), and any other exception (500, logged with its traceback).
     """
     app.add_exception_handler(OpenAIHTTPError, _handle_openai_error)
     app.add_exception_handler(TGIError, _handle_tgi_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
+    app.add_exception_handler(ClientDisconnected, _handle_client_disconnected)
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -45,7 +45,7 @@ from loomlm.protocol.structured_outputs import from_llmengine
 from loomlm.sampling_params import SamplingParams
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, counted_outputs
-from loomlm.server.sse import ClientDisconnected, aclose_shielded, first_then_rest, last_output, sse_event
+from loomlm.server.sse import aclose_shielded, first_then_rest, last_output, sse_event
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
@@ -96,8 +96,6 @@ class LLMEngineServing:
         stream = self.engine.generate(prompt, params, request_id, lora)
         try:
             final = await last_output(raw_request, counted_outputs(raw_request, self.metrics, stream))
-        except ClientDisconnected:
-            return Response(status_code=499)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from exc
         if final is None:

@@ -56,11 +56,7 @@ from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_generation import Generation, drain
 from loomlm.server.chat_output import REASONING_PARSERS, ChatOutputState
 from loomlm.server.openai_responses import full_response, stream_response
-from loomlm.server.sse import (
-    STATUS_CLIENT_CLOSED,
-    ClientDisconnected,
-    run_until_disconnect,
-)
+from loomlm.server.sse import run_until_disconnect
 from loomlm.server.tool_parsers import (
     TOOL_CALL_PARSERS,
     ToolCallState,
@@ -349,21 +345,18 @@ class OpenAIServing:
                      chat_output: ChatOutputState | None = None) -> Response:
         """`generation` run to its end (or beam-searched) and answered whole, or streamed."""
         created_s = int(time.time())
-        try:
-            if body.use_beam_search:
-                if generation.lora_request is not None:
-                    raise BadRequestError("beam search with an adapter is not supported.", "use_beam_search")
-                if body.stream:
-                    raise BadRequestError("Streaming is not supported with beam search.", "use_beam_search")
-                await run_until_disconnect(raw_request, self._beam_search(body, generation))
-                chat_output = None  # beams are answered as plain content
-            elif body.stream:
-                return await stream_response(body, raw_request, generation, created_s, is_chat, self._token_text,
-                                             chat_output)
-            else:
-                await run_until_disconnect(raw_request, drain(generation))
-        except ClientDisconnected:
-            return Response(status_code=STATUS_CLIENT_CLOSED)
+        if body.use_beam_search:
+            if generation.lora_request is not None:
+                raise BadRequestError("beam search with an adapter is not supported.", "use_beam_search")
+            if body.stream:
+                raise BadRequestError("Streaming is not supported with beam search.", "use_beam_search")
+            await run_until_disconnect(raw_request, self._beam_search(body, generation))
+            chat_output = None  # beams are answered as plain content
+        elif body.stream:
+            return await stream_response(body, raw_request, generation, created_s, is_chat, self._token_text,
+                                         chat_output)
+        else:
+            await run_until_disconnect(raw_request, drain(generation))
         return JSONResponse(full_response(generation, created_s, is_chat, self._token_text, chat_output).model_dump())
 
     async def _beam_search(self, body: SamplingRequestFields, generation: Generation) -> None:

@@ -34,8 +34,6 @@ from loomlm.server.chat_output import ChatOutputState
 from loomlm.server.errors import BadRequestError
 from loomlm.server.openai_generation import Generation, drain
 from loomlm.server.sse import (
-    STATUS_CLIENT_CLOSED,
-    ClientDisconnected,
     TextDeltaTracker,
     aclose_shielded,
     first_then_rest,
@@ -221,14 +219,11 @@ def build_responses_router(serving: OpenAIServing) -> APIRouter:
         prompts, params, lora, state = await serving.prepare_chat(to_chat_request(body))
         generation = serving.generation(raw_request, prompts, params, f"resp-{uuid.uuid4().hex}", lora)
         responder = _Responder(body, generation.model_name)
-        try:
-            if body.stream:
-                outputs = await first_then_rest(raw_request, generation.outputs())
-                return StreamingResponse(_events(outputs, generation, responder, state), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
-            await run_until_disconnect(raw_request, drain(generation))
-        except ClientDisconnected:
-            return Response(status_code=STATUS_CLIENT_CLOSED)
+        if body.stream:
+            outputs = await first_then_rest(raw_request, generation.outputs())
+            return StreamingResponse(_events(outputs, generation, responder, state), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        await run_until_disconnect(raw_request, drain(generation))
         completion = generation.latest[0].outputs[0]
         return JSONResponse(responder.final(_output_items(*state.message(completion.text)), generation,
                                             completion.finish_reason))

@@ -21,7 +21,7 @@ from loomlm.server.errors import BadRequestError, bad_request_on_value_error
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, record_usage
 from loomlm.server.openai_router import lora_for_openai_model
-from loomlm.server.sse import STATUS_CLIENT_CLOSED, ClientDisconnected, run_until_disconnect
+from loomlm.server.sse import run_until_disconnect
 
 if TYPE_CHECKING:
     from loomlm.engine.async_engine import AsyncLLMEngine
@@ -58,8 +58,6 @@ def build_score_router(engine: AsyncLLMEngine, metrics: ServerMetrics, limits: S
         lora = await lora_for_openai_model(engine, limits, body.model)
         try:
             result = await run_until_disconnect(raw_request, score_on_engine(engine, body.prompt, body.values, lora))
-        except ClientDisconnected:
-            return Response(status_code=STATUS_CLIENT_CLOSED)
         except ValueError as exc:
             raise BadRequestError(str(exc), "values" if "value" in str(exc) else "prompt") from exc
         response = score_response(result)

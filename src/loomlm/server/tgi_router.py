@@ -47,7 +47,7 @@ from loomlm.protocol.tgi import (
 from loomlm.server.errors import TGIError
 from loomlm.server.limits import ServerLimits
 from loomlm.server.metrics import ServerMetrics, counted_outputs
-from loomlm.server.sse import ClientDisconnected, aclose_shielded, first_then_rest, last_output, sse_event
+from loomlm.server.sse import aclose_shielded, first_then_rest, last_output, sse_event
 from loomlm.server.tgi_params import (
     MAX_BEST_OF,
     MAX_STOP_SEQUENCES,
@@ -107,8 +107,6 @@ class TGIServing:
         stream = self.engine.generate(prompt, plan.params, uuid.uuid4().hex, lora)
         try:
             final = await last_output(raw_request, counted_outputs(raw_request, self.metrics, stream))
-        except ClientDisconnected:
-            return Response(status_code=499)
         except ValueError as exc:
             raise TGIError(str(exc), 422, "validation") from exc
         except RuntimeError as exc:
