@@ -90,3 +90,24 @@ def test_closing_inside_a_cancelled_scope_still_closes_the_source():
         assert source.closed
 
     asyncio.run(main())
+
+
+def test_a_client_gone_before_the_response_is_an_empty_499_on_every_route(caplog):
+    # Every route lets ClientDisconnected (from first_then_rest / run_until_disconnect) propagate:
+    # the app's one handler answers 499, not the unexpected-error 500 with its logged traceback.
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from loomlm.server.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/generate_stream")
+    async def route() -> None:
+        raise ClientDisconnected()
+
+    with caplog.at_level("ERROR"), TestClient(app) as client:
+        answer = client.post("/generate_stream", json={})
+    assert answer.status_code == 499 and answer.content == b""
+    assert "unhandled error" not in caplog.text
